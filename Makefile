@@ -1,0 +1,38 @@
+# helix_server: `make run` serves the embedded default model, `make test` runs the whole suite.
+# Both create .venv on first use and install only what is missing. A torch that the Python you
+# start from already has (CUDA, ROCm, DirectML's 2.4.1) is kept: the venv sees system packages.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch installed when none is importable. Override for other builds, e.g.
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.helix-installed
+
+.PHONY: run test bench install clean
+
+$(VPY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
+	$(VPY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/helix-server serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+bench: $(STAMP)
+	$(VPY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,57 @@
+"""The attention layer a model calls: projections in, paged attention, output out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.layers.attention.portable import paged_attention
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) causal attention over the paged KV cache of layer `layer_idx`.
+
+    Holds no weights: the model owns the projections and RoPE; this module stores the new K/V and
+    attends through the block tables in `ctx.attn_metadata`.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads * head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads * head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads * head_dim]
+        ctx: ForwardContext,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        num_tokens = query.shape[0]
+        key_cache, value_cache = ctx.kv_caches[self.layer_idx]
+        out = paged_attention(
+            query.view(num_tokens, self.num_heads, self.head_dim),
+            key.view(num_tokens, self.num_kv_heads, self.head_dim),
+            value.view(num_tokens, self.num_kv_heads, self.head_dim),
+            key_cache,
+            value_cache,
+            ctx.attn_metadata,
+            self.scale,
+            self.sliding_window,
+        )
+        return out.view(num_tokens, self.num_heads * self.head_dim)

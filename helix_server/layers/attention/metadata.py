@@ -1,0 +1,93 @@
+"""Per-step attention metadata: where each new token's K/V goes and which cached K/V each query reads.
+
+Built once per step by the runner (from the scheduler's block tables) and shared by every layer.
+Token order in the flattened batch: all single-token queries first (decodes, and one-token chunks),
+then the multi-token chunks (prompt chunks, recomputation after preemption, verification of drafts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    """One request's multi-token query: rows [token_start, token_end) of the batch.
+
+    `context_len` tokens of this request are already in the cache; the chunk's queries sit at
+    positions context_len .. context_len + num_tokens - 1. When `context_len` is 0 the keys are the
+    chunk's own K/V and `block_table` is not needed.
+    """
+
+    token_start: int
+    token_end: int
+    context_len: int
+    block_table: torch.Tensor  # [num_blocks] int64
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + self.num_tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything an attention layer needs to write and read the paged KV cache for one step."""
+
+    block_size: int
+    slot_mapping: torch.Tensor  # [num_tokens] int64: physical slot (block_id * block_size + offset)
+    num_decode_tokens: int  # the first rows are single-token queries
+    decode_block_tables: torch.Tensor  # [num_decode_tokens, max_num_blocks] int64 (0-padded)
+    decode_seq_lens: torch.Tensor  # [num_decode_tokens] int64: keys per row, the new token included
+    decode_max_seq_len: int
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    # Masks depend only on the metadata and the sliding window, so the first layer builds them and
+    # the others reuse them.
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[num_decode_tokens, 1, 1, S] bool: True where a decode query may attend key slot j."""
+        key = ("decode", sliding_window)
+        mask = self._masks.get(key)
+        if mask is None:
+            num_slots = self.decode_block_tables.shape[1] * self.block_size
+            j = torch.arange(num_slots, device=self.decode_seq_lens.device)
+            seq_lens = self.decode_seq_lens[:, None]
+            mask = j[None, :] < seq_lens
+            if sliding_window is not None:
+                # The query sits at position seq_len - 1 and sees keys with pos > q_pos - window.
+                mask &= j[None, :] >= seq_lens - sliding_window
+            mask = mask[:, None, None, :]
+            self._masks[key] = mask
+        return mask
+
+    def prefill_mask(self, index: int, sliding_window: int | None) -> torch.Tensor | None:
+        """[num_tokens, seq_len] bool for chunk `index`, or None when plain causal attention is exact."""
+        chunk = self.prefills[index]
+        if chunk.context_len == 0 and sliding_window is None:
+            return None
+        key = ("prefill", index, sliding_window)
+        mask = self._masks.get(key)
+        if mask is None:
+            device = chunk.block_table.device
+            q_pos = torch.arange(chunk.context_len, chunk.seq_len, device=device)[:, None]
+            k_pos = torch.arange(chunk.seq_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            self._masks[key] = mask
+        return mask
+
+
+@dataclass
+class ForwardContext:
+    """What a model forward needs besides token ids and positions: this step's metadata and the
+    per-layer KV cache tensors `(key_cache, value_cache)`, each [num_blocks, block_size, kv_heads, head_dim]."""
+
+    attn_metadata: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]

@@ -1,0 +1,83 @@
+"""Portable paged attention: plain torch ops that exist in torch 2.4 (CPU, DirectML, CUDA fallback).
+
+Each layer first writes the step's new K/V into the paged cache through `slot_mapping`, then reads
+the keys each query may see through the block tables and runs `scaled_dot_product_attention`:
+
+* single-token queries (decodes) go in one batched call. GQA without copying K/V: the `g` query
+  heads that share a KV head are stacked as `g` query rows of that head, q [D, kv_heads, g, d]
+  against k [D, kv_heads, S, d] with a key-padding mask;
+* each multi-token chunk gets its own call with a causal mask offset by the tokens already cached
+  (or plain `is_causal` when the chunk is the whole sequence so far). Here K/V are expanded to all
+  query heads (a view plus one copy) so the fast causal kernel applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from helix_server.layers.attention.metadata import AttentionMetadata
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [T, kv_heads, head_dim]
+    value: torch.Tensor,  # [T, kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """Store each new token's K/V at its physical slot."""
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, num_heads, head_dim]
+    key: torch.Tensor,  # [T, kv_heads, head_dim]
+    value: torch.Tensor,  # [T, kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [T, num_heads, head_dim]
+    """Causal attention of this step's queries over their cached and new keys."""
+    write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+
+    num_decodes = metadata.num_decode_tokens
+    if num_decodes:
+        q = query[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
+        # [D, max_blocks, block_size, kv_heads, d] -> [D, kv_heads, S, d]
+        k = key_cache[metadata.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        v = value_cache[metadata.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        mask = metadata.decode_mask(sliding_window)  # [D, 1, 1, S]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [D, kv_heads, g, d]
+        out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)
+
+    for index, chunk in enumerate(metadata.prefills):
+        rows = slice(chunk.token_start, chunk.token_end)
+        if chunk.context_len == 0:
+            k, v = key[rows], value[rows]  # [n, kv_heads, d]
+        else:
+            k = key_cache[chunk.block_table].flatten(0, 1)[: chunk.seq_len]  # [seq_len, kv_heads, d]
+            v = value_cache[chunk.block_table].flatten(0, 1)[: chunk.seq_len]
+        k = _expand_kv_heads(k, group).transpose(0, 1)  # [num_heads, seq_len, d]
+        v = _expand_kv_heads(v, group).transpose(0, 1)
+        q = query[rows].transpose(0, 1)  # [num_heads, n, d]
+        mask = metadata.prefill_mask(index, sliding_window)  # [n, seq_len] or None
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out[rows] = o.transpose(0, 1)
+    return out
+
+
+def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[seq, kv_heads, d] -> [seq, kv_heads * group, d], each KV head repeated for its query heads."""
+    if group == 1:
+        return x
+    seq, num_kv_heads, head_dim = x.shape
+    return x[:, :, None, :].expand(seq, num_kv_heads, group, head_dim).reshape(seq, num_kv_heads * group, head_dim)
