@@ -1,0 +1,55 @@
+"""Configuration: a frozen tree of msgspec Structs built once from CLI flags, env vars or a TOML file.
+
+Values learned at run time (the number of KV blocks, EOS ids, the resolved dtype) live in the engine's
+runtime state, never written back here. Flag names follow vLLM's where one exists.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Which model to run and how."""
+
+    # A local Hugging Face directory; None means the embedded default model.
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    # float32 | bfloat16 | float16 | auto (the config's dtype; float32 on a CPU without fast half precision)
+    dtype: str = "auto"
+    # auto | cpu | cuda | cuda:N | directml
+    device: str = "auto"
+    # None: the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Seeds the sampler's shared generator (requests without their own `seed`).
+    seed: int = 0
+
+
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The paged KV cache pool."""
+
+    block_size: int = 16
+    # Exactly this many blocks, or None to size the pool from `kv_cache_memory`.
+    num_kv_blocks: int | None = None
+    # GiB for the pool on CPU/DirectML (capped at what max_num_seqs full-length sequences can use).
+    kv_cache_memory: float = 2.0
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Continuous batching limits."""
+
+    # Tokens computed per step, summed over the batch (prompt chunks plus decodes).
+    max_num_batched_tokens: int = 2048
+    # Requests (sequences) in the running batch at once.
+    max_num_seqs: int = 64
+    # The largest `n` a single request may ask for.
+    max_n: int = 16
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the engine needs, as one value."""
+
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
