@@ -1,0 +1,109 @@
+"""Load a local Hugging Face model directory into our own module: config, safetensors, RoPE table.
+
+Weights come from `model.safetensors` or a sharded `model.safetensors.index.json`, never from
+pickle files. The module is built on the `meta` device and materialised with `to_empty`, so no time
+is spent on a random initialisation that the checkpoint overwrites anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from helix_server.errors import UnsupportedModelError
+from helix_server.models.hf_config import arch_config_from_hf
+from helix_server.models.registry import resolve_architecture
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def load_hf_config(model_dir: str | Path) -> Any:
+    """The transformers config of a local model directory (no network, no remote code)."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, list[str]]:
+    """Safetensors files of the checkpoint, each with the tensor names it holds.
+
+    Raises `UnsupportedModelError` when the directory has no safetensors checkpoint (for example
+    only pickle `.bin` files, which are never loaded).
+    """
+    path = Path(model_dir)
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, file_name in weight_map.items():
+            files.setdefault(file_name, []).append(name)
+        for file_name in files:
+            if not (path / file_name).is_file():
+                raise UnsupportedModelError(f"{INDEX_FILE} names {file_name}, which is missing from {path}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as handle:
+            return {SINGLE_FILE: list(handle.keys())}
+    present = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    found = f" (found: {', '.join(present)})" if present else ""
+    raise UnsupportedModelError(
+        f"{path} has no {SINGLE_FILE} or {INDEX_FILE}{found}: helix_server requires safetensors "
+        "weights and never loads pickle (.bin/.pt) checkpoints; convert the model to safetensors"
+    )
+
+
+def iter_checkpoint(model_dir: str | Path, files: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, cpu tensor) for every tensor, one file open at a time."""
+    path = Path(model_dir)
+    for file_name, names in files.items():
+        with safe_open(path / file_name, framework="pt", device="cpu") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name)
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    progress: ProgressCallback | None = None,
+    max_model_len: int | None = None,
+) -> nn.Module:
+    """Build the registered model for `model_dir` on `device` in `dtype` and load its weights.
+
+    `progress(loaded, total)` is called after each tensor. `max_model_len` (default: the model's
+    `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
+    the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
+    gradients off.
+    """
+    hf_config = load_hf_config(model_dir)
+    spec = resolve_architecture(hf_config)
+    arch = arch_config_from_hf(hf_config, spec.flavor)
+    files = checkpoint_files(model_dir)
+    names = {name for file_names in files.values() for name in file_names}
+    if not arch.tie_word_embeddings and "lm_head.weight" not in names:
+        arch = dataclasses.replace(arch, tie_word_embeddings=True)
+
+    with torch.device("meta"):
+        model = spec.model_cls(arch)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.requires_grad_(False).eval()
+
+    total = len(names)
+    callback = None if progress is None else (lambda loaded: progress(loaded, total))
+    model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
+    model.build_rope_cache(device, dtype, max_model_len)
+    return model

@@ -1,0 +1,111 @@
+"""The portable paged attention against a dense reference on shuffled (non-contiguous) block tables.
+
+One step mixes decodes of different lengths, a one-token fresh request, a fresh prefill and a
+prefill chunk with context (chunked prefill). The cache starts filled with finite garbage, so any
+masked slot that leaks into a softmax shows up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
+from helix_server.layers.attention.portable import paged_attention, write_kv_cache
+
+HEAD_DIM = 16
+NUM_BLOCKS = 48
+# (context_len, num_new_tokens): decodes over several lengths (block boundaries included),
+# a one-token fresh request, a fresh prefill, and a prefill chunk after cached context.
+SEQUENCES = [(0, 13), (16, 1), (0, 1), (8, 1), (40, 1), (20, 7), (31, 1)]
+
+
+def _dense_reference(q, k, v, q_positions, scale, sliding_window):
+    """q [n, H, d] at `q_positions`; k, v [L, kvH, d] for positions 0..L-1. float64 softmax attention."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_heads // num_kv_heads
+    k_full = k.double()[:, torch.arange(num_heads) // group]  # [L, H, d]: query head h reads kv head h // g
+    v_full = v.double()[:, torch.arange(num_heads) // group]
+    scores = torch.einsum("nhd,lhd->hnl", q.double(), k_full) * scale  # [H, n, L]
+    k_pos = torch.arange(k.shape[0])[None, :]
+    allowed = k_pos <= q_positions[:, None]
+    if sliding_window is not None:
+        allowed &= k_pos > q_positions[:, None] - sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v_full)  # [n, H, d]
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 2), (4, 4)], ids=["gqa2", "gqa4", "mha"])
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window):
+    gen = torch.Generator().manual_seed(block_size * 100 + num_heads * 10 + num_kv_heads)
+    scale = 1 / math.sqrt(HEAD_DIM)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    key_cache = rand(NUM_BLOCKS, block_size, num_kv_heads, HEAD_DIM)  # finite garbage everywhere
+    value_cache = rand(NUM_BLOCKS, block_size, num_kv_heads, HEAD_DIM)
+    free_blocks = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
+
+    chunks, full_k, full_v = [], [], []
+    for context_len, num_new in SEQUENCES:
+        seq_len = context_len + num_new
+        num_seq_blocks = -(-seq_len // block_size)
+        block_ids = [free_blocks.pop() for _ in range(num_seq_blocks)]
+        chunks.append(SequenceChunk(context_len, num_new, block_ids))
+        full_k.append(rand(seq_len, num_kv_heads, HEAD_DIM))
+        full_v.append(rand(seq_len, num_kv_heads, HEAD_DIM))
+        # Earlier steps wrote the context K/V.
+        slots = torch.tensor(
+            [block_ids[p // block_size] * block_size + p % block_size for p in range(context_len)],
+            dtype=torch.long,
+        )
+        write_kv_cache(full_k[-1][:context_len], full_v[-1][:context_len], key_cache, value_cache, slots)
+
+    order = order_for_attention(chunks)
+    metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu")
+    queries = {i: rand(chunks[i].num_new_tokens, num_heads, HEAD_DIM) for i in order}
+    query = torch.cat([queries[i] for i in order])  # [T, H, d]
+    key = torch.cat([full_k[i][chunks[i].context_len :] for i in order])  # [T, kvH, d]
+    value = torch.cat([full_v[i][chunks[i].context_len :] for i in order])
+
+    out = paged_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window)
+
+    assert out.shape == query.shape
+    row = 0
+    for i in order:
+        chunk = chunks[i]
+        rows = slice(row, row + chunk.num_new_tokens)
+        row += chunk.num_new_tokens
+        q_positions = torch.arange(chunk.context_len, chunk.seq_len)
+        expected = _dense_reference(queries[i], full_k[i], full_v[i], q_positions, scale, sliding_window)
+        torch.testing.assert_close(out[rows].double(), expected, atol=1e-5, rtol=1e-5)
+        # The step's K/V landed in the request's blocks.
+        gathered = key_cache[torch.tensor(chunk.block_ids)].flatten(0, 1)[: chunk.seq_len]
+        torch.testing.assert_close(gathered, full_k[i], atol=0, rtol=0)
+
+
+def test_decode_only_and_prefill_only_steps():
+    """Steps with no prefill rows, and with no decode rows, take the other path alone."""
+    gen = torch.Generator().manual_seed(7)
+    block_size, num_heads, num_kv_heads = 8, 4, 2
+    key_cache = torch.randn(8, block_size, num_kv_heads, HEAD_DIM, generator=gen)
+    value_cache = torch.randn(8, block_size, num_kv_heads, HEAD_DIM, generator=gen)
+    seq_k = torch.randn(10, num_kv_heads, HEAD_DIM, generator=gen)
+    seq_v = torch.randn(10, num_kv_heads, HEAD_DIM, generator=gen)
+    q = torch.randn(10, num_heads, HEAD_DIM, generator=gen)
+    block_ids = [5, 2]
+
+    prefill = build_attention_metadata([SequenceChunk(0, 9, block_ids)], block_size, "cpu")
+    out = paged_attention(q[:9], seq_k[:9], seq_v[:9], key_cache, value_cache, prefill, 0.25)
+    expected = _dense_reference(q[:9], seq_k[:9], seq_v[:9], torch.arange(9), 0.25, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+    decode = build_attention_metadata([SequenceChunk(9, 1, block_ids)], block_size, "cpu")
+    out = paged_attention(q[9:], seq_k[9:], seq_v[9:], key_cache, value_cache, decode, 0.25)
+    expected = _dense_reference(q[9:], seq_k, seq_v, torch.tensor([9]), 0.25, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
