@@ -47,6 +47,9 @@ class SchedulerOutput:
     # drops any per-request state it keeps (seeded generators).
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Requests the scheduler itself finished as FINISHED_LENGTH this step: even with every other
+    # block released they do not fit in the KV pool. Also listed in `finished_request_ids`.
+    length_capped_request_ids: list[str] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

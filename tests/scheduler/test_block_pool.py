@@ -1,0 +1,105 @@
+"""BlockPool: ref counts, all-or-nothing allocation, the LRU free queue, invariant checks."""
+
+import pytest
+
+from helix_server.scheduler.block_pool import BlockPool
+
+
+def test_new_pool_is_all_free():
+    pool = BlockPool(4)
+    assert pool.num_free_blocks == 4
+    assert pool.num_used_blocks == 0
+    assert pool.usage == 0.0
+    assert pool.free_block_ids() == [0, 1, 2, 3]
+    pool.check_invariants()
+
+
+def test_pool_needs_a_block():
+    with pytest.raises(ValueError):
+        BlockPool(0)
+
+
+def test_allocate_takes_from_the_front_with_ref_count_one():
+    pool = BlockPool(4)
+    blocks = pool.allocate(3)
+    assert [b.block_id for b in blocks] == [0, 1, 2]
+    assert all(b.ref_cnt == 1 for b in blocks)
+    assert pool.num_free_blocks == 1
+    assert pool.usage == 0.75
+    pool.check_invariants()
+
+
+def test_allocate_is_all_or_nothing():
+    pool = BlockPool(3)
+    pool.allocate(2)
+    with pytest.raises(ValueError):
+        pool.allocate(2)
+    assert pool.num_free_blocks == 1
+    pool.check_invariants()
+    assert pool.allocate(0) == []
+    with pytest.raises(ValueError):
+        pool.allocate(-1)
+
+
+def test_free_returns_blocks_to_the_back_in_the_order_given():
+    pool = BlockPool(4)
+    table = pool.allocate(3)
+    pool.free(reversed(table))  # how a block table is released: tail first
+    assert pool.free_block_ids() == [3, 2, 1, 0]
+    # The table's tail is reused before its head (which a prefix cache would rather keep).
+    assert [b.block_id for b in pool.allocate(2)] == [3, 2]
+    pool.check_invariants()
+
+
+def test_shared_block_returns_only_when_the_last_reference_goes():
+    pool = BlockPool(2)
+    (block,) = pool.allocate(1)
+    pool.incref([block])
+    assert block.ref_cnt == 2
+    pool.free([block])
+    assert block.ref_cnt == 1 and pool.num_free_blocks == 1
+    pool.free([block])
+    assert block.ref_cnt == 0 and pool.num_free_blocks == 2
+    pool.check_invariants()
+
+
+def test_incref_of_a_free_block_takes_it_out_of_the_queue():
+    # The hook prefix caching will use to revive a freed block that is still findable.
+    pool = BlockPool(4)
+    blocks = pool.allocate(4)
+    pool.free(blocks)
+    pool.incref([blocks[2]])
+    assert blocks[2].ref_cnt == 1
+    assert pool.free_block_ids() == [0, 1, 3]
+    pool.check_invariants()
+
+
+def test_double_free_is_refused():
+    pool = BlockPool(2)
+    (block,) = pool.allocate(1)
+    pool.free([block])
+    with pytest.raises(ValueError):
+        pool.free([block])
+    assert block.ref_cnt == 0
+    pool.check_invariants()
+
+
+def test_reused_block_loses_its_hash():
+    pool = BlockPool(1)
+    (block,) = pool.allocate(1)
+    assert block.block_hash is None
+    block.block_hash = 1234
+    pool.free([block])
+    (again,) = pool.allocate(1)
+    assert again is block and again.block_hash is None
+
+
+def test_invariant_check_catches_corruption():
+    pool = BlockPool(3)
+    blocks = pool.allocate(2)
+    blocks[0].ref_cnt = 0  # owned but not in the free queue
+    with pytest.raises(AssertionError):
+        pool.check_invariants()
+    blocks[0].ref_cnt = -1
+    with pytest.raises(AssertionError):
+        pool.check_invariants()
