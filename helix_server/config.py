@@ -53,3 +53,26 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The HTTP server around the engine."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Require `Authorization: Bearer <api_key>` on every route but /health, /ready and /metrics.
+    api_key: str | None = None
+    # CORS stays off unless origins are listed ("*" allows any).
+    allowed_origins: tuple[str, ...] = ()
+    # Seconds in-flight requests may take to finish after SIGINT/SIGTERM before they are aborted.
+    shutdown_timeout: float = 30.0
+    # Largest accepted request body.
+    max_request_body_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+
+class HelixConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The whole configuration of a `helix-server serve` process."""
+
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)

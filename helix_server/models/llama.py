@@ -19,6 +19,7 @@ from torch import nn
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention, ForwardContext
+from helix_server.layers.linear import PackedLinear, pack_linear_layers
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.rotary import RotaryEmbedding
 from helix_server.models.hf_config import ArchConfig
@@ -211,8 +212,18 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         """Logits in the model dtype for the rows that need them."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def pack_for_cpu(self) -> None:
+        """Switch every projection (and the LM head, tied or not) to pre-packed oneDNN weights.
+
+        Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
+        packed copy of the embedding matrix (the embedding lookup keeps the original)."""
+        pack_linear_layers(self)
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.model.embed_tokens.weight, None)
 
     def load_weights(
         self,

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from helix_server.errors import UnsupportedModelError
+from helix_server.layers.linear import cpu_packing_supported
 from helix_server.models.hf_config import arch_config_from_hf
 from helix_server.models.registry import resolve_architecture
 
@@ -81,13 +82,15 @@ def load_model(
     device: torch.device | str,
     progress: ProgressCallback | None = None,
     max_model_len: int | None = None,
+    pack_for_cpu: bool = True,
 ) -> nn.Module:
     """Build the registered model for `model_dir` on `device` in `dtype` and load its weights.
 
     `progress(loaded, total)` is called after each tensor. `max_model_len` (default: the model's
     `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
-    gradients off.
+    gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
+    are switched to pre-packed oneDNN weights (see `helix_server.layers.linear`).
     """
     hf_config = load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)
@@ -106,4 +109,6 @@ def load_model(
     callback = None if progress is None else (lambda loaded: progress(loaded, total))
     model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
     model.build_rope_cache(device, dtype, max_model_len)
+    if pack_for_cpu and cpu_packing_supported(torch.device(device), dtype):
+        model.pack_for_cpu()
     return model

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig
 
 from helix_server.errors import ParameterError
+from helix_server.platform import device as device_module
 from helix_server.platform import (
     cpu_has_fast_half,
     device_description,
@@ -24,11 +25,12 @@ DIRECTML = torch.device("privateuseone", 0)
 
 @pytest.fixture
 def cpu_amx(monkeypatch):
-    """Pretend the CPU has (or lacks) AMX tiles for bfloat16 and float16."""
+    """Pretend the CPU has (or lacks) AMX tiles for bfloat16 and float16 (and no AVX512-BF16)."""
 
     def set_amx(available: bool) -> None:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: available, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: available, raising=False)
+        monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset())
 
     return set_amx
 
@@ -76,6 +78,14 @@ def test_auto_on_cpu_depends_on_fast_half_precision(cpu_amx):
     assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16"), CPU) == torch.bfloat16
     assert resolve_dtype("auto", LlamaConfig(dtype="float16"), CPU) == torch.float16
     assert resolve_dtype("auto", LlamaConfig(dtype="float32"), CPU) == torch.float32
+
+
+def test_avx512_bf16_counts_as_fast_bfloat16_but_not_float16(cpu_amx, monkeypatch):
+    cpu_amx(False)
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert cpu_has_fast_half(torch.bfloat16)
+    assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16"), CPU) == torch.bfloat16
+    assert resolve_dtype("auto", LlamaConfig(dtype="float16"), CPU) == torch.float32
 
 
 def test_auto_reads_the_v4_torch_dtype_attribute(cpu_amx):

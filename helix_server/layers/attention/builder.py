@@ -32,7 +32,10 @@ def order_for_attention(chunks: list[SequenceChunk]) -> list[int]:
 
 
 def build_attention_metadata(
-    chunks: list[SequenceChunk], block_size: int, device: torch.device | str
+    chunks: list[SequenceChunk],
+    block_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
 ) -> AttentionMetadata:
     """Metadata for a step whose token rows are `chunks` in order (single-token chunks first).
 
@@ -80,6 +83,7 @@ def build_attention_metadata(
         decode_seq_lens=torch.tensor([c.seq_len for c in decodes], dtype=torch.long, device=device),
         decode_max_seq_len=max((c.seq_len for c in decodes), default=0),
         prefills=prefills,
+        dtype=dtype,
     )
 
 

@@ -46,12 +46,15 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [num_decode_tokens] int64: keys per row, the new token included
     decode_max_seq_len: int
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # The dtype of queries and keys (masks are built in it).
+    dtype: torch.dtype = torch.float32
     # Masks depend only on the metadata and the sliding window, so the first layer builds them and
     # the others reuse them.
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[num_decode_tokens, 1, 1, S] bool: True where a decode query may attend key slot j."""
+        """[num_decode_tokens, 1, 1, S] additive float mask: 0 where a decode query may attend key
+        slot j, -inf elsewhere (float, not bool: SDPA would convert a bool mask in every layer)."""
         key = ("decode", sliding_window)
         mask = self._masks.get(key)
         if mask is None:
@@ -62,12 +65,13 @@ class AttentionMetadata:
             if sliding_window is not None:
                 # The query sits at position seq_len - 1 and sees keys with pos > q_pos - window.
                 mask &= j[None, :] >= seq_lens - sliding_window
-            mask = mask[:, None, None, :]
+            mask = _additive(mask[:, None, None, :], self.dtype)
             self._masks[key] = mask
         return mask
 
     def prefill_mask(self, index: int, sliding_window: int | None) -> torch.Tensor | None:
-        """[num_tokens, seq_len] bool for chunk `index`, or None when plain causal attention is exact."""
+        """[num_tokens, seq_len] additive float mask for chunk `index`, or None when plain causal
+        attention is exact."""
         chunk = self.prefills[index]
         if chunk.context_len == 0 and sliding_window is None:
             return None
@@ -80,8 +84,14 @@ class AttentionMetadata:
             mask = k_pos <= q_pos
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
+            mask = _additive(mask, self.dtype)
             self._masks[key] = mask
         return mask
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool "may attend" -> additive mask: 0 where allowed, -inf where not."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 @dataclass

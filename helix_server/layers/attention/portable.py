@@ -51,13 +51,10 @@ def paged_attention(
 
     num_decodes = metadata.num_decode_tokens
     if num_decodes:
-        q = query[:num_decodes].view(num_decodes, num_kv_heads, group, head_dim)
-        # [D, max_blocks, block_size, kv_heads, d] -> [D, kv_heads, S, d]
-        k = key_cache[metadata.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        v = value_cache[metadata.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        mask = metadata.decode_mask(sliding_window)  # [D, 1, 1, S]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [D, kv_heads, g, d]
-        out[:num_decodes] = o.reshape(num_decodes, num_heads, head_dim)
+        decoded = _decode_attention(query[:num_decodes], key_cache, value_cache, metadata, scale, sliding_window)
+        if num_decodes == num_tokens:  # a pure decode step: no copy into `out`
+            return decoded
+        out[:num_decodes] = decoded
 
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
@@ -66,13 +63,38 @@ def paged_attention(
         else:
             k = key_cache[chunk.block_table].flatten(0, 1)[: chunk.seq_len]  # [seq_len, kv_heads, d]
             v = value_cache[chunk.block_table].flatten(0, 1)[: chunk.seq_len]
-        k = _expand_kv_heads(k, group).transpose(0, 1)  # [num_heads, seq_len, d]
-        v = _expand_kv_heads(v, group).transpose(0, 1)
-        q = query[rows].transpose(0, 1)  # [num_heads, n, d]
-        mask = metadata.prefill_mask(index, sliding_window)  # [n, seq_len] or None
+        # 4-D [1, heads, len, d] operands: the CPU flash kernel only takes the 4-D form.
+        k = _expand_kv_heads(k, group).transpose(0, 1)[None]  # [1, num_heads, seq_len, d]
+        v = _expand_kv_heads(v, group).transpose(0, 1)[None]
+        q = query[rows].transpose(0, 1)[None]  # [1, num_heads, n, d]
+        mask = metadata.prefill_mask(index, sliding_window)  # [n, seq_len] additive, or None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-        out[rows] = o.transpose(0, 1)
+        out[rows] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_attention(
+    query: torch.Tensor,  # [D, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [D, num_heads, head_dim]
+    """Single-token queries in one batched call, reading K/V through the block tables."""
+    num_decodes, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    tables = metadata.decode_block_tables  # [D, max_blocks]
+    gathered_shape = (num_decodes, -1, num_kv_heads, head_dim)
+    # index_select on a flat table is much cheaper than advanced indexing with a 2-D index.
+    # [D * max_blocks, block_size, kv_heads, d] -> [D, S, kv_heads, d] -> [D, kv_heads, S, d]
+    k = key_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
+    v = value_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
+    # The g query heads sharing a KV head become g query rows of that head: no K/V copy for GQA.
+    q = query.view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    mask = metadata.decode_mask(sliding_window)  # [D, 1, 1, S] additive
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [D, kv_heads, g, d]
+    return o.reshape(num_decodes, num_heads, head_dim)
 
 
 def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -1,0 +1,247 @@
+"""`AsyncEngine`: an asyncio front for `EngineCore`, whose `step()` runs in one background thread.
+
+The event loop never runs the model. `add_request` tokenizes and validates in the caller (so bad
+input fails before any response byte), then hands the request to the engine thread through a
+command queue and returns a `RequestStream`, an async iterator of delta `RequestOutput`s. Leaving
+the iteration early (a client that hangs up) aborts the request, which frees its KV blocks at the
+engine thread's next turn, before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from helix_server.config import EngineConfig
+from helix_server.engine.core import EngineCore
+from helix_server.engine.outputs import RequestOutput
+from helix_server.engine.runtime import load_components
+from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
+from helix_server.errors import EngineDeadError, ParameterError
+from helix_server.sampling_params import SamplingParams
+
+logger = logging.getLogger("helix_server")
+
+
+@dataclass
+class _AddCommand:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class _AbortCommand:
+    request_id: str
+
+
+_STOP = object()
+
+
+class RequestStream:
+    """Async iterator over one request's delta outputs; ends after the finished output.
+
+    Raises `EngineDeadError` if the engine loop dies while the request is in flight. Closing it
+    (or abandoning it mid-iteration) before the request finished aborts the request.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int]) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+        finally:
+            if not self.finished:
+                self._engine.abort(self.request_id)
+            self._engine._forget(self.request_id)
+
+
+class AsyncEngine:
+    """Serve many concurrent requests from asyncio code with one engine thread doing the work."""
+
+    def __init__(self, core: EngineCore, tokenizer: Tokenizer | None = None) -> None:
+        self.core = core
+        # The event loop tokenizes with its own tokenizer instance: HF fast tokenizers are not safe
+        # to share with the engine thread that detokenizes.
+        self.tokenizer = tokenizer or load_tokenizer(core.runtime.model_dir)
+        self.runtime = core.runtime
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.dead_error: BaseException | None = None
+        # time.monotonic() of the last finished step or idle check: liveness for /health.
+        self.last_progress_time = time.monotonic()
+        self.num_steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress=None) -> AsyncEngine:
+        return cls(EngineCore(config, load_components(config, progress=progress)))
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the engine thread, delivering outputs to the running event loop."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="helix-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (requests still in flight are aborted)."""
+        if self._thread is None:
+            return
+        self._commands.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._streams)
+
+    # ----------------------------------------------------------------- requests
+
+    async def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        prompt_param: str = "prompt",
+    ) -> RequestStream:
+        """Tokenize (if text), validate, and queue a request. Raises `ParameterError` on bad input."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ParameterError("The prompt is empty.", prompt_param)
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_token_ids = list(prompt)
+        self.core.validate_request(prompt_token_ids, params, prompt_param)
+        stream = RequestStream(self, request_id, prompt_token_ids)
+        self._streams[request_id] = stream
+        self._commands.put(_AddCommand(request_id, prompt_token_ids, params, time.monotonic()))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Ask the engine thread to stop a request; safe to call for unknown or finished ids."""
+        self._commands.put(_AbortCommand(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    # ----------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._apply_commands(block=not self.core.has_unfinished_requests()):
+                    break
+                if self.core.has_unfinished_requests():
+                    outputs = self.core.step()
+                    self.num_steps += 1
+                    self._deliver(outputs)
+                self.last_progress_time = time.monotonic()
+        except BaseException as exc:  # a bug in the engine itself: fail everyone, report dead
+            logger.exception("engine loop died")
+            self.dead_error = exc
+            self._fail_all(EngineDeadError(f"the engine loop died: {exc}"))
+            return
+        self._abort_all()
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False when asked to stop."""
+        while True:
+            try:
+                command = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+            except queue.Empty:
+                if block:
+                    self.last_progress_time = time.monotonic()
+                    continue
+                return True
+            block = False
+            if command is _STOP:
+                return False
+            if isinstance(command, _AbortCommand):
+                output = self.core.abort_request(command.request_id)
+                if output is not None:
+                    self._deliver([output])
+                continue
+            try:
+                self.core.add_request(
+                    command.request_id, command.prompt_token_ids, command.params, command.arrival_time
+                )
+            except Exception as exc:  # validated before, so this is rare (e.g. pool changed)
+                self._deliver_error(command.request_id, exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            self._call_in_loop(self._put_outputs, outputs)
+
+    def _call_in_loop(self, callback, *args) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    def _put_outputs(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream._put(output)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        def put() -> None:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream._put(exc)
+
+        self._call_in_loop(put)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        def put() -> None:
+            for stream in list(self._streams.values()):
+                stream._put(exc)
+
+        self._call_in_loop(put)
+
+    def _abort_all(self) -> None:
+        for request_id in self.core.unfinished_request_ids():
+            output = self.core.abort_request(request_id)
+            if output is not None:
+                self._deliver([output])

@@ -1,0 +1,223 @@
+"""`EngineCore`: the synchronous heart of helix_server.
+
+`step()` reads as its four phases: schedule (pure Python decides who runs and with how many tokens)
+-> execute (the runner runs one forward and samples) -> update (the scheduler advances each request)
+-> emit (stop checks, incremental text, delta outputs). Requests enter through `add_request`, which
+validates them against the model and the KV pool, and leave when finished or aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from helix_server.config import EngineConfig
+from helix_server.engine.detokenizer import IncrementalDetokenizer
+from helix_server.engine.outputs import RequestOutput
+from helix_server.engine.request_state import RequestState, SequenceState
+from helix_server.engine.runtime import EngineComponents, load_components
+from helix_server.engine.validation import validate_request
+from helix_server.errors import ParameterError
+from helix_server.runner.model_runner import ModelRunner
+from helix_server.runner.sampler import Sampler
+from helix_server.sampling_params import SamplingParams
+from helix_server.scheduler import Request, RequestStatus, Scheduler, SchedulerOutput
+
+logger = logging.getLogger("helix_server")
+
+
+class EngineCore:
+    """Runs requests to completion with continuous batching over a paged KV cache.
+
+    Not thread-safe: one thread calls `add_request`, `abort_request` and `step` (the offline `LLM`
+    calls them directly; `AsyncEngine` from its background thread).
+    """
+
+    def __init__(self, config: EngineConfig, components: EngineComponents | None = None) -> None:
+        components = components or load_components(config)
+        self.config = config
+        self.runtime = components.runtime
+        self.tokenizer = components.tokenizer
+        self.scheduler = Scheduler(config.scheduler, self.runtime.block_size, self.runtime.num_kv_blocks)
+        sampler = Sampler(
+            self.runtime.vocab_size, set(self.runtime.eos_token_ids), self.runtime.device, seed=config.model.seed
+        )
+        self.runner = ModelRunner(
+            components.model, components.kv_caches, self.runtime.block_size, sampler, self.runtime.device
+        )
+        # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
+        self.max_sequence_len = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
+        self._requests: dict[str, RequestState] = {}
+        self._sequences: dict[str, SequenceState] = {}
+        self._parent_of: dict[str, RequestState] = {}
+
+    # ----------------------------------------------------------------- requests in and out
+
+    def validate_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str = "prompt"
+    ) -> None:
+        """Raise `ParameterError` if the request can't be served by this model and pool."""
+        validate_request(
+            prompt_token_ids,
+            params,
+            vocab_size=self.runtime.vocab_size,
+            max_sequence_len=self.max_sequence_len,
+            max_n=self.config.scheduler.max_n,
+            prompt_param=prompt_param,
+        )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; its `n` sequences share the prompt's KV blocks."""
+        if request_id in self._requests:
+            raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
+        self.validate_request(prompt_token_ids, params)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        sequences: list[SequenceState] = []
+        leader: Request | None = None
+        for index in range(params.n):
+            seq_params = params
+            if params.n > 1 and params.seed is not None:
+                seq_params = _replace_seed(params, params.seed + index)
+            request = Request(
+                request_id if params.n == 1 else f"{request_id}#{index}",
+                prompt_token_ids,
+                seq_params,
+                arrival_time=arrival_time,
+                parent_id=request_id,
+                index=index,
+                fork_parent=leader,
+            )
+            leader = leader or request
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            sequences.append(SequenceState(request, detokenizer))
+        if any(seq.request.request_id in self._sequences for seq in sequences):
+            raise ParameterError(f"Request id {request_id!r} clashes with a running request.", "request_id")
+        state = RequestState(request_id, list(prompt_token_ids), params, sequences, arrival_time)
+        self._requests[request_id] = state
+        for seq in sequences:
+            self._sequences[seq.request.request_id] = seq
+            self._parent_of[seq.request.request_id] = state
+            self.scheduler.add_request(seq.request)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; its blocks are free when this returns. Returns its final
+        output (finish_reason "abort"), or None if the request is unknown or already done."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        self._finish_request(state, RequestStatus.FINISHED_ABORTED)
+        return self._take_output(state)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    # ----------------------------------------------------------------- the step
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute, update, emit. Returns the delta outputs of every request that changed."""
+        scheduler_output = self.scheduler.schedule()
+        touched = self._finish_length_capped(scheduler_output)
+        if scheduler_output.is_empty:
+            return self._collect(touched)
+
+        try:
+            runner_output = self.runner.execute_model(scheduler_output)
+        except Exception as exc:  # one bad batch fails its requests, never the engine
+            logger.exception("model step failed; failing the %d requests in it", len(scheduler_output.scheduled))
+            for scheduled in scheduler_output.scheduled:
+                state = self._parent_of.get(scheduled.request_id)
+                if state is not None:
+                    self._fail_request(state, f"model execution failed: {exc}")
+                    touched[state.request_id] = state
+            return self._collect(touched)
+
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+
+        for scheduled in scheduler_output.scheduled:
+            state = self._parent_of.get(scheduled.request_id)
+            if state is None:
+                continue
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = time.monotonic()
+            prompt_logprobs = runner_output.prompt_logprobs.get(scheduled.request_id)
+            if prompt_logprobs is not None:
+                state.add_prompt_logprobs(scheduled.start_position, prompt_logprobs)
+
+        eos_token_ids = self.runtime.eos_token_ids
+        for request in updated:
+            request_id = request.request_id
+            seq = self._sequences.get(request_id)
+            if seq is None or seq.finished:
+                continue
+            state = self._parent_of[request_id]
+            touched[state.request_id] = state
+            try:
+                new_tokens = runner_output.sampled_token_ids.get(request_id, [])
+                seq.process_new_tokens(
+                    new_tokens, runner_output.logprobs.get(request_id), eos_token_ids, self.max_sequence_len
+                )
+                if seq.finished:
+                    self.scheduler.finish_requests([request_id], seq.finish_status)
+            except Exception as exc:  # e.g. detokenization: fails this request only
+                logger.exception("request %s failed while processing its output", state.request_id)
+                self._fail_request(state, f"output processing failed: {exc}")
+        return self._collect(touched)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _finish_length_capped(self, scheduler_output: SchedulerOutput) -> dict[str, RequestState]:
+        touched: dict[str, RequestState] = {}
+        for request_id in scheduler_output.length_capped_request_ids:
+            seq = self._sequences.get(request_id)
+            if seq is not None:
+                seq.finish_externally(RequestStatus.FINISHED_LENGTH)
+                state = self._parent_of[request_id]
+                touched[state.request_id] = state
+        return touched
+
+    def _fail_request(self, state: RequestState, message: str) -> None:
+        state.error = message
+        self._finish_request(state, RequestStatus.FINISHED_ERROR)
+
+    def _finish_request(self, state: RequestState, status: RequestStatus) -> None:
+        for seq in state.sequences:
+            seq.finish_externally(status)
+        self.scheduler.finish_requests([seq.request.request_id for seq in state.sequences], status)
+
+    def _collect(self, touched: dict[str, RequestState]) -> list[RequestOutput]:
+        outputs = []
+        for state in touched.values():
+            output = self._take_output(state)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _take_output(self, state: RequestState) -> RequestOutput | None:
+        output = state.take_output()
+        if state.finished:
+            self._requests.pop(state.request_id, None)
+            for seq in state.sequences:
+                self._sequences.pop(seq.request.request_id, None)
+                self._parent_of.pop(seq.request.request_id, None)
+        return output
+
+
+def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    """A copy of `params` with another seed (each of the `n` sequences gets seed + index)."""
+    return replace(params, seed=seed)

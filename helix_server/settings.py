@@ -1,0 +1,158 @@
+"""One table of every setting, read from CLI flags, `HELIX_*` environment variables and TOML files.
+
+Precedence: a command-line flag beats an environment variable, which beats the `--config` file,
+which beats the default. Names are the same everywhere: `--max-num-seqs`, `HELIX_MAX_NUM_SEQS`,
+`max_num_seqs = ...` in TOML (flat keys, or grouped under `[model]`, `[cache]`, `[scheduler]`,
+`[server]` tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from helix_server.config import (
+    CacheConfig,
+    EngineConfig,
+    HelixConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+from helix_server.errors import ParameterError
+
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "server": ServerConfig,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its section in the config tree, its type and its help text."""
+
+    name: str
+    section: str
+    kind: type
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "HELIX_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model", "model", str, "Local Hugging Face model directory (default: the embedded default model)."),
+    Setting("tokenizer", "model", str, "Tokenizer directory (default: the model directory)."),
+    Setting("served_model_name", "model", str, "Model name clients use (default: the directory name)."),
+    Setting("dtype", "model", str, "float32 | bfloat16 | float16 | auto (the model's dtype; float32 on CPUs "
+            "without fast half precision)."),
+    Setting("device", "model", str, "auto | cpu | cuda | cuda:N | directml."),
+    Setting("max_model_len", "model", int, "Longest sequence (prompt + completion) in tokens "
+            "(default: the model's max_position_embeddings)."),
+    Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
+    Setting("block_size", "cache", int, "Tokens per KV cache block."),
+    Setting("num_kv_blocks", "cache", int, "Exact number of KV cache blocks (overrides --kv-cache-memory)."),
+    Setting("kv_cache_memory", "cache", float, "GiB for the KV cache pool (capped at what --max-num-seqs "
+            "full-length sequences can use)."),
+    Setting("max_num_batched_tokens", "scheduler", int, "Token budget of one step (prompt chunks + decodes)."),
+    Setting("max_num_seqs", "scheduler", int, "Most sequences in the running batch."),
+    Setting("max_n", "scheduler", int, "Largest `n` (completions per request) a request may ask for."),
+    Setting("host", "server", str, "Address to bind."),
+    Setting("port", "server", int, "Port to bind."),
+    Setting("api_key", "server", str, "Require 'Authorization: Bearer KEY' (not on /health, /ready, /metrics)."),
+    Setting("allowed_origins", "server", list, "CORS origins to allow (comma-separated; off by default)."),
+    Setting("shutdown_timeout", "server", float, "Seconds in-flight requests get to finish on SIGINT/SIGTERM."),
+    Setting("max_request_body_bytes", "server", int, "Largest accepted request body, in bytes."),
+    Setting("log_level", "server", str, "debug | info | warning | error."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting (default None, so an unset flag falls through to env/TOML/default)."""
+    groups = {name: parser.add_argument_group(f"{name} options") for name in SECTIONS}
+    for setting in SETTINGS:
+        default = getattr(SECTIONS[setting.section](), setting.name)
+        help_text = f"{setting.help} [env {setting.env}; default {default!r}]"
+        kind = _parse_list if setting.kind is list else setting.kind
+        groups[setting.section].add_argument(setting.flag, dest=setting.name, type=kind, default=None, help=help_text)
+
+
+def build_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> HelixConfig:
+    """Merge flags > env > TOML > defaults into one frozen `HelixConfig`."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_toml(config_file))
+    environ = os.environ if env is None else env
+    for setting in SETTINGS:
+        if setting.env in environ:
+            values[setting.name] = _convert(setting, environ[setting.env], setting.env)
+    for name, value in (flags or {}).items():
+        if name in _BY_NAME and value is not None:
+            values[name] = value
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for name, value in values.items():
+        sections[_BY_NAME[name].section][name] = value
+    try:
+        structs = {name: msgspec.convert(v, SECTIONS[name]) for name, v in sections.items()}
+    except msgspec.ValidationError as exc:
+        raise ParameterError(f"invalid setting: {exc}") from exc
+    engine = EngineConfig(model=structs["model"], cache=structs["cache"], scheduler=structs["scheduler"])
+    return HelixConfig(engine=engine, server=structs["server"])
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file: flat keys and/or `[model]`-style tables of them."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            items = value.items()
+        else:
+            items = [(key, value)]
+        for name, item in items:
+            if name not in _BY_NAME:
+                raise ParameterError(f"{path}: unknown setting {name!r}", name)
+            flat[name] = _convert(_BY_NAME[name], item, f"{path}: {name}")
+    return flat
+
+
+def _convert(setting: Setting, value: Any, source: str) -> Any:
+    try:
+        if setting.kind is list:
+            return _parse_list(value) if isinstance(value, str) else tuple(value)
+        if setting.kind is bool and isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(value, str) or setting.kind is float:
+            return setting.kind(value)
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"{source}: {value!r} is not a valid {setting.kind.__name__}", setting.name) from exc
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny seeded random models saved as real Hugging Face directories.
+
+Each model directory has config.json, safetensors weights and a small byte-level BPE tokenizer
+(with a chat template), so every test runs the real loading code. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helix_server.default_model import build_bpe_tokenizer, default_corpus
+from tests.fixtures.tiny_models import make_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_VOCAB = 512
+EOS_ID = 0  # the tokenizer's <|endoftext|>
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer with 512 tokens trained on a slice of the standard library."""
+    return build_bpe_tokenizer(
+        tmp_path_factory.mktemp("tokenizer"), vocab_size=TINY_VOCAB, corpus=default_corpus(max_chars=200_000)
+    )
+
+
+@pytest.fixture(scope="session")
+def make_model_dir(tmp_path_factory, tokenizer_dir):
+    """`make_model_dir(arch="llama", **config_overrides) -> Path`, cached per arguments."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"model-{arch}")
+            overrides.setdefault("eos_token_id", EOS_ID)
+            overrides.setdefault("bos_token_id", None)
+            overrides.setdefault("pad_token_id", EOS_ID)
+            make_tiny_model(out, arch, vocab_size=TINY_VOCAB, **overrides)
+            for item in tokenizer_dir.iterdir():
+                shutil.copy(item, out / item.name)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(make_model_dir) -> Path:
+    """The default tiny test model: Llama, 2 layers, hidden 64, GQA 4/2, vocab 512."""
+    return make_model_dir("llama")
