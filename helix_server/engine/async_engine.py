@@ -22,6 +22,7 @@ from helix_server.config import EngineConfig
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.runtime import load_components
+from helix_server.engine.stats import EngineStats
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
 from helix_server.errors import EngineDeadError, ParameterError
 from helix_server.sampling_params import SamplingParams
@@ -128,6 +129,20 @@ class AsyncEngine:
     @property
     def has_unfinished_requests(self) -> bool:
         return bool(self._streams)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added through this front and not yet fully delivered."""
+        return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        """The engine's counters and gauges (read without locking: plain values)."""
+        return self.core.stats()
+
+    def abort_all(self) -> None:
+        """Abort every in-flight request; each stream ends with a finish_reason "abort" output."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
 
     # ----------------------------------------------------------------- requests
 

@@ -17,6 +17,7 @@ from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.runtime import EngineComponents, load_components
+from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.validation import validate_request
 from helix_server.errors import ParameterError
 from helix_server.runner.model_runner import ModelRunner
@@ -51,6 +52,7 @@ class EngineCore:
         self._requests: dict[str, RequestState] = {}
         self._sequences: dict[str, SequenceState] = {}
         self._parent_of: dict[str, RequestState] = {}
+        self.counters = EngineCounters()
 
     # ----------------------------------------------------------------- requests in and out
 
@@ -107,6 +109,7 @@ class EngineCore:
             raise ParameterError(f"Request id {request_id!r} clashes with a running request.", "request_id")
         state = RequestState(request_id, list(prompt_token_ids), params, sequences, arrival_time)
         self._requests[request_id] = state
+        self.counters.prompt_tokens += len(prompt_token_ids)
         for seq in sequences:
             self._sequences[seq.request.request_id] = seq
             self._parent_of[seq.request.request_id] = state
@@ -126,6 +129,21 @@ class EngineCore:
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self._requests)
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queue sizes, KV pool use and totals (cheap; safe to call from any thread)."""
+        scheduler = self.scheduler
+        return EngineStats(
+            num_requests_running=scheduler.num_running,
+            num_requests_waiting=scheduler.num_waiting,
+            num_kv_blocks_total=scheduler.num_total_blocks,
+            num_kv_blocks_free=scheduler.num_free_blocks,
+            kv_cache_usage=scheduler.kv_usage,
+            num_preemptions_total=scheduler.num_preemptions_total,
+            prompt_tokens_total=self.counters.prompt_tokens,
+            generation_tokens_total=self.counters.generation_tokens,
+            finished_sequences_total=dict(self.counters.finished_sequences),
+        )
 
     # ----------------------------------------------------------------- the step
 
@@ -210,6 +228,11 @@ class EngineCore:
 
     def _take_output(self, state: RequestState) -> RequestOutput | None:
         output = state.take_output()
+        if output is not None:
+            for seq in output.outputs:
+                self.counters.generation_tokens += len(seq.token_ids)
+                if seq.finish_reason is not None:
+                    self.counters.finished_sequences[seq.finish_reason] += 1
         if state.finished:
             self._requests.pop(state.request_id, None)
             for seq in state.sequences:

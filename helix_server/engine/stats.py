@@ -1,0 +1,31 @@
+"""Engine counters and gauges, read by the metrics endpoint and /health (plain ints and floats)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineCounters:
+    """Running totals the engine thread increments; readers only ever read them."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    # finish reason ("stop", "length", "abort", "error") -> finished sequences
+    finished_sequences: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine: queue sizes, KV pool use, and the running totals."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    num_kv_blocks_total: int
+    num_kv_blocks_free: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    finished_sequences_total: dict[str, int]
