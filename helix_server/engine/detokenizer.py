@@ -56,6 +56,8 @@ class IncrementalDetokenizer:
         self._include_stop = include_stop_str_in_output
         self.finished = False
         self.stop_reason: str | None = None
+        # Off while a request's `min_tokens` are not yet generated: text then passes unchecked.
+        self.stop_strings_active = True
 
         context = self._prompt_context(prompt_token_ids)
         self._ids: list[int] = list(context)  # prompt context + output tokens
@@ -162,8 +164,9 @@ class IncrementalDetokenizer:
 
     def _emit(self, delta: str, final: bool) -> str:
         """Apply stop strings to newly final text; record and return what may be shown."""
-        if not self._stop:
-            out = delta
+        if not self._stop or not self.stop_strings_active:
+            out = self._held + delta
+            self._held = ""
         else:
             text = self._held + delta
             match = self._find_stop(text)

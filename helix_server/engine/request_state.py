@@ -60,6 +60,8 @@ class SequenceState:
             elif token_id in params.stop_token_ids:
                 self._finish(RequestStatus.FINISHED_STOPPED, token_id)
             else:
+                # Like vLLM, stop strings only count once min_tokens tokens exist.
+                self.detokenizer.stop_strings_active = num_generated >= params.min_tokens
                 self._text += self.detokenizer.add_tokens([token_id])
                 if self.detokenizer.stop_reason is not None:
                     self._finish(RequestStatus.FINISHED_STOPPED, self.detokenizer.stop_reason)

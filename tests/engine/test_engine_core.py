@@ -145,6 +145,18 @@ def test_stop_token_ids_eos_and_min_tokens(llm):
     assert seq.token_ids == [0] * 6 and seq.finish_reason == "length"
 
 
+def test_stop_strings_wait_for_min_tokens(llm):
+    full = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    early = full.text[2:5]  # completes within the first few tokens
+    assert early and full.text.index(early) == 2
+    stopped = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[early]))
+    assert stopped[0].outputs[0].text == full.text[:2]
+    held = llm.generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[early], min_tokens=25)
+    )[0].outputs[0]
+    assert len(held.token_ids) >= 25 and held.text.startswith(full.text[:5])
+
+
 def test_max_tokens_none_runs_to_the_context_limit(tiny_model_dir):
     llm = LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=40, num_kv_blocks=32)
     seq = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0].outputs[0]
