@@ -65,10 +65,10 @@ def load_components(
     device = resolve_device(config.model.device)
     hf_config = load_hf_config(model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
-    model = load_model(model_dir, dtype, device, progress=progress)
+    max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
+    model = load_model(model_dir, dtype, device, progress=progress, max_model_len=max_model_len)
     tokenizer = load_tokenizer(Path(config.model.tokenizer) if config.model.tokenizer else model_dir)
 
-    max_model_len = _max_model_len(config.model.max_model_len, model.max_position_embeddings)
     block_size = config.cache.block_size
     bytes_per_block = kv_cache_bytes_per_block(
         model.num_layers, block_size, model.num_kv_heads, model.head_dim, dtype
