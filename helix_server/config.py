@@ -47,12 +47,53 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_n: int = 16
 
 
+SPECULATIVE_METHODS = ("none", "draft", "ngram", "layer-skip")
+
+
+class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Speculative decoding: a cheap proposer drafts tokens that the model verifies in one forward."""
+
+    # none | draft | ngram | layer-skip; None picks "draft" when `draft_model` is set, else "none".
+    speculative_method: str | None = None
+    # A local HF directory with the target's vocabulary (method "draft").
+    draft_model: str | None = None
+    # Drafted tokens per step and request, or "auto": adapted per request and step (up to
+    # `max_speculative_tokens`) from the measured acceptance rate and costs, down to 0.
+    num_speculative_tokens: int | str = 3
+    max_speculative_tokens: int = 5
+    # Prompt lookup: the trailing n-gram lengths tried, longest first.
+    ngram_min: int = 1
+    ngram_max: int = 4
+    # Self-speculation: how many of the model's first layers draft (default: a quarter of them).
+    draft_layers: int | None = None
+
+    @property
+    def method(self) -> str:
+        if self.speculative_method is not None:
+            return self.speculative_method
+        return "draft" if self.draft_model else "none"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.num_speculative_tokens == "auto"
+
+    @property
+    def max_depth(self) -> int:
+        """The most tokens drafted per step for one request (0 when speculation is off)."""
+        if self.method == "none":
+            return 0
+        if self.adaptive:
+            return self.max_speculative_tokens
+        return int(self.num_speculative_tokens)
+
+
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the engine needs, as one value."""
 
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
 
 
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):

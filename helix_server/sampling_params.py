@@ -17,6 +17,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 4
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGIT_BIAS = 100.0
+# Temperatures below this are greedy (vLLM's epsilon); dividing logits by them could overflow.
+GREEDY_TEMPERATURE_EPS = 1e-5
 
 
 @dataclass
@@ -48,6 +50,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    # Speculative decoding: the most tokens to draft per step for this request (0 turns it off);
+    # None takes the server's setting, which also caps it.
+    speculation_depth: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,7 +64,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when every step takes the most likely token (no randomness)."""
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE_EPS
 
     @property
     def has_penalties(self) -> bool:
@@ -99,6 +104,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, minimum=0, maximum=MAX_LOGPROBS)
+        if self.speculation_depth is not None:
+            _check_int("speculation_depth", self.speculation_depth, minimum=0)
         self._validate_stop()
         self._validate_logit_bias()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,14 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from helix_server.config import (
+    SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
     HelixConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
+    SpeculativeConfig,
 )
 from helix_server.errors import ParameterError
 
@@ -36,8 +38,24 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig,
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
+    "speculative": SpeculativeConfig,
     "server": ServerConfig,
 }
+
+
+def speculation_depth(text: str | int) -> int | str:
+    """`--num-speculative-tokens`: a count of drafted tokens, or "auto"."""
+    if isinstance(text, int):
+        return text
+    text = text.strip().lower()
+    return "auto" if text == "auto" else int(text)
+
+
+def speculative_method(text: str) -> str:
+    method = text.strip().lower()
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(f"{text!r} is not one of {', '.join(SPECULATIVE_METHODS)}")
+    return method
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,7 @@ class Setting:
 
     name: str
     section: str
-    kind: type
+    kind: Callable[[Any], Any]
     help: str
 
     @property
@@ -75,6 +93,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_num_batched_tokens", "scheduler", int, "Token budget of one step (prompt chunks + decodes)."),
     Setting("max_num_seqs", "scheduler", int, "Most sequences in the running batch."),
     Setting("max_n", "scheduler", int, "Largest `n` (completions per request) a request may ask for."),
+    Setting("speculative_method", "speculative", speculative_method, "Speculative decoding proposer: "
+            "none | draft | ngram | layer-skip (default: draft when --draft-model is given, else none)."),
+    Setting("draft_model", "speculative", str, "Draft model directory (same vocabulary as the model)."),
+    Setting("num_speculative_tokens", "speculative", speculation_depth, "Tokens drafted per step and "
+            "request, or 'auto' (adapted from the measured acceptance rate and costs, down to 0)."),
+    Setting("max_speculative_tokens", "speculative", int, "Most tokens 'auto' drafts per step and request."),
+    Setting("ngram_min", "speculative", int, "Shortest trailing n-gram prompt lookup matches."),
+    Setting("ngram_max", "speculative", int, "Longest trailing n-gram prompt lookup matches."),
+    Setting("draft_layers", "speculative", int, "layer-skip: how many of the model's first layers draft "
+            "(default: a quarter of them)."),
     Setting("host", "server", str, "Address to bind."),
     Setting("port", "server", int, "Port to bind."),
     Setting("api_key", "server", str, "Require 'Authorization: Bearer KEY' (not on /health, /ready, /metrics)."),
@@ -92,7 +120,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     groups = {name: parser.add_argument_group(f"{name} options") for name in SECTIONS}
     for setting in SETTINGS:
         default = getattr(SECTIONS[setting.section](), setting.name)
-        help_text = f"{setting.help} [env {setting.env}; default {default!r}]"
+        help_text = f"{setting.help} [env {setting.env}; default {default!r}]".replace("%", "%%")
         kind = _parse_list if setting.kind is list else setting.kind
         groups[setting.section].add_argument(setting.flag, dest=setting.name, type=kind, default=None, help=help_text)
 
@@ -120,7 +148,12 @@ def build_config(
         structs = {name: msgspec.convert(v, SECTIONS[name]) for name, v in sections.items()}
     except msgspec.ValidationError as exc:
         raise ParameterError(f"invalid setting: {exc}") from exc
-    engine = EngineConfig(model=structs["model"], cache=structs["cache"], scheduler=structs["scheduler"])
+    engine = EngineConfig(
+        model=structs["model"],
+        cache=structs["cache"],
+        scheduler=structs["scheduler"],
+        speculative=structs["speculative"],
+    )
     return HelixConfig(engine=engine, server=structs["server"])
 
 
@@ -145,13 +178,14 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
     try:
         if setting.kind is list:
             return _parse_list(value) if isinstance(value, str) else tuple(value)
-        if setting.kind is bool and isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(value, str) or setting.kind is float:
+        if isinstance(value, str):  # text from the environment, a flag or a TOML string: parse it
             return setting.kind(value)
-        return value
+        if setting.kind is float:  # TOML writes 2 for 2.0
+            return float(value)
+        return value  # already typed by TOML; msgspec checks it
     except (TypeError, ValueError) as exc:
-        raise ParameterError(f"{source}: {value!r} is not a valid {setting.kind.__name__}", setting.name) from exc
+        kind = getattr(setting.kind, "__name__", "value").replace("_", " ")
+        raise ParameterError(f"{source}: {value!r} is not a valid {kind}", setting.name) from exc
 
 
 def _parse_list(text: str) -> tuple[str, ...]:

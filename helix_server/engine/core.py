@@ -1,8 +1,9 @@
 """`EngineCore`: the synchronous heart of helix_server.
 
-`step()` reads as its four phases: schedule (pure Python decides who runs and with how many tokens)
--> execute (the runner runs one forward and samples) -> update (the scheduler advances each request)
--> emit (stop checks, incremental text, delta outputs). Requests enter through `add_request`, which
+`step()` reads as its phases: schedule (pure Python decides who runs and with how many tokens) ->
+execute (the runner runs one forward and samples, or verifies drafts) -> update (the scheduler
+advances each request) -> emit (stop checks, incremental text, delta outputs) -> propose (with
+speculative decoding, drafts for the next step). Requests enter through `add_request`, which
 validates them against the model and the KV pool, and leave when finished or aborted.
 """
 
@@ -12,11 +13,14 @@ import logging
 import time
 from dataclasses import replace
 
+from helix_server.spec.depth_policy import DepthPolicy
+
 from helix_server.config import EngineConfig
 from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.runtime import EngineComponents, load_components
+from helix_server.engine.speculation import build_proposer, prior_draft_cost
 from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.validation import validate_request
 from helix_server.errors import ParameterError
@@ -44,8 +48,15 @@ class EngineCore:
         sampler = Sampler(
             self.runtime.vocab_size, set(self.runtime.eos_token_ids), self.runtime.device, seed=config.model.seed
         )
+        proposer = build_proposer(config.speculative, components)
         self.runner = ModelRunner(
-            components.model, components.kv_caches, self.runtime.block_size, sampler, self.runtime.device
+            components.model, components.kv_caches, self.runtime.block_size, sampler, self.runtime.device, proposer
+        )
+        self.max_speculation_depth = config.speculative.max_depth if proposer is not None else 0
+        self.depth_policy = DepthPolicy(
+            max_depth=self.max_speculation_depth,
+            adaptive=config.speculative.adaptive,
+            prior_draft_cost=prior_draft_cost(config.speculative, components) if proposer is not None else 0.0,
         )
         # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
         self.max_sequence_len = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
@@ -97,6 +108,9 @@ class EngineCore:
                 fork_parent=leader,
             )
             leader = leader or request
+            request.max_num_tokens = len(prompt_token_ids) + (params.max_tokens or self.max_sequence_len)
+            request.max_num_tokens = min(request.max_num_tokens, self.max_sequence_len)
+            request.num_lookahead_tokens = self._speculation_depth(params)
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
                 prompt_token_ids,
@@ -114,6 +128,12 @@ class EngineCore:
             self._sequences[seq.request.request_id] = seq
             self._parent_of[seq.request.request_id] = state
             self.scheduler.add_request(seq.request)
+
+    def _speculation_depth(self, params: SamplingParams) -> int:
+        """The most drafts per step for a request: the server's maximum, or less if it asks."""
+        if params.speculation_depth is None:
+            return self.max_speculation_depth
+        return min(params.speculation_depth, self.max_speculation_depth)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is; its blocks are free when this returns. Returns its final
@@ -143,6 +163,10 @@ class EngineCore:
             prompt_tokens_total=self.counters.prompt_tokens,
             generation_tokens_total=self.counters.generation_tokens,
             finished_sequences_total=dict(self.counters.finished_sequences),
+            spec_num_drafts_total=self.counters.spec_num_drafts,
+            spec_num_draft_tokens_total=self.counters.spec_num_draft_tokens,
+            spec_num_accepted_tokens_total=self.counters.spec_num_accepted_tokens,
+            spec_accepted_tokens_per_position_total=dict(self.counters.spec_accepted_per_position),
         )
 
     # ----------------------------------------------------------------- the step
@@ -154,6 +178,7 @@ class EngineCore:
         if scheduler_output.is_empty:
             return self._collect(touched)
 
+        started = time.perf_counter()
         try:
             runner_output = self.runner.execute_model(scheduler_output)
         except Exception as exc:  # one bad batch fails its requests, never the engine
@@ -165,7 +190,9 @@ class EngineCore:
                     touched[state.request_id] = state
             return self._collect(touched)
 
+        self.depth_policy.observe_step(scheduler_output.total_num_scheduled_tokens, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self._count_speculation(runner_output)
 
         for scheduled in scheduler_output.scheduled:
             state = self._parent_of.get(scheduled.request_id)
@@ -195,7 +222,49 @@ class EngineCore:
             except Exception as exc:  # e.g. detokenization: fails this request only
                 logger.exception("request %s failed while processing its output", state.request_id)
                 self._fail_request(state, f"output processing failed: {exc}")
-        return self._collect(touched)
+        outputs = self._collect(touched)
+        if self.max_speculation_depth:
+            self._propose([r for r in updated if not r.is_finished])
+        return outputs
+
+    # ----------------------------------------------------------------- speculative decoding
+
+    def _count_speculation(self, runner_output) -> None:
+        counters = self.counters
+        for request_id, num_drafts in runner_output.num_draft_tokens.items():
+            num_accepted = len(runner_output.sampled_token_ids.get(request_id, ())) - 1
+            counters.spec_num_drafts += 1
+            counters.spec_num_draft_tokens += num_drafts
+            counters.spec_num_accepted_tokens += num_accepted
+            for position in range(num_accepted):
+                counters.spec_accepted_per_position[position] += 1
+            self.depth_policy.observe_verification(request_id, num_drafts, num_accepted)
+            state = self._parent_of.get(request_id)
+            if state is not None:
+                state.metrics.num_draft_tokens += num_drafts
+                state.metrics.num_accepted_tokens += num_accepted
+
+    def _propose(self, requests: list[Request]) -> None:
+        """Draft the next step's tokens for requests that just got new ones (and may speculate)."""
+        limits = {}
+        for request in requests:
+            # Leave room for the token the verification adds after the accepted drafts.
+            room = request.max_num_tokens - request.num_tokens - 1
+            limit = min(request.num_lookahead_tokens, room)
+            if limit > 0:
+                limits[request.request_id] = limit
+        if not limits:
+            return
+        depths = self.depth_policy.depths(limits, num_batch_tokens=self.scheduler.num_running)
+        if not depths:
+            return
+        candidates = [r for r in requests if r.request_id in depths]
+        block_ids = {r.request_id: self.scheduler.kv_cache_manager.get_block_ids(r.request_id) for r in candidates}
+        started = time.perf_counter()
+        drafts = self.runner.propose(candidates, depths, block_ids)
+        self.depth_policy.observe_proposal(max(depths.values()), time.perf_counter() - started)
+        for request in candidates:
+            request.spec_token_ids = drafts.get(request.request_id, [])
 
     # ----------------------------------------------------------------- helpers
 
@@ -228,6 +297,9 @@ class EngineCore:
 
     def _take_output(self, state: RequestState) -> RequestOutput | None:
         output = state.take_output()
+        if state.finished:
+            for seq in state.sequences:
+                self.depth_policy.forget(seq.request.request_id)
         if output is not None:
             for seq in output.outputs:
                 self.counters.generation_tokens += len(seq.token_ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from helix_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from helix_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import CompletionOutput, RequestOutput
 from helix_server.engine.tokenizer import Tokenizer
@@ -24,8 +24,10 @@ class LLM:
 
     Keyword arguments are the engine settings (the same as the server's flags): `dtype`, `device`,
     `max_model_len`, `seed`, `block_size`, `num_kv_blocks`, `kv_cache_memory`,
-    `max_num_batched_tokens`, `max_num_seqs`, `max_n`, `tokenizer`. `model=None` loads the embedded
-    default model.
+    `max_num_batched_tokens`, `max_num_seqs`, `max_n`, `tokenizer`, and speculative decoding's
+    `speculative_method`, `draft_model`, `num_speculative_tokens` (an int or "auto"),
+    `max_speculative_tokens`, `ngram_min`, `ngram_max`, `draft_layers`. `model=None` loads the
+    embedded default model.
     """
 
     def __init__(self, model: str | None = None, **settings) -> None:
@@ -129,6 +131,7 @@ def engine_config_from_settings(model: str | None = None, **settings) -> EngineC
         "model": (ModelConfig, {"model": model}),
         "cache": (CacheConfig, {}),
         "scheduler": (SchedulerConfig, {}),
+        "speculative": (SpeculativeConfig, {}),
     }
     for key, value in settings.items():
         for cls, values in sections.values():

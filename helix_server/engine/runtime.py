@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from helix_server.config import CacheConfig, EngineConfig
+from helix_server.config import SPECULATIVE_METHODS, CacheConfig, EngineConfig, SpeculativeConfig
 from helix_server.default_model import ensure_default_model
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
 from helix_server.errors import ParameterError
@@ -55,6 +55,9 @@ class EngineComponents:
     tokenizer: Tokenizer
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     runtime: RuntimeInfo
+    # Speculative decoding's draft model ("draft" method) and its own KV caches, on the same blocks.
+    draft_model: torch.nn.Module | None = None
+    draft_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def load_components(
@@ -69,14 +72,26 @@ def load_components(
     model = load_model(model_dir, dtype, device, progress=progress, max_model_len=max_model_len)
     tokenizer = load_tokenizer(Path(config.model.tokenizer) if config.model.tokenizer else model_dir)
 
+    validate_speculative_config(config.speculative, model.num_layers)
+    draft_model = None
+    if config.speculative.method == "draft":
+        draft_model = _load_draft_model(config.speculative, model, dtype, device, max_model_len)
+
     block_size = config.cache.block_size
-    bytes_per_block = kv_cache_bytes_per_block(
-        model.num_layers, block_size, model.num_kv_heads, model.head_dim, dtype
+    bytes_per_block = sum(
+        kv_cache_bytes_per_block(m.num_layers, block_size, m.num_kv_heads, m.head_dim, dtype)
+        for m in (model, draft_model)
+        if m is not None
     )
     num_blocks = size_kv_pool(config.cache, bytes_per_block, max_model_len, config.scheduler.max_num_seqs)
     kv_caches = allocate_kv_caches(
         model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim, dtype, device
     )
+    draft_kv_caches = None
+    if draft_model is not None:
+        draft_kv_caches = allocate_kv_caches(
+            draft_model.num_layers, num_blocks, block_size, draft_model.num_kv_heads, draft_model.head_dim, dtype, device
+        )
     runtime = RuntimeInfo(
         model_dir=model_dir,
         model_name=config.model.served_model_name or model_dir.name,
@@ -100,7 +115,62 @@ def load_components(
         runtime.kv_pool_tokens,
         runtime.kv_cache_bytes / (1 << 20),
     )
-    return EngineComponents(model=model, tokenizer=tokenizer, kv_caches=kv_caches, runtime=runtime)
+    return EngineComponents(
+        model=model,
+        tokenizer=tokenizer,
+        kv_caches=kv_caches,
+        runtime=runtime,
+        draft_model=draft_model,
+        draft_kv_caches=draft_kv_caches,
+    )
+
+
+def validate_speculative_config(spec: SpeculativeConfig, num_layers: int) -> None:
+    """Raise `ParameterError` for speculative settings that cannot work with this model."""
+    if spec.method not in SPECULATIVE_METHODS:
+        raise ParameterError(
+            f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {spec.method!r}.",
+            "speculative_method",
+        )
+    depth = spec.num_speculative_tokens
+    if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
+        raise ParameterError(
+            f"num_speculative_tokens must be a count >= 0 or 'auto', got {depth!r}.", "num_speculative_tokens"
+        )
+    if spec.max_speculative_tokens < 1:
+        raise ParameterError("max_speculative_tokens must be at least 1.", "max_speculative_tokens")
+    if spec.method == "draft" and not spec.draft_model:
+        raise ParameterError("speculative_method 'draft' needs --draft-model.", "draft_model")
+    if not 1 <= spec.ngram_min <= spec.ngram_max:
+        raise ParameterError("ngram_min and ngram_max need 1 <= ngram_min <= ngram_max.", "ngram_min")
+    if spec.method == "layer-skip" and num_layers < 2:
+        raise ParameterError("layer-skip needs a model with at least 2 layers.", "draft_layers")
+    if spec.draft_layers is not None and not 1 <= spec.draft_layers < num_layers:
+        raise ParameterError(
+            f"draft_layers must be between 1 and {num_layers - 1} (the model has {num_layers} layers).",
+            "draft_layers",
+        )
+
+
+def _load_draft_model(
+    spec: SpeculativeConfig, model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max_model_len: int
+) -> torch.nn.Module:
+    draft_dir = Path(spec.draft_model)
+    draft = load_model(draft_dir, dtype, device, max_model_len=max_model_len)
+    if draft.vocab_size != model.vocab_size:
+        raise ParameterError(
+            f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from the model's "
+            f"({model.vocab_size}); a draft must share the target's tokenizer.",
+            "draft_model",
+        )
+    if draft.max_position_embeddings < max_model_len:
+        raise ParameterError(
+            f"the draft model's context ({draft.max_position_embeddings}) is shorter than max_model_len "
+            f"({max_model_len}).",
+            "draft_model",
+        )
+    logger.info("draft model %s: %d layers", draft_dir, draft.num_layers)
+    return draft
 
 
 def size_kv_pool(cache: CacheConfig, bytes_per_block: int, max_model_len: int, max_num_seqs: int) -> int:

@@ -14,6 +14,12 @@ class EngineCounters:
     generation_tokens: int = 0
     # finish reason ("stop", "length", "abort", "error") -> finished sequences
     finished_sequences: Counter = field(default_factory=Counter)
+    # Speculative decoding: verifications that had drafts, drafts verified, drafts accepted, and
+    # accepted drafts by their position in the draft (0-based).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: Counter = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -29,3 +35,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     finished_sequences_total: dict[str, int]
+    spec_num_drafts_total: int = 0
+    spec_num_draft_tokens_total: int = 0
+    spec_num_accepted_tokens_total: int = 0
+    spec_accepted_tokens_per_position_total: dict[int, int] = field(default_factory=dict)

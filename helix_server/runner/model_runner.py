@@ -1,8 +1,8 @@
 """Turn a `SchedulerOutput` into tensors, run the model over the paged KV cache, and sample.
 
 The runner owns the KV cache tensors and the per-request sampling state that must outlive a step
-(seeded generators). It never sees HTTP or request queues; what it returns is plain Python
-(`ModelRunnerOutput`).
+(seeded generators, the q of pending drafts). It never sees HTTP or request queues; what it returns
+is plain Python (`ModelRunnerOutput`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ from helix_server.layers.attention.builder import SequenceChunk, build_attention
 from helix_server.layers.attention.metadata import ForwardContext
 from helix_server.runner.output import ModelRunnerOutput, TokenLogprob
 from helix_server.runner.sampler import Sampler, SamplingRow
+from helix_server.runner.spec_decode import SpecDecoder
 from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
+from helix_server.scheduler.request import Request
+from helix_server.spec.proposer import ProposalRequest, Proposer
 
 
 class ModelRunner:
-    """Executes one scheduler step: one forward over every scheduled token, then sampling.
+    """Executes one scheduler step: one forward over every scheduled token, then sampling (or, for
+    requests with drafts, verification), and proposes drafts for the next step when asked.
 
     `kv_caches` holds per layer a (key_cache, value_cache) pair shaped
     [num_blocks, block_size, kv_heads, head_dim].
@@ -30,6 +34,7 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         device: torch.device,
+        proposer: Proposer | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -39,11 +44,15 @@ class ModelRunner:
         # request_id -> generator of a request that asked for a seed; lives until the request ends,
         # preemptions included, so its random stream depends only on its own history.
         self._generators: dict[str, torch.Generator] = {}
+        self.spec = None if proposer is None else SpecDecoder(proposer, sampler, self._generator_for)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in scheduler_output.finished_request_ids:
             self._generators.pop(request_id, None)
+        if self.spec is not None:
+            self.spec.forget(scheduler_output.finished_request_ids)
+            self.spec.forget(scheduler_output.preempted_request_ids)
         output = ModelRunnerOutput()
         if scheduler_output.is_empty:
             return output
@@ -70,15 +79,19 @@ class ModelRunner:
             ctx,
         )  # [num_tokens, hidden]
 
-        sampling = [(b, row) for b, row in zip(batch, last_rows) if b.samples]
-        if sampling:
-            rows_index = torch.tensor([row for _, row in sampling], dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden[rows_index]).float()  # [num_sampling, vocab]
-            results = self.sampler.sample(logits, [self._sampling_row(b) for b, _ in sampling])
-            for (scheduled, _), (token_id, logprob) in zip(sampling, results):
+        plain = [(b, row) for b, row in zip(batch, last_rows) if b.samples and not b.num_spec_tokens]
+        if plain:
+            rows_index = torch.tensor([row for _, row in plain], dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[rows_index]).float()  # [num_plain, vocab]
+            results = self.sampler.sample(logits, [self._sampling_row(b.request) for b, _ in plain])
+            for (scheduled, _), (token_id, logprob) in zip(plain, results):
                 output.sampled_token_ids[scheduled.request_id] = [token_id]
                 if logprob is not None:
                     output.logprobs[scheduled.request_id] = [logprob]
+
+        verifying = [(b, row) for b, row in zip(batch, last_rows) if b.samples and b.num_spec_tokens]
+        if verifying:
+            self._verify(verifying, hidden, output)
 
         start = 0
         for scheduled in batch:
@@ -88,20 +101,49 @@ class ModelRunner:
             start = end
         return output
 
-    def _sampling_row(self, scheduled: ScheduledRequest) -> SamplingRow:
-        request = scheduled.request
+    def _verify(
+        self, verifying: list[tuple[ScheduledRequest, int]], hidden: torch.Tensor, output: ModelRunnerOutput
+    ) -> None:
+        """Score each request's drafts: logits at its last known token and each draft position."""
+        row_lists = [list(range(row - b.num_spec_tokens, row + 1)) for b, row in verifying]
+        index = torch.tensor([r for rows in row_lists for r in rows], dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[index]).float()  # [sum(s + 1), vocab]
+        per_request = list(logits.split([len(rows) for rows in row_lists]))
+        results = self.spec.verify([b for b, _ in verifying], per_request)
+        for (scheduled, _), result in zip(verifying, results):
+            output.sampled_token_ids[scheduled.request_id] = result.token_ids
+            output.num_draft_tokens[scheduled.request_id] = result.num_draft_tokens
+            if result.logprobs is not None:
+                output.logprobs[scheduled.request_id] = result.logprobs
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], depths: dict[str, int], block_ids: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Draft up to `depths[request_id]` tokens for each request (for the next step)."""
+        if self.spec is None:
+            return {}
+        proposal_requests = [
+            ProposalRequest(r.request_id, r.all_token_ids, r.num_computed_tokens, block_ids[r.request_id], depths[r.request_id])
+            for r in requests
+            if depths.get(r.request_id, 0) > 0
+        ]
+        return self.spec.propose(proposal_requests, {r.request_id: r for r in requests})
+
+    def _generator_for(self, request: Request) -> torch.Generator | None:
         params = request.sampling_params
-        generator = None
-        if params.seed is not None and not params.greedy:
-            generator = self._generators.get(request.request_id)
-            if generator is None:
-                generator = Sampler.make_generator(params.seed, self.device)
-                self._generators[request.request_id] = generator
+        if params.seed is None or params.greedy:
+            return None
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            generator = Sampler.make_generator(params.seed, self.device)
+            self._generators[request.request_id] = generator
+        return generator
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
         return SamplingRow(
-            params=params,
+            params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
-            generator=generator,
+            generator=self._generator_for(request),
         )
 
     def _prompt_logprobs(
@@ -117,9 +159,7 @@ class ModelRunner:
         if last > start:
             logits = self.model.compute_logits(hidden[: last - start]).float()  # [n, vocab]
             targets = request.prompt_token_ids[start + 1 : last + 1]
-            result.extend(
-                self.sampler.logprobs_of(logits, targets, request.sampling_params.prompt_logprobs)
-            )
+            result.extend(self.sampler.logprobs_of(logits, targets, request.sampling_params.prompt_logprobs))
         return result
 
 

@@ -24,7 +24,8 @@ class TokenLogprob:
 
 @dataclass
 class ModelRunnerOutput:
-    """Per request id: the tokens this step appended (empty for a partial prefill chunk).
+    """Per request id: the tokens this step appended (empty for a partial prefill chunk; with
+    speculative decoding, the accepted drafts plus one).
 
     `logprobs[request_id]` is parallel to `sampled_token_ids[request_id]` when the request asked for
     logprobs. `prompt_logprobs[request_id]` covers the prompt positions computed this step (the first
@@ -34,3 +35,6 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
+    # Speculative decoding: drafts verified this step per request (their accepted count is
+    # len(sampled_token_ids[request_id]) - 1).
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)

@@ -40,8 +40,6 @@ from helix_server.runner.logits_processors import (
 from helix_server.runner.output import TokenLogprob
 from helix_server.sampling_params import SamplingParams
 
-# Temperatures below this are greedy (vLLM's _SAMPLING_EPS); dividing by them could overflow.
-GREEDY_TEMPERATURE_EPS = 1e-5
 # float32 represents every integer up to 2**24 exactly: the bound on widths we can pack as floats.
 _MAX_PACKED_INT = 2**24
 _SEED_MODULUS = 2**64  # torch's manual_seed takes an unsigned 64-bit seed
@@ -49,7 +47,7 @@ _SEED_MODULUS = 2**64  # torch's manual_seed takes an unsigned 64-bit seed
 
 def is_greedy(params: SamplingParams) -> bool:
     """True when the row takes the argmax of its processed logits (no randomness, no draws)."""
-    return params.temperature < GREEDY_TEMPERATURE_EPS
+    return params.greedy
 
 
 @dataclass

@@ -46,14 +46,16 @@ class KVCacheManager:
         """The request's block table as physical block ids (empty if it has none)."""
         return [block.block_id for block in self._block_tables.get(request_id, ())]
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow the request's table to cover positions [0, num_computed_tokens + num_new_tokens).
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_lookahead_tokens: int = 0) -> bool:
+        """Grow the request's table to cover positions [0, num_computed_tokens + num_new_tokens +
+        num_lookahead_tokens) (lookahead: slots a speculative proposer writes drafts' K/V into).
 
         All or nothing: returns False and allocates nothing when the pool has too few free blocks.
         """
         table = self._block_tables.get(request.request_id)
         num_held = len(table) if table is not None else 0
-        num_needed = self.num_blocks_for(request.num_computed_tokens + num_new_tokens) - num_held
+        end = request.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+        num_needed = self.num_blocks_for(end) - num_held
         if num_needed <= 0:
             return True
         if num_needed > self.block_pool.num_free_blocks:

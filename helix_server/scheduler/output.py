@@ -15,14 +15,17 @@ from helix_server.scheduler.request import Request
 class ScheduledRequest:
     """One request's share of a step: compute `num_new_tokens` tokens starting at `start_position`.
 
-    `block_ids` is the request's whole block table after this step's allocation.
-    `samples` is True when the chunk reaches the last known token, so the step yields a new token.
+    `block_ids` is the request's whole block table after this step's allocation (lookahead slots
+    for the proposer included). `samples` is True when the chunk reaches the last known token, so
+    the step yields new tokens: one, plus any accepted drafts.
     """
 
     request: Request
     start_position: int
     num_new_tokens: int
     block_ids: list[int]
+    # The last `num_spec_tokens` of the new tokens are drafts to verify (speculative decoding).
+    num_spec_tokens: int = 0
 
     @property
     def request_id(self) -> str:
@@ -35,7 +38,7 @@ class ScheduledRequest:
 
     @property
     def samples(self) -> bool:
-        return self.start_position + self.num_new_tokens == self.request.num_tokens
+        return self.start_position + self.num_new_tokens - self.num_spec_tokens == self.request.num_tokens
 
 
 @dataclass

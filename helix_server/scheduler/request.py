@@ -63,6 +63,14 @@ class Request:
         # A follower of an n > 1 request waits for this leader's prompt KV, then shares its blocks.
         self.fork_parent = fork_parent
         self.first_scheduled_time: float | None = None
+        # Speculative decoding: tokens drafted for the next step (not output yet; verified by the
+        # model in that step), and how many KV slots past the scheduled tokens to reserve so the
+        # proposer can write its drafts' K/V (the most it may draft per step).
+        self.spec_token_ids: list[int] = []
+        self.num_lookahead_tokens = 0
+        # The longest this sequence may grow (prompt + max_tokens, or the context): no slot past it
+        # is ever reserved. None means unbounded.
+        self.max_num_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -78,17 +86,23 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_tokens_with_spec(self) -> int:
+        """Known tokens plus the drafts waiting to be verified."""
+        return self.num_tokens + len(self.spec_token_ids)
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids_between(self, start: int, end: int) -> list[int]:
-        """Known token ids at positions [start, end)."""
+        """Token ids at positions [start, end) of prompt + output + drafts."""
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]
+        tokens = self.output_token_ids + self.spec_token_ids if self.spec_token_ids else self.output_token_ids
         if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : end - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+            return tokens[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + tokens[: end - num_prompt]
 
     @property
     def is_finished(self) -> bool:

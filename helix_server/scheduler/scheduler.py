@@ -153,7 +153,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new_tokens = min(request.num_tokens_with_spec - request.num_computed_tokens, budget)
             if num_new_tokens <= 0:
                 index += 1
                 continue
@@ -175,7 +175,7 @@ class Scheduler:
         """
         request = self.running[index]
         kv = self.kv_cache_manager
-        while not kv.allocate_slots(request, num_new_tokens):
+        while not kv.allocate_slots(request, num_new_tokens, _lookahead(request, num_new_tokens)):
             victim = self._youngest_victim(after=index)
             if victim is not None:
                 self._preempt(victim, output)
@@ -205,6 +205,7 @@ class Scheduler:
         request = self.running.pop(index)
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions_total += 1
@@ -223,7 +224,7 @@ class Scheduler:
                 continue
             kv.free(waiting)
             waiting.num_computed_tokens = 0
-            if kv.allocate_slots(request, num_new_tokens):
+            if kv.allocate_slots(request, num_new_tokens, _lookahead(request, num_new_tokens)):
                 return True
         return False
 
@@ -241,7 +242,7 @@ class Scheduler:
                 continue
             # A forked follower already holds its shared prompt blocks: this allocates the rest.
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not kv.allocate_slots(request, num_new_tokens):
+            if not kv.allocate_slots(request, num_new_tokens, _lookahead(request, num_new_tokens)):
                 # While anything runs, blocks will come back. With nothing running, only queued
                 # followers' forked blocks can be holding the pool: reclaim those.
                 if self.running or not self._release_waiting_blocks(request, num_new_tokens):
@@ -257,8 +258,10 @@ class Scheduler:
 
     def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new_tokens: int) -> None:
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+        # Drafts are the tail of the known tokens; a short budget may cut some of them off.
+        num_spec = max(0, request.num_computed_tokens + num_new_tokens - request.num_tokens)
         output.scheduled.append(
-            ScheduledRequest(request, request.num_computed_tokens, num_new_tokens, block_ids)
+            ScheduledRequest(request, request.num_computed_tokens, num_new_tokens, block_ids, num_spec)
         )
 
     # ------------------------------------------------------------------ after the step
@@ -270,6 +273,11 @@ class Scheduler:
 
         Returns the requests that received new tokens (the engine checks their stop conditions).
         Requests finished between `schedule()` and now are skipped.
+
+        With speculative decoding a request's new tokens are its accepted drafts plus one: the K/V
+        of the rejected drafts was computed but is wrong, so `num_computed_tokens` rolls back over
+        them (their slots are simply overwritten later). Drafts are consumed either way; the engine
+        proposes the next ones after this.
         """
         updated: list[Request] = []
         sampled = model_runner_output.sampled_token_ids
@@ -280,8 +288,12 @@ class Scheduler:
                 or request.num_computed_tokens != scheduled.start_position
             ):
                 continue
-            request.num_computed_tokens += scheduled.num_new_tokens
             new_token_ids = sampled.get(request.request_id)
+            num_rejected = 0
+            if scheduled.num_spec_tokens and new_token_ids:
+                num_rejected = scheduled.num_spec_tokens - (len(new_token_ids) - 1)
+            request.num_computed_tokens += scheduled.num_new_tokens - num_rejected
+            request.spec_token_ids = []
             if new_token_ids:
                 request.append_output_token_ids(new_token_ids)
                 updated.append(request)
@@ -304,3 +316,16 @@ class Scheduler:
                 self.kv_cache_manager.fork(leader, follower, num_shared)
                 follower.num_computed_tokens = num_shared
             follower.fork_parent = None
+
+
+def _lookahead(request: Request, num_new_tokens: int) -> int:
+    """KV slots to reserve past this step's tokens for the proposer's drafts: none unless the step
+    reaches the end of the known tokens (a sampling step), and never past `max_num_tokens`."""
+    if not request.num_lookahead_tokens:
+        return 0
+    end = request.num_computed_tokens + num_new_tokens
+    if end < request.num_tokens:
+        return 0
+    if request.max_num_tokens is None:
+        return request.num_lookahead_tokens
+    return max(0, min(request.num_lookahead_tokens, request.max_num_tokens - end))

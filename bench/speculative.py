@@ -1,0 +1,209 @@
+"""Speculative decoding: tokens/s with and without it, per proposer and depth, against Leviathan's
+prediction, in one run.
+
+Random weights make any two models disagree (acceptance ~0), so this benchmark builds a target and a
+draft with controlled agreement: the draft is a 2-layer Llama; the target is the same 2 layers
+followed by 10 more whose output projections (o_proj, down_proj) are scaled by a small epsilon, so
+the extra layers add a small residual and the target's next-token choices mostly agree with the
+draft's. The layer-skip proposer on this target (its first 2 layers) computes exactly the draft. For
+prompt lookup (n-gram) the workload is copy-heavy: each prompt ends with the target's own greedy
+continuation of its beginning, and greedy decoding of such models falls into cycles the lookup finds.
+
+For each configuration it measures, on the same prompts: tokens/s, the acceptance rate alpha
+(accepted / drafted), and the cost ratio c = (per-token decode time of the draft alone) / (that of
+the target alone, measured here). Leviathan et al.'s expected speedup is
+(1 - alpha^(k+1)) / ((1 - alpha) (k c + 1)); the benchmark reports realised / predicted.
+
+    python bench/speculative.py [--epsilon 0.05] [--out bench/results/speculative.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_models import cache_root  # noqa: E402
+
+from helix_server import LLM, SamplingParams  # noqa: E402
+
+DRAFT_LAYERS = 2
+TARGET_LAYERS = 12
+
+
+def build_pair(epsilon: float, seed: int = 0) -> tuple[Path, Path]:
+    """(target dir, draft dir) as described in the module docstring; cached per epsilon."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helix_server.default_model import ensure_default_model
+
+    root = cache_root() / f"spec-pair-eps{epsilon:g}"
+    target_dir, draft_dir = root / "target", root / "draft"
+    if (target_dir / "model.safetensors").exists() and (draft_dir / "model.safetensors").exists():
+        return target_dir, draft_dir
+    tokenizer_dir = ensure_default_model()
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=None,
+        bos_token_id=None,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(seed)
+    target = LlamaForCausalLM(LlamaConfig(num_hidden_layers=TARGET_LAYERS, **shape))
+    with torch.no_grad():
+        for index, layer in enumerate(target.model.layers):
+            if index >= DRAFT_LAYERS:
+                layer.self_attn.o_proj.weight.mul_(epsilon)
+                layer.mlp.down_proj.weight.mul_(epsilon)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    target.save_pretrained(tmp / "target", safe_serialization=True)
+    tensors = load_file(tmp / "target" / "model.safetensors")
+    keep = {
+        name: t
+        for name, t in tensors.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < DRAFT_LAYERS
+    }
+    LlamaConfig(num_hidden_layers=DRAFT_LAYERS, **shape).save_pretrained(tmp / "draft")
+    save_file(keep, tmp / "draft" / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        for sub in ("target", "draft"):
+            (tmp / sub / name).write_bytes((tokenizer_dir / name).read_bytes())
+    tmp.rename(root)
+    return target_dir, draft_dir
+
+
+def make_prompts(num: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab - 10) for _ in range(rng.randint(32, 96))] for _ in range(num)]
+
+
+def timed_generate(llm: LLM, prompts, max_tokens: int, concurrent: bool) -> tuple[float, int, list[list[int]]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    if concurrent:
+        outputs = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    else:
+        outputs = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(o) for o in outputs), outputs
+
+
+def per_token_decode_seconds(model_dir: Path, prompts, max_tokens: int) -> float:
+    """Seconds per generated token of a model decoding alone, one request at a time."""
+    llm = LLM(model=str(model_dir), dtype="float32", num_kv_blocks=512)
+    llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    seconds, tokens, _ = timed_generate(llm, prompts, max_tokens, concurrent=False)
+    return seconds / tokens
+
+
+def predicted_speedup(alpha: float, k: int, c: float) -> float:
+    if alpha >= 1.0:
+        return (k + 1) / (k * c + 1)
+    return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1))
+
+
+def run_config(target_dir, settings, prompts, max_tokens, baseline, concurrent=False) -> dict:
+    llm = LLM(model=str(target_dir), dtype="float32", num_kv_blocks=1024, max_num_seqs=16, **settings)
+    llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    before = llm.engine.stats()
+    seconds, tokens, outputs = timed_generate(llm, prompts, max_tokens, concurrent)
+    after = llm.engine.stats()
+    drafted = after.spec_num_draft_tokens_total - before.spec_num_draft_tokens_total
+    accepted = after.spec_num_accepted_tokens_total - before.spec_num_accepted_tokens_total
+    return {
+        "tokens_per_s": tokens / seconds,
+        "speedup": baseline["seconds"] / seconds,
+        "alpha": accepted / drafted if drafted else None,
+        "drafted": drafted,
+        "outputs_equal_to_baseline": outputs == baseline["outputs"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epsilon", type=float, default=0.05, help="scale of the target's extra layers")
+    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speculative.json"))
+    args = parser.parse_args()
+
+    target_dir, draft_dir = build_pair(args.epsilon)
+    vocab = json.loads((target_dir / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(args.num_prompts, vocab, seed=1)
+    results: dict = {"epsilon": args.epsilon, "threads": torch.get_num_threads(), "configs": {}}
+
+    t_target = per_token_decode_seconds(target_dir, prompts, args.max_tokens)
+    t_draft = per_token_decode_seconds(draft_dir, prompts, args.max_tokens)
+    c_model = t_draft / t_target
+    results["cost_ratio_c"] = {"draft": c_model, "layer-skip": c_model, "ngram": 0.0}
+    print(f"per-token decode: target {t_target * 1e3:.1f} ms, draft {t_draft * 1e3:.1f} ms -> c = {c_model:.3f}")
+
+    baseline_llm = LLM(model=str(target_dir), dtype="float32", num_kv_blocks=1024, max_num_seqs=16)
+    baseline_llm.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    seconds, tokens, outputs = timed_generate(baseline_llm, prompts, args.max_tokens, concurrent=False)
+    baseline = {"seconds": seconds, "outputs": outputs, "tokens_per_s": tokens / seconds}
+    print(f"no speculation, one request at a time: {baseline['tokens_per_s']:.1f} tok/s")
+
+    for method in ("draft", "layer-skip"):
+        for k in (1, 3, 5):
+            settings = {"speculative_method": method, "num_speculative_tokens": k}
+            settings |= {"draft_model": str(draft_dir)} if method == "draft" else {"draft_layers": DRAFT_LAYERS}
+            row = run_config(target_dir, settings, prompts, args.max_tokens, baseline)
+            row["predicted_speedup"] = predicted_speedup(row["alpha"] or 0.0, k, c_model)
+            row["realised_over_predicted"] = row["speedup"] / row["predicted_speedup"]
+            results["configs"][f"{method}-k{k}"] = row
+            print(f"{method:10s} k={k}: {row['tokens_per_s']:.1f} tok/s, speedup {row['speedup']:.2f} "
+                  f"(predicted {row['predicted_speedup']:.2f}, alpha {row['alpha']:.2f}), "
+                  f"identical output: {row['outputs_equal_to_baseline']}")
+
+    # Prompt lookup on a copy-heavy workload: each prompt is followed by the target's own greedy
+    # continuation of it, so what comes next tends to repeat what the prompt already holds.
+    continued = [p + o for p, o in zip(prompts, baseline["outputs"])]
+    _, _, copy_outputs = timed_generate(baseline_llm, continued, args.max_tokens, concurrent=False)
+    copy_seconds, copy_tokens, _ = timed_generate(baseline_llm, continued, args.max_tokens, concurrent=False)
+    copy_baseline = {"seconds": copy_seconds, "outputs": copy_outputs}
+    for k in (1, 3, 5):
+        settings = {"speculative_method": "ngram", "num_speculative_tokens": k}
+        row = run_config(target_dir, settings, continued, args.max_tokens, copy_baseline)
+        row["predicted_speedup"] = predicted_speedup(row["alpha"] or 0.0, k, 0.0)
+        results["configs"][f"ngram-k{k}"] = row
+        print(f"ngram      k={k}: speedup {row['speedup']:.2f} (alpha {row['alpha']}), "
+              f"identical output: {row['outputs_equal_to_baseline']}")
+
+    # 16 concurrent requests: auto must never be slower than no speculation.
+    many = make_prompts(16, vocab, seed=2)
+    seconds, tokens, outputs = timed_generate(baseline_llm, many, args.max_tokens, concurrent=True)
+    concurrent_baseline = {"seconds": seconds, "outputs": outputs}
+    for method in ("draft", "ngram"):
+        settings = {"speculative_method": method, "num_speculative_tokens": "auto"}
+        if method == "draft":
+            settings["draft_model"] = str(draft_dir)
+        row = run_config(target_dir, settings, many, args.max_tokens, concurrent_baseline, concurrent=True)
+        results["configs"][f"{method}-auto-16-concurrent"] = row
+        print(f"{method} auto, 16 concurrent: {row['speedup']:.2f}x no speculation (alpha {row['alpha']})")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""The runner's half of speculative decoding: verifying last step's drafts and proposing the next.
+
+Verification: the model has scored `[last, d_1 .. d_s]` in one forward, so for each request we have
+the target logits at s + 1 positions. Each position's logits go through the same processing as
+ordinary sampling (penalties see the drafts before that position as output), giving p_1 .. p_{s+1};
+the q of each draft was stored when it was proposed. The rejection sampler turns (p, q, drafts) into
+the accepted drafts plus one token, distributed exactly as sampling from the model one token at a
+time would be.
+
+Proposal: for each request that just got new tokens the proposer drafts k tokens; a model-based
+proposer's logits are processed and sampled here (`_DraftChooser`), with the request's own rules and
+generator, and the resulting q is kept for the next step's verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from helix_server.runner.output import TokenLogprob
+from helix_server.runner.sampler import Sampler, SamplingRow
+from helix_server.scheduler.output import ScheduledRequest
+from helix_server.scheduler.request import Request
+from helix_server.spec.proposer import Proposal, ProposalRequest, Proposer
+from helix_server.spec.rejection_sampler import rejection_sample
+
+
+@dataclass
+class VerifiedTokens:
+    """One request's result: accepted drafts plus one new token, and how many drafts it had."""
+
+    token_ids: list[int]
+    num_draft_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.token_ids) - 1
+
+
+class SpecDecoder:
+    """Verifies and proposes drafts for the requests of a `ModelRunner`."""
+
+    def __init__(
+        self,
+        proposer: Proposer,
+        sampler: Sampler,
+        generator_for: Callable[[Request], torch.Generator | None],
+    ) -> None:
+        self.proposer = proposer
+        self.sampler = sampler
+        self.generator_for = generator_for
+        # request_id -> q of its pending drafts, [k, V] (absent for deterministic proposers).
+        self._draft_probs: dict[str, torch.Tensor] = {}
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
+        for request_id in request_ids:
+            self._draft_probs.pop(request_id, None)
+        self.proposer.forget(request_ids)
+
+    # ------------------------------------------------------------------ verification
+
+    def verify(
+        self,
+        scheduled: list[ScheduledRequest],
+        logits: list[torch.Tensor],  # per request [s + 1, V]: positions of its last token and drafts
+    ) -> list[VerifiedTokens]:
+        num_rows = len(scheduled)
+        num_drafts = [s.num_spec_tokens for s in scheduled]
+        max_drafts = max(num_drafts)
+        width = logits[0].shape[-1]
+        device = logits[0].device
+
+        # Processed target distributions, one row per position: [sum(s + 1), V] -> [R, S + 1, V].
+        rows: list[SamplingRow] = []
+        for s in scheduled:
+            request = s.request
+            drafts = request.spec_token_ids[: s.num_spec_tokens]
+            generator = self.generator_for(request)
+            for i in range(s.num_spec_tokens + 1):
+                rows.append(
+                    SamplingRow(
+                        request.sampling_params,
+                        request.prompt_token_ids,
+                        request.output_token_ids + drafts[:i],
+                        generator,
+                    )
+                )
+        flat_logits = torch.cat(logits, dim=0)  # [sum(s + 1), V]
+        flat_probs = self.sampler.probs(self.sampler.process_logits(flat_logits, rows), rows)
+        target_probs = torch.zeros((num_rows, max_drafts + 1, width), device=device)
+        draft_probs = torch.zeros((num_rows, max_drafts, width), device=device)
+        draft_ids = torch.zeros((num_rows, max_drafts), dtype=torch.long, device=device)
+        offset = 0
+        for r, s in enumerate(scheduled):
+            count = s.num_spec_tokens
+            target_probs[r, : count + 1] = flat_probs[offset : offset + count + 1]
+            offset += count + 1
+            drafts = s.request.spec_token_ids[:count]
+            draft_ids[r, :count] = torch.tensor(drafts, dtype=torch.long, device=device)
+            stored = self._draft_probs.get(s.request_id)
+            if stored is not None:
+                draft_probs[r, :count] = stored[:count]
+            else:  # a deterministic proposer: q is one-hot at each draft
+                draft_probs[r, torch.arange(count, device=device), draft_ids[r, :count]] = 1.0
+
+        tokens = rejection_sample(
+            target_probs,
+            draft_probs,
+            draft_ids,
+            num_drafts,
+            greedy=[s.request.sampling_params.greedy for s in scheduled],
+            generators=[self.generator_for(s.request) for s in scheduled],
+            shared_generator=self.sampler.generator,
+        )
+        results = [VerifiedTokens(t, n) for t, n in zip(tokens, num_drafts)]
+        for s, result, row_logits in zip(scheduled, results, logits):
+            self._draft_probs.pop(s.request_id, None)
+            num_top = s.request.sampling_params.logprobs
+            if num_top is not None:
+                raw = row_logits[: len(result.token_ids)]  # position i scored token i
+                result.logprobs = self.sampler.logprobs_of(raw, result.token_ids, num_top)
+        return results
+
+    # ------------------------------------------------------------------ proposal
+
+    def propose(self, requests: list[ProposalRequest], by_id: dict[str, Request]) -> dict[str, list[int]]:
+        """Draft for each request; keeps q for the next verification. Returns request_id -> drafts."""
+        if not requests:
+            return {}
+        chooser = _DraftChooser(self.sampler, [by_id[r.request_id] for r in requests], self.generator_for)
+        proposal: Proposal = self.proposer.propose(requests, chooser)
+        drafts: dict[str, list[int]] = {}
+        for r, (request, tokens) in enumerate(zip(requests, proposal.token_ids)):
+            drafts[request.request_id] = tokens
+            if proposal.probs is not None and tokens:
+                self._draft_probs[request.request_id] = proposal.probs[r, : len(tokens)]
+            else:
+                self._draft_probs.pop(request.request_id, None)
+        return drafts
+
+
+class _DraftChooser:
+    """Turns a model proposer's logits into drafts with each request's own sampling rules.
+
+    Called once per drafting step with the logits of every request; keeps the drafts so far so the
+    penalties of step j see drafts 1..j-1 as output. Greedy rows take the argmax (no randomness);
+    the others are sampled from the processed distribution with the request's generator.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        requests: list[Request],
+        generator_for: Callable[[Request], torch.Generator | None],
+    ) -> None:
+        self.sampler = sampler
+        self.requests = requests
+        self.generators = [generator_for(r) for r in requests]
+        self.drafts: list[list[int]] = [[] for _ in requests]
+        self.greedy = [r.sampling_params.greedy for r in requests]
+
+    def __call__(self, logits: torch.Tensor, step: int, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [
+            SamplingRow(
+                self.requests[r].sampling_params,
+                self.requests[r].prompt_token_ids,
+                self.requests[r].output_token_ids + self.drafts[r],
+                self.generators[r],
+            )
+            for r in active
+        ]
+        probs = self.sampler.probs(self.sampler.process_logits(logits, rows), rows)  # [A, V]
+        tokens = probs.argmax(dim=-1)  # greedy rows: one-hot probs
+        random_ids = [i for i, r in enumerate(active) if not self.greedy[r]]
+        if random_ids:
+            index = torch.tensor(random_ids, device=logits.device)
+            sampled = self.sampler.sample_from_probs(probs.index_select(0, index), [rows[i] for i in random_ids])
+            tokens = tokens.index_copy(0, index, sampled)
+        for r, token in zip(active, tokens.tolist()):
+            self.drafts[r].append(token)
+        return tokens, probs

@@ -1,0 +1,172 @@
+"""How many tokens to draft for each request this step (`--num-speculative-tokens N | auto`).
+
+With a fixed N every request drafts min(N, its own `speculation_depth`, what it has left to
+generate). With `auto` the depth is chosen every step from measurements, to maximise generated
+tokens per second:
+
+* per request, the acceptance rate alpha (a smoothed count of accepted vs rejected drafts, starting
+  from the batch-wide rate), so a request whose drafts keep failing stops drafting;
+* the target's step time as a function of the tokens in the batch, T(n) = t0 + t1 * n (fitted
+  online), which is what verifying more tokens costs: nearly nothing when decoding is
+  memory-bound (small batches), a lot when it is compute-bound (large batches);
+* the proposer's time per drafting step, D.
+
+With depth k a request yields on average E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step
+(Leviathan et al. 2022). For each candidate depth K the step would take
+T(n0 + sum k_r) + K * D and yield sum E_r(k_r), with k_r = min(K, the request's own limits); the
+policy picks the K with the best ratio, and K = 0 (no speculation) unless speculating is expected to
+beat it by a margin. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Smoothing of the measured times and acceptance counts (weight of the newest observation).
+_EMA = 0.1
+# Pseudo-observations of the prior when a request's own acceptance is not known yet.
+_PRIOR_WEIGHT = 4.0
+# Speculate only when it is expected to be at least this much faster than not speculating.
+_MARGIN = 1.05
+
+
+def expected_tokens(alpha: float, depth: int) -> float:
+    """Mean tokens per step with `depth` drafts accepted independently with probability alpha:
+    1 + alpha + ... + alpha^depth (the accepted prefix, plus the recovered or bonus token)."""
+    if alpha >= 1.0:
+        return depth + 1.0
+    return (1.0 - alpha ** (depth + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class _Acceptance:
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+
+@dataclass
+class DepthPolicy:
+    """Chooses per-request draft depths; fed with acceptance counts and step timings."""
+
+    max_depth: int
+    adaptive: bool
+    # Prior guess of the proposer's step time relative to the target's (before any measurement).
+    prior_draft_cost: float = 0.1
+    _global: _Acceptance = field(default_factory=lambda: _Acceptance(accepted=1.0, rejected=1.0))
+    _requests: dict[str, _Acceptance] = field(default_factory=dict)
+    # Online fit of the target step time T(n) = t0 + t1 * n, from smoothed moments of (n, T).
+    _n_mean: float | None = None
+    _t_mean: float = 0.0
+    _nn: float = 0.0
+    _nt: float = 0.0
+    _draft_step_seconds: float | None = None
+
+    # ------------------------------------------------------------------ measurements
+
+    def observe_verification(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        """A request's drafts were verified: `num_accepted` of `num_drafts` (a prefix) were kept."""
+        if num_drafts <= 0:
+            return
+        rejected = 1.0 if num_accepted < num_drafts else 0.0
+        stats = self._requests.setdefault(request_id, _Acceptance())
+        stats.accepted += num_accepted
+        stats.rejected += rejected
+        self._global.accepted = (1 - _EMA) * self._global.accepted + _EMA * num_accepted
+        self._global.rejected = (1 - _EMA) * self._global.rejected + _EMA * rejected
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """The target model ran a step over `num_tokens` tokens in `seconds`."""
+        if self._n_mean is None:
+            self._n_mean, self._t_mean = float(num_tokens), seconds
+            self._nn, self._nt = float(num_tokens) ** 2, num_tokens * seconds
+            return
+        a = _EMA
+        self._n_mean = (1 - a) * self._n_mean + a * num_tokens
+        self._t_mean = (1 - a) * self._t_mean + a * seconds
+        self._nn = (1 - a) * self._nn + a * num_tokens * num_tokens
+        self._nt = (1 - a) * self._nt + a * num_tokens * seconds
+
+    def observe_proposal(self, num_steps: int, seconds: float) -> None:
+        """The proposer drafted `num_steps` tokens per request (for the whole batch) in `seconds`."""
+        if num_steps <= 0:
+            return
+        per_step = seconds / num_steps
+        previous = self._draft_step_seconds
+        self._draft_step_seconds = per_step if previous is None else (1 - _EMA) * previous + _EMA * per_step
+
+    def forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    # ------------------------------------------------------------------ estimates
+
+    def acceptance_rate(self, request_id: str | None = None) -> float:
+        """Smoothed probability that a draft is accepted (batch-wide, or for one request)."""
+        prior = self._global.accepted / max(self._global.accepted + self._global.rejected, 1e-9)
+        if request_id is None:
+            return prior
+        stats = self._requests.get(request_id)
+        if stats is None:
+            return prior
+        total = stats.accepted + stats.rejected + _PRIOR_WEIGHT
+        return (stats.accepted + _PRIOR_WEIGHT * prior) / total
+
+    def step_time(self, num_tokens: int) -> float | None:
+        """Predicted target step time for `num_tokens` tokens, or None before any measurement."""
+        if self._n_mean is None:
+            return None
+        variance = self._nn - self._n_mean**2
+        slope = (self._nt - self._n_mean * self._t_mean) / variance if variance > 1e-9 else 0.0
+        slope = max(slope, 0.0)
+        intercept = max(self._t_mean - slope * self._n_mean, 0.0)
+        return intercept + slope * num_tokens
+
+    # ------------------------------------------------------------------ the decision
+
+    def depths(self, limits: dict[str, int], num_batch_tokens: int) -> dict[str, int]:
+        """Draft depth per request. `limits[request_id]` caps each request (its own
+        speculation_depth and what it has left to generate); `num_batch_tokens` is the number of
+        tokens the next step would compute without any drafts."""
+        if self.max_depth <= 0:
+            return {}
+        if not self.adaptive:
+            return {rid: min(self.max_depth, limit) for rid, limit in limits.items() if limit > 0}
+        base = self.step_time(num_batch_tokens)
+        if base is None or base <= 0.0:
+            # Nothing measured yet: draft one token, to start measuring.
+            return {rid: min(1, limit) for rid, limit in limits.items() if limit > 0}
+        draft_step = self._draft_step_seconds
+        if draft_step is None:
+            draft_step = self.prior_draft_cost * base
+        alphas = {rid: self.acceptance_rate(rid) for rid in limits}
+        baseline_rate = len(limits) / base  # tokens per second without speculation
+        # One more verified token costs the target `per_token` seconds; a request's j-th draft is
+        # worth it only if its expected yield alpha^j beats what that time produces without drafts.
+        per_token = self.step_time(num_batch_tokens + 1) - base
+        threshold = per_token * baseline_rate
+        caps = {rid: min(limit, _depth_cap(alphas[rid], threshold, self.max_depth)) for rid, limit in limits.items()}
+
+        best_rate, best = baseline_rate, {}
+        for depth in range(1, self.max_depth + 1):
+            chosen = {rid: min(depth, cap) for rid, cap in caps.items() if cap > 0}
+            if not chosen:
+                break
+            tokens = sum(expected_tokens(alphas[rid], k) for rid, k in chosen.items())
+            tokens += len(limits) - len(chosen)  # the others still get their one token
+            seconds = self.step_time(num_batch_tokens + sum(chosen.values())) + draft_step * depth
+            rate = tokens / max(seconds, 1e-9)
+            if rate > best_rate:
+                best_rate, best = rate, chosen
+        if best_rate < baseline_rate * _MARGIN:
+            return {}
+        return best
+
+
+def _depth_cap(alpha: float, threshold: float, max_depth: int) -> int:
+    """The largest j <= max_depth whose expected yield alpha^j exceeds `threshold`."""
+    depth, gain = 0, 1.0
+    while depth < max_depth:
+        gain *= alpha
+        if gain <= threshold:
+            break
+        depth += 1
+    return depth

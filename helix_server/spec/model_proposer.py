@@ -1,0 +1,113 @@
+"""Proposers that draft with a (smaller) model over the paged KV cache: a draft model, or the target
+model's own first layers (layer-skip self-speculation).
+
+Each proposal runs k forwards batched over the requests: the first feeds every token the drafter has
+not seen yet (for a draft model right after a prompt, the whole prompt; afterwards the one or two
+tokens since its last proposal), each later one feeds the previous draft. The drafter's K/V goes into
+the same block slots as the target's (the scheduler reserves `k` lookahead slots for that), in the
+drafter's own cache tensors (draft model) or the target's first layers (layer-skip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
+from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.spec.proposer import DraftChooser, Proposal, ProposalRequest
+
+
+class ModelProposer:
+    """Autoregressive drafting with `model(input_ids, positions, ctx, num_layers)`.
+
+    `own_kv_cache` is True for a separate draft model: its cache is valid only for the positions it
+    has itself written with tokens that were then accepted, tracked per request. For layer-skip the
+    cache is the target's, valid wherever the target has computed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+        num_layers: int | None = None,
+        own_kv_cache: bool = True,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.num_layers = num_layers
+        self.own_kv_cache = own_kv_cache
+        # request_id -> positions [0, n) the drafter wrote K/V for in its last proposal.
+        self._written: dict[str, int] = {}
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self._written.pop(request_id, None)
+
+    def _valid_kv(self, request: ProposalRequest) -> int:
+        """Leading positions whose drafter K/V is correct for the request's current tokens."""
+        if not self.own_kv_cache:
+            return request.num_computed_tokens
+        # Positions the drafter wrote hold accepted tokens up to the model's computed count; past it
+        # they hold rejected drafts.
+        return min(request.num_computed_tokens, self._written.get(request.request_id, 0))
+
+    @torch.inference_mode()
+    def propose(self, requests: list[ProposalRequest], choose: DraftChooser) -> Proposal:
+        num_steps = max(r.num_draft_tokens for r in requests)
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: torch.Tensor | None = None  # [R, K, V], filled step by step
+
+        # Step 0: every request catches up on the tokens the drafter has not seen and drafts once.
+        active = list(range(len(requests)))
+        chunks = []
+        for request in requests:
+            start = self._valid_kv(request)
+            chunks.append((request.token_ids[start:], start, request.block_ids))
+        for step in range(num_steps):
+            if step > 0:
+                # Only requests that want another draft go on: the others' lookahead slots end here.
+                active = [r for r in active if requests[r].num_draft_tokens > step]
+                chunks = [([drafts[r][-1]], requests[r].num_tokens + step - 1, requests[r].block_ids) for r in active]
+            tokens, step_probs = choose(self._forward(chunks), step, active)  # [A], [A, V]
+            if probs is None:
+                probs = step_probs.new_zeros((len(requests), num_steps, step_probs.shape[1]))
+            probs[active, step] = step_probs
+            for r, token in zip(active, tokens.tolist()):
+                drafts[r].append(token)
+
+        for request in requests:
+            # K/V written for the known tokens and all drafts but the last.
+            self._written[request.request_id] = request.num_tokens + request.num_draft_tokens - 1
+        return Proposal(token_ids=drafts, probs=probs)
+
+    def _forward(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+        """One forward over per-request chunks (token ids, start position, block ids); returns the
+        logits of each request's last token, in input order: [R, V] float32."""
+        seq_chunks = [SequenceChunk(start, len(ids), blocks) for ids, start, blocks in chunks]
+        order = order_for_attention(seq_chunks)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        last_rows = [0] * len(chunks)
+        for i in order:
+            ids, start, _ = chunks[i]
+            input_ids.extend(ids)
+            positions.extend(range(start, start + len(ids)))
+            last_rows[i] = len(input_ids) - 1
+        metadata = build_attention_metadata(
+            [seq_chunks[i] for i in order], self.block_size, self.device, self.kv_caches[0][0].dtype
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches),
+            num_layers=self.num_layers,
+        )  # [num_tokens, hidden]
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows]).float()  # [R, V]

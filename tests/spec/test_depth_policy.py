@@ -1,0 +1,52 @@
+"""The `auto` draft depth: more drafts when they pay, none when they don't."""
+
+from __future__ import annotations
+
+from helix_server.spec.depth_policy import DepthPolicy, expected_tokens
+
+
+def _policy(alpha_hits: int, alpha_misses: int, draft_step: float, slope: float) -> DepthPolicy:
+    policy = DepthPolicy(max_depth=5, adaptive=True)
+    for n in (1, 4, 16, 64):  # step time = 10 ms + slope * tokens
+        policy.observe_step(n, 0.010 + slope * n)
+    policy.observe_proposal(1, draft_step)
+    for _ in range(alpha_hits):
+        policy.observe_verification("r", 4, 4)
+    for _ in range(alpha_misses):
+        policy.observe_verification("r", 4, 0)
+    return policy
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 3) == 4.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+
+
+def test_step_time_fit_recovers_a_line():
+    policy = _policy(0, 0, 0.001, 0.0005)
+    assert abs(policy.step_time(100) - (0.010 + 0.05)) < 1e-6
+
+
+def test_cheap_accurate_drafts_go_deep():
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    assert policy.depths({"r": 5}, num_batch_tokens=1) == {"r": 5}
+
+
+def test_drafts_that_keep_failing_are_switched_off():
+    policy = _policy(alpha_hits=0, alpha_misses=40, draft_step=0.0005, slope=0.0)
+    assert policy.depths({"r": 5}, num_batch_tokens=1) == {}
+
+
+def test_expensive_verification_in_big_batches_switches_off():
+    # Each extra token costs as much as a whole small step: verifying drafts is never worth it.
+    policy = _policy(alpha_hits=10, alpha_misses=10, draft_step=0.0005, slope=0.010)
+    assert policy.depths({f"r{i}": 5 for i in range(16)} | {"r": 5}, num_batch_tokens=17) == {}
+
+
+def test_limits_and_fixed_depth():
+    fixed = DepthPolicy(max_depth=3, adaptive=False)
+    assert fixed.depths({"a": 5, "b": 1, "c": 0}, num_batch_tokens=3) == {"a": 3, "b": 1}
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    assert policy.depths({"r": 2}, num_batch_tokens=1) == {"r": 2}
+    assert DepthPolicy(max_depth=0, adaptive=True).depths({"r": 3}, 1) == {}
