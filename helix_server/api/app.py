@@ -1,0 +1,65 @@
+"""`create_app(engine, config)`: the Litestar app around an already-built `AsyncEngine`.
+
+The app owns everything it needs (`ServerState` on `app.state`, its own Prometheus registry); there
+is no module-level state, so tests can run several apps in one process. The engine thread starts in
+the app's start-up hook (inside the serving event loop) and stops in its shutdown hook.
+"""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+
+from helix_server.api.exception_handlers import exception_handlers
+from helix_server.api.guards import refuse_while_draining, require_api_key
+from helix_server.api.lifecycle import start_engine, stop_engine
+from helix_server.api.metrics import ServerMetrics
+from helix_server.api.openapi import openapi_config
+from helix_server.api.routes.health import HealthController
+from helix_server.api.routes.helix import HelixController
+from helix_server.api.routes.metrics import metrics
+from helix_server.api.routes.openai import CompletionsController, ModelsController
+from helix_server.api.routes.tokenize import TokenizeController
+from helix_server.api.state import STATE_KEY, ServerState
+from helix_server.config import HelixConfig
+from helix_server.engine.async_engine import AsyncEngine
+
+
+def create_app(
+    engine: AsyncEngine,
+    config: HelixConfig,
+    *,
+    stuck_after_s: float = 30.0,
+) -> Litestar:
+    """The HTTP app serving `engine` (not yet started: the app starts it when it starts)."""
+    state = ServerState(
+        engine=engine,
+        config=config,
+        metrics=ServerMetrics(engine.stats),
+        model_name=engine.runtime.model_name,
+        stuck_after_s=stuck_after_s,
+    )
+    docs, doc_routers = openapi_config()
+    origins = list(config.server.allowed_origins)
+    return Litestar(
+        route_handlers=[
+            ModelsController,
+            CompletionsController,
+            HealthController,
+            TokenizeController,
+            HelixController,
+            metrics,
+            *doc_routers,
+        ],
+        state=State({STATE_KEY: state}),
+        guards=[require_api_key, refuse_while_draining],
+        exception_handlers=exception_handlers(),
+        on_startup=[start_engine],
+        on_shutdown=[stop_engine],
+        openapi_config=docs,
+        cors_config=CORSConfig(allow_origins=origins) if origins else None,
+        request_max_body_size=config.server.max_request_body_bytes,
+        logging_config=None,
+        debug=False,
+    )

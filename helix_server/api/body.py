@@ -1,0 +1,70 @@
+"""Decode a JSON request body into a request Struct, strictly, with errors that name the parameter.
+
+msgspec rejects what JSON can't carry (`NaN`, `Infinity` literals) as malformed, never coerces types
+("0.5" is not a number), and reports the path of a bad value (`$.messages[0].role`), which becomes
+the error's `param`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+from litestar import Request
+
+from helix_server.api.errors import APIError, bad_request
+
+T = TypeVar("T")
+
+_AT_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
+_MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
+
+
+async def read_json(request: Request, type_: type[T]) -> T:
+    """The request body decoded as `type_`; a 400 `APIError` when it is empty, not JSON or invalid.
+
+    A body over the server's limit raises Litestar's 413 while it is read.
+    """
+    raw = await request.body()
+    return decode_json(raw, type_)
+
+
+def decode_json(raw: bytes, type_: type[T]) -> T:
+    """Decode `raw` as `type_` (see `read_json`)."""
+    if not raw.strip():
+        raise bad_request("The request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(raw, type=type_, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON ({exc}).") from None
+    except UnicodeDecodeError:
+        raise bad_request("The request body is not valid UTF-8.") from None
+
+
+def _validation_error(message: str) -> APIError:
+    match = _AT_PATH.search(message)
+    path = match.group("path") if match else ""
+    text = message[: match.start()] if match else message
+    unknown = _UNKNOWN_FIELD.match(text)
+    if unknown:
+        param = _join(path, unknown.group("field"))
+        return bad_request(f"Unrecognized request argument supplied: {param}", param)
+    missing = _MISSING_FIELD.match(text)
+    if missing:
+        param = _join(path, missing.group("field"))
+        return bad_request(f"Missing required parameter: '{param}'.", param)
+    if not path:
+        if text.startswith("Expected `object`"):
+            return bad_request("The request body must be a JSON object.")
+        return bad_request(f"Invalid request body: {text}.")
+    param = path.lstrip(".")
+    return bad_request(f"Invalid value for '{param}': {text}.", param)
+
+
+def _join(path: str, field: str) -> str:
+    path = path.lstrip(".")
+    return f"{path}.{field}" if path else field

@@ -1,0 +1,49 @@
+"""Route guards: bearer-token auth and refusing new work while draining.
+
+Routes marked `opt={"public": True}` (/health, /ready, /metrics) skip both: probes and scrapers need
+no key, and they must keep answering while the server drains.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from helix_server.api.errors import AUTHENTICATION, APIError, service_unavailable
+from helix_server.api.state import STATE_KEY
+
+PUBLIC = {"public": True}
+
+
+def _is_public(handler: BaseRouteHandler) -> bool:
+    return bool(handler.opt.get("public"))
+
+
+def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """401 unless `Authorization: Bearer <api_key>` matches (constant-time), when a key is set."""
+    state = connection.app.state[STATE_KEY]
+    api_key = state.config.server.api_key
+    if not api_key or _is_public(handler):
+        return
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    valid = scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode("utf-8"), api_key.encode("utf-8")
+    )
+    if not valid:
+        raise APIError(
+            401,
+            "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer KEY'.",
+            AUTHENTICATION,
+            None,
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def refuse_while_draining(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """503 with Retry-After for every non-public route once shutdown has begun."""
+    if connection.app.state[STATE_KEY].draining and not _is_public(handler):
+        raise service_unavailable("The server is shutting down; retry on another replica.", "server_draining")

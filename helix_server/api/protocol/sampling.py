@@ -1,0 +1,48 @@
+"""The request fields the completions and chat APIs share: sampling, stopping, streaming, model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from helix_server.api.protocol.common import StreamOptions
+
+
+class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenAI's sampling parameters plus vLLM's extensions (`top_k`, `min_p`, ...).
+
+    A field left out (or null) takes the engine's default. `speculation_depth` (drafted tokens per
+    step for this request, 0 = no speculation) is capped by the server's maximum.
+    """
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    # OpenAI fields that change nothing in the output: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    # vLLM-style extensions.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    speculation_depth: int | None = None

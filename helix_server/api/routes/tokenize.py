@@ -1,0 +1,52 @@
+"""`POST /tokenize` and `POST /detokenize` with the served model's tokenizer."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, post
+
+from helix_server.api.body import read_json
+from helix_server.api.errors import bad_request
+from helix_server.api.openapi import documented_body
+from helix_server.api.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from helix_server.api.serving.prompts import chat_prompt
+from helix_server.api.state import get_state
+
+
+class TokenizeController(Controller):
+    """Text (or a conversation) to token ids and back."""
+
+    tags = ("Tokenizer",)
+
+    @post("/tokenize", status_code=200, operation_class=documented_body(TokenizeRequest))
+    async def tokenize(self, request: Request) -> TokenizeResponse:
+        """`{prompt}` or `{messages}` -> `{tokens, count, max_model_len}`."""
+        body = await read_json(request, TokenizeRequest)
+        state = get_state(request)
+        state.check_model(body.model)
+        tokenizer = state.engine.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("Send exactly one of 'prompt' and 'messages'.", "prompt")
+        if body.messages is not None:
+            tokens = chat_prompt(body.messages, tokenizer, body.add_generation_prompt).token_ids
+        else:
+            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens, len(tokens), state.engine.core.max_sequence_len)
+
+    @post("/detokenize", status_code=200, operation_class=documented_body(DetokenizeRequest))
+    async def detokenize(self, request: Request) -> DetokenizeResponse:
+        """`{tokens}` -> `{prompt}`; ids outside the vocabulary are a 400."""
+        body = await read_json(request, DetokenizeRequest)
+        state = get_state(request)
+        state.check_model(body.model)
+        vocab_size = state.engine.runtime.vocab_size
+        for token_id in body.tokens:
+            if not 0 <= token_id < vocab_size:
+                raise bad_request(
+                    f"Token id {token_id} is outside the vocabulary [0, {vocab_size}).", "tokens"
+                )
+        return DetokenizeResponse(state.engine.tokenizer.decode(body.tokens))

@@ -1,0 +1,140 @@
+"""`serve(config)`: build the engine, log what was loaded, and run the app under uvicorn.
+
+Shutdown is graceful: on SIGINT/SIGTERM the server keeps listening but answers new requests with 503
+(and /ready with 503) while in-flight requests get `server.shutdown_timeout` seconds to finish; the
+rest are then aborted (their streams end with finish_reason "abort" and `[DONE]`) and the process
+exits with status 0. A second signal skips the wait. uvicorn's own handler would close the listening
+socket at once, so `DrainingServer` replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from helix_server.api.app import create_app
+from helix_server.api.lifecycle import drain
+from helix_server.api.state import STATE_KEY, ServerState
+from helix_server.config import HelixConfig
+from helix_server.engine.async_engine import AsyncEngine
+from helix_server.errors import HelixError
+
+logger = logging.getLogger("helix_server.api")
+
+# Seconds uvicorn waits for connections after draining (a client that stopped reading).
+CONNECTION_CLOSE_TIMEOUT_S = 5.0
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose SIGINT/SIGTERM drains the app before exiting."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        """Remember the serving loop (signal handlers schedule the drain on it), then serve."""
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Start draining on the first signal; on the second, abort everything and exit now."""
+        if self._loop is None or self.should_exit:
+            self.should_exit = True
+            return
+        if self._drain_task is not None:
+            logger.warning("second %s: aborting in-flight requests now", signal.Signals(sig).name)
+            self._loop.call_soon_threadsafe(self._state.engine.abort_all)
+            self.should_exit = True
+            return
+        logger.info("%s received: draining (up to %.1fs)", signal.Signals(sig).name, self._shutdown_timeout)
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        self._state.draining = True
+        self._drain_task = self._loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await drain(self._state, self._shutdown_timeout)
+        finally:
+            self.should_exit = True
+
+
+def build_engine(config: HelixConfig) -> AsyncEngine:
+    """Load the model (a tqdm bar while weights load) and wrap it in an `AsyncEngine`."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def progress(loaded: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="Loading weights", unit="tensor", leave=False)
+        bar.update(loaded - bar.n)
+
+    try:
+        return AsyncEngine.from_config(config.engine, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def log_startup(engine: AsyncEngine, config: HelixConfig) -> None:
+    """Log the model, device, dtype, KV pool and the URL."""
+    runtime = engine.runtime
+    logger.info(
+        "serving model %r from %s on %s (%s); max_model_len %d",
+        runtime.model_name,
+        runtime.model_dir,
+        runtime.device,
+        str(runtime.dtype).removeprefix("torch."),
+        engine.core.max_sequence_len,
+    )
+    logger.info(
+        "KV pool: %d blocks x %d tokens = %d tokens (%.1f MiB)",
+        runtime.num_kv_blocks,
+        runtime.block_size,
+        runtime.kv_pool_tokens,
+        runtime.kv_cache_bytes / (1 << 20),
+    )
+    server = config.server
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    auth = "required" if server.api_key else "off"
+    logger.info("listening on http://%s:%d (API key %s; docs at /docs)", host, server.port, auth)
+
+
+def serve(config: HelixConfig) -> int:
+    """Serve the OpenAI-compatible API until SIGINT/SIGTERM; returns the process exit status."""
+    try:
+        engine = build_engine(config)
+    except (HelixError, OSError, ValueError) as exc:
+        logger.error("could not load the model: %s", exc)
+        return 1
+    app = create_app(engine, config)
+    log_startup(engine, config)
+    server_config = config.server
+    uv_config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_config=None,
+        log_level=server_config.log_level.lower(),
+        lifespan="on",
+        timeout_graceful_shutdown=int(CONNECTION_CLOSE_TIMEOUT_S),
+    )
+    server = DrainingServer(uv_config, app.state[STATE_KEY], server_config.shutdown_timeout)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits 1 when it can't bind
+        return int(exc.code or 0)
+    finally:
+        engine.shutdown()
+    return 0 if server.started else 1

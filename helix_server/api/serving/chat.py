@@ -1,0 +1,180 @@
+"""`POST /v1/chat/completions`: messages in, OpenAI chat completions (whole or streamed) out."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+
+import msgspec
+from litestar import Request, Response
+
+from helix_server.api.errors import bad_request, server_error, service_unavailable
+from helix_server.api.protocol.chat import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    ChatStreamChoice,
+)
+from helix_server.api.serving.accumulate import ResultAccumulator
+from helix_server.api.serving.generation import Generation
+from helix_server.api.serving.logprobs import chat_logprobs
+from helix_server.api.serving.params import (
+    build_sampling_params,
+    check_stream_options,
+    reject,
+)
+from helix_server.api.serving.prompts import chat_prompt
+from helix_server.api.serving.respond import respond
+from helix_server.api.serving.usage import UsageCounter
+from helix_server.api.sse import DONE, error_event, sse_event
+from helix_server.api.state import ServerState
+from helix_server.errors import EngineDeadError
+from helix_server.sampling_params import SamplingParams
+
+logger = logging.getLogger("helix_server.api")
+
+# Fields that select features we do not have: refused whenever they are set.
+_UNSUPPORTED = (
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+)
+
+
+def check_chat_features(body: ChatCompletionRequest) -> None:
+    """400 for any option that asks for something this server can't do (never silently ignored)."""
+    for name in _UNSUPPORTED:
+        if getattr(body, name) is not None:
+            reject(name)
+    if body.tools:
+        reject("tools", "Tool calling (tools)")
+    if body.tool_choice is not None and body.tool_choice != "none":
+        reject("tool_choice", "tool_choice other than 'none'")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        reject("response_format", "response_format other than {'type': 'text'}")
+    if body.modalities is not None and any(m != "text" for m in body.modalities):
+        reject("modalities", "Output modalities other than 'text'")
+
+
+class ChatService:
+    """Turns one validated `ChatCompletionRequest` into an engine request and an OpenAI response."""
+
+    def __init__(self, state: ServerState, body: ChatCompletionRequest) -> None:
+        self.state = state
+        self.body = body
+        self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.tokenizer = state.engine.tokenizer
+
+    def _check(self) -> tuple[SamplingParams, bool]:
+        body = self.body
+        self.state.check_model(body.model)
+        check_chat_features(body)
+        include_usage = check_stream_options(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("logprobs must be true when top_logprobs is set.", "top_logprobs")
+        self.top_n = (body.top_logprobs or 0) if body.logprobs else 0
+        if body.max_completion_tokens is not None:
+            max_tokens, max_param = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, max_param = body.max_tokens, "max_tokens"
+        params = build_sampling_params(
+            body,
+            max_tokens=max_tokens,
+            logprobs=self.top_n if body.logprobs else None,
+            renames={"max_tokens": max_param, "logprobs": "top_logprobs"},
+        )
+        return params, include_usage
+
+    async def create(self, request: Request) -> Response:
+        """Validate, render the chat template, queue, and answer (streamed when `stream` is true)."""
+        params, include_usage = self._check()
+        prompt = chat_prompt(self.body.messages, self.tokenizer)
+        self.prompt_token_ids = prompt.token_ids
+        self.n = params.n
+
+        def start():
+            return Generation.start(self.state, self.request_id, [prompt.token_ids], params, "messages")
+
+        return await respond(
+            self.state,
+            request,
+            start,
+            stream=bool(self.body.stream),
+            events=lambda g: self._events(g, include_usage),
+            collect=self._collect,
+        )
+
+    async def _collect(self, generation: Generation) -> Response:
+        results = ResultAccumulator([self.prompt_token_ids], self.n)
+        async for index, output in generation.outputs():
+            results.add(index, output)
+        results.raise_if_failed()
+        choices = []
+        for choice_index, _, seq in results.choices():
+            logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n) if self.body.logprobs else None
+            choices.append(
+                ChatChoice(
+                    choice_index, ChatResponseMessage(seq.text), logprobs, seq.finish_reason, seq.stop_reason
+                )
+            )
+        response = ChatCompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=results.usage(),
+        )
+        return Response(content=response, status_code=200)
+
+    def _chunk(self, choices: list[ChatStreamChoice], include_usage: bool, usage=None) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=usage if usage is not None else (None if include_usage else msgspec.UNSET),
+        )
+        return sse_event(chunk)
+
+    async def _events(self, generation: Generation, include_usage: bool) -> AsyncGenerator[bytes, None]:
+        counter = UsageCounter([self.prompt_token_ids])
+        try:
+            for index in range(self.n):
+                role = ChatStreamChoice(index, ChatDelta(role="assistant", content=""))
+                yield self._chunk([role], include_usage)
+            async for _, output in generation.outputs():
+                counter.add(output)
+                for seq in output.outputs:
+                    if seq.finish_reason == "error":
+                        yield error_event(server_error(f"The request failed in the engine: {output.error}"))
+                        yield DONE
+                        return
+                    logprobs = None
+                    if self.body.logprobs and seq.logprobs:
+                        logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n)
+                    if seq.text or logprobs is not None:
+                        content = ChatStreamChoice(seq.index, ChatDelta(content=seq.text), logprobs)
+                        yield self._chunk([content], include_usage)
+                    if seq.finish_reason is not None:
+                        finish = ChatStreamChoice(
+                            seq.index, ChatDelta(), None, seq.finish_reason, seq.stop_reason
+                        )
+                        yield self._chunk([finish], include_usage)
+            if include_usage:
+                yield self._chunk([], include_usage, usage=counter.usage())
+        except EngineDeadError as exc:
+            yield error_event(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
+        except Exception:
+            logger.exception("chat stream %s failed", self.request_id)
+            yield error_event(server_error("The server had an error while processing your request."))
+        yield DONE

@@ -1,0 +1,179 @@
+"""`POST /v1/completions`: prompts in, OpenAI completions (whole or streamed) out."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+
+import msgspec
+from litestar import Request, Response
+
+from helix_server.api.errors import server_error, service_unavailable
+from helix_server.api.protocol.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+)
+from helix_server.api.serving.accumulate import ResultAccumulator
+from helix_server.api.serving.generation import Generation
+from helix_server.api.serving.logprobs import LegacyLogprobsBuilder, merge_legacy
+from helix_server.api.serving.params import (
+    build_sampling_params,
+    check_stream_options,
+    reject,
+)
+from helix_server.api.serving.prompts import Prompt, completion_prompts
+from helix_server.api.serving.respond import respond
+from helix_server.api.serving.usage import UsageCounter
+from helix_server.api.sse import DONE, error_event, sse_event
+from helix_server.api.state import ServerState
+from helix_server.errors import EngineDeadError
+from helix_server.sampling_params import SamplingParams
+
+logger = logging.getLogger("helix_server.api")
+
+
+class CompletionService:
+    """Turns one validated `CompletionRequest` into engine requests and an OpenAI response."""
+
+    def __init__(self, state: ServerState, body: CompletionRequest) -> None:
+        self.state = state
+        self.body = body
+        self.request_id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.tokenizer = state.engine.tokenizer
+
+    def _check(self) -> tuple[SamplingParams, bool]:
+        body = self.body
+        self.state.check_model(body.model)
+        if body.suffix is not None:
+            reject("suffix")
+        if body.best_of is not None and body.best_of > 1:
+            reject("best_of", "best_of greater than 1")
+        include_usage = check_stream_options(body)
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        params = build_sampling_params(
+            body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
+        )
+        return params, include_usage
+
+    async def create(self, request: Request) -> Response:
+        """Validate, queue, and answer (streamed when `stream` is true)."""
+        params, include_usage = self._check()
+        self.prompts = completion_prompts(self.body.prompt, self.tokenizer)
+        self.n = params.n
+        token_prompts = [p.token_ids for p in self.prompts]
+
+        def start():
+            return Generation.start(self.state, self.request_id, token_prompts, params, "prompt")
+
+        return await respond(
+            self.state,
+            request,
+            start,
+            stream=bool(self.body.stream),
+            events=lambda g: self._events(g, include_usage),
+            collect=self._collect,
+        )
+
+    # ----------------------------------------------------------------- helpers
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+
+    def _logprobs_builder(self) -> LegacyLogprobsBuilder | None:
+        if self.body.logprobs is None:
+            return None
+        return LegacyLogprobsBuilder(self.tokenizer, self.body.logprobs)
+
+    # ----------------------------------------------------------------- non-streaming
+
+    async def _collect(self, generation: Generation) -> Response:
+        results = ResultAccumulator([p.token_ids for p in self.prompts], self.n)
+        async for index, output in generation.outputs():
+            results.add(index, output)
+        results.raise_if_failed()
+        choices = []
+        for choice_index, result, seq in results.choices():
+            prompt = self.prompts[choice_index // self.n]
+            text = seq.text
+            builder = self._logprobs_builder()
+            logprobs: CompletionLogprobs | None = None
+            if self.body.echo:
+                text = self._prompt_text(prompt) + text
+            if builder is not None:
+                logprobs = CompletionLogprobs()
+                if self.body.echo:
+                    prompt_lps = result.prompt_logprobs or [None] * len(prompt.token_ids)
+                    merge_legacy(logprobs, builder.build(prompt_lps, prompt.token_ids))
+                merge_legacy(logprobs, builder.build(seq.logprobs, seq.token_ids))
+            choices.append(CompletionChoice(choice_index, text, logprobs, seq.finish_reason, seq.stop_reason))
+        response = CompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=results.usage(),
+        )
+        return Response(content=response, status_code=200)
+
+    # ----------------------------------------------------------------- streaming
+
+    def _chunk(self, choices: list[CompletionChoice], include_usage: bool, usage=None) -> bytes:
+        chunk = CompletionStreamResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=usage if usage is not None else (None if include_usage else msgspec.UNSET),
+        )
+        return sse_event(chunk)
+
+    async def _events(self, generation: Generation, include_usage: bool) -> AsyncGenerator[bytes, None]:
+        counter = UsageCounter([p.token_ids for p in self.prompts])
+        builders: dict[int, LegacyLogprobsBuilder | None] = {}
+        prompt_logprobs: dict[int, list] = {}
+        try:
+            async for prompt_index, output in generation.outputs():
+                counter.add(output)
+                if output.prompt_logprobs is not None:
+                    prompt_logprobs[prompt_index] = output.prompt_logprobs
+                for seq in output.outputs:
+                    if seq.finish_reason == "error":
+                        yield error_event(server_error(f"The request failed in the engine: {output.error}"))
+                        yield DONE
+                        return
+                    choice_index = prompt_index * self.n + seq.index
+                    text, logprobs = seq.text, None
+                    first = choice_index not in builders
+                    if first:
+                        builders[choice_index] = self._logprobs_builder()
+                    builder = builders[choice_index]
+                    if builder is not None:
+                        logprobs = CompletionLogprobs()
+                    if first and self.body.echo:
+                        prompt = self.prompts[prompt_index]
+                        text = self._prompt_text(prompt) + text
+                        if builder is not None:
+                            lps = prompt_logprobs.get(prompt_index) or [None] * len(prompt.token_ids)
+                            merge_legacy(logprobs, builder.build(lps, prompt.token_ids))
+                    if builder is not None:
+                        merge_legacy(logprobs, builder.build(seq.logprobs or [], seq.token_ids))
+                    if not text and not seq.token_ids and seq.finish_reason is None:
+                        continue
+                    choice = CompletionChoice(
+                        choice_index, text, logprobs, seq.finish_reason, seq.stop_reason
+                    )
+                    yield self._chunk([choice], include_usage)
+            if include_usage:
+                yield self._chunk([], include_usage, usage=counter.usage())
+        except EngineDeadError as exc:
+            yield error_event(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
+        except Exception:
+            logger.exception("completion stream %s failed", self.request_id)
+            yield error_event(server_error("The server had an error while processing your request."))
+        yield DONE

@@ -1,0 +1,117 @@
+"""`Generation`: the engine requests of one API request (one per prompt) and their merged outputs.
+
+Every prompt is validated before any is queued, so a bad second prompt never leaves the first one
+running. `outputs()` yields `(prompt_index, RequestOutput)` deltas as they arrive from any prompt;
+closing it (or `aclose()`) aborts whatever is still running, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from helix_server.api.metrics import RequestObserver
+from helix_server.api.state import ServerState
+from helix_server.engine.async_engine import RequestStream
+from helix_server.engine.outputs import RequestOutput
+from helix_server.sampling_params import SamplingParams
+
+_END = object()
+
+
+class Generation:
+    """The running engine requests of one API request."""
+
+    def __init__(self, state: ServerState, streams: list[RequestStream]) -> None:
+        self.state = state
+        self.streams = streams
+        self._observers: list[RequestObserver] = [state.metrics.observer() for _ in streams]
+        self._tasks: list[asyncio.Task] = []
+        self._iterators: list = []
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        state: ServerState,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        prompt_param: str = "prompt",
+    ) -> Generation:
+        """Validate every prompt, then queue them all (raises `ParameterError` / `EngineDeadError`)."""
+        engine = state.engine
+        for token_ids in prompts:
+            engine.core.validate_request(token_ids, params, prompt_param)
+        streams: list[RequestStream] = []
+        try:
+            for index, token_ids in enumerate(prompts):
+                stream = await engine.add_request(
+                    token_ids, params, request_id=f"{request_id}-{index}", prompt_param=prompt_param
+                )
+                streams.append(stream)
+        except BaseException:
+            for stream in streams:
+                _discard(state, stream)
+            raise
+        return cls(state, streams)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas of all prompts, each prompt's in order; ends when every prompt has finished."""
+        if len(self.streams) == 1:
+            iterator = self.streams[0].__aiter__()
+            self._iterators.append(iterator)
+            async for output in iterator:
+                self._observers[0].observe(output)
+                yield 0, output
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._pump(index, stream, queue))
+            for index, stream in enumerate(self.streams)
+        ]
+        remaining = len(self._tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                self._observers[index].observe(item)
+                yield index, item
+
+    async def _pump(self, index: int, stream: RequestStream, queue: asyncio.Queue) -> None:
+        iterator = stream.__aiter__()
+        try:
+            async for output in iterator:
+                queue.put_nowait((index, output))
+        except Exception as exc:  # noqa: BLE001 - e.g. EngineDeadError, re-raised by outputs()
+            queue.put_nowait((index, exc))
+        finally:
+            await iterator.aclose()
+            queue.put_nowait((index, _END))
+
+    async def aclose(self) -> None:
+        """Abort every prompt that has not finished (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for iterator in self._iterators:
+            await iterator.aclose()
+        for stream in self.streams:
+            if not stream.finished and not self._iterators and not self._tasks:
+                _discard(self.state, stream)
+
+
+def _discard(state: ServerState, stream: RequestStream) -> None:
+    """Abort a stream nobody iterates, and drain it in the background so the engine forgets it."""
+    state.engine.abort(stream.request_id)
+
+    async def drain() -> None:
+        async for _ in stream:
+            pass
+
+    state.spawn(asyncio.wait_for(drain(), timeout=30.0))
