@@ -9,6 +9,7 @@ validates them against the model and the KV pool, and leave when finished or abo
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -64,6 +65,11 @@ class EngineCore:
         self._sequences: dict[str, SequenceState] = {}
         self._parent_of: dict[str, RequestState] = {}
         self.counters = EngineCounters()
+        # Everything allocated so far (the model, torch, transformers' modules) lives as long as the
+        # process: move it out of the cyclic garbage collector's sight, or every full collection
+        # walks it all (measured: ~100 ms pauses in the step loop).
+        gc.collect()
+        gc.freeze()
 
     # ----------------------------------------------------------------- requests in and out
 

@@ -21,6 +21,7 @@ from helix_server.errors import ParameterError
 from helix_server.layers.attention.builder import allocate_kv_caches, kv_cache_bytes_per_block
 from helix_server.models import load_hf_config, load_model
 from helix_server.platform import device_description, resolve_device, resolve_dtype
+from helix_server.platform.allocator import keep_freed_memory
 
 logger = logging.getLogger("helix_server")
 
@@ -66,6 +67,8 @@ def load_components(
     """Load model and tokenizer named by `config` (the embedded default when none) and allocate KV."""
     model_dir = Path(config.model.model) if config.model.model else ensure_default_model()
     device = resolve_device(config.model.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # big activations are reused every step: don't re-fault their pages
     hf_config = load_hf_config(model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)

@@ -16,10 +16,12 @@ from helix_server.layers.attention.builder import SequenceChunk, build_attention
 from helix_server.layers.attention.portable import paged_attention, write_kv_cache
 
 HEAD_DIM = 16
-NUM_BLOCKS = 48
+NUM_BLOCKS = 320
 # (context_len, num_new_tokens): decodes over several lengths (block boundaries included),
 # a one-token fresh request, a fresh prefill, and a prefill chunk after cached context.
 SEQUENCES = [(0, 13), (16, 1), (0, 1), (8, 1), (40, 1), (20, 7), (31, 1)]
+# Decodes of very different lengths: attended in several groups, each padded to its longest.
+WIDE_SEQUENCES = [(0, 13), (16, 1), (600, 1), (8, 1), (400, 1), (20, 7), (700, 1), (3, 1), (590, 1)]
 
 
 def _dense_reference(q, k, v, q_positions, scale, sliding_window):
@@ -40,7 +42,8 @@ def _dense_reference(q, k, v, q_positions, scale, sliding_window):
 @pytest.mark.parametrize("block_size", [8, 16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 2), (4, 4)], ids=["gqa2", "gqa4", "mha"])
 @pytest.mark.parametrize("sliding_window", [None, 6])
-def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window):
+@pytest.mark.parametrize("sequences", [SEQUENCES, WIDE_SEQUENCES], ids=["close", "wide"])
+def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window, sequences):
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads * 10 + num_kv_heads)
     scale = 1 / math.sqrt(HEAD_DIM)
 
@@ -52,7 +55,7 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
     free_blocks = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
 
     chunks, full_k, full_v = [], [], []
-    for context_len, num_new in SEQUENCES:
+    for context_len, num_new in sequences:
         seq_len = context_len + num_new
         num_seq_blocks = -(-seq_len // block_size)
         block_ids = [free_blocks.pop() for _ in range(num_seq_blocks)]
@@ -68,6 +71,8 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
 
     order = order_for_attention(chunks)
     metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu")
+    if sequences is WIDE_SEQUENCES:
+        assert len(metadata.decode_groups) > 1
     queries = {i: rand(chunks[i].num_new_tokens, num_heads, HEAD_DIM) for i in order}
     query = torch.cat([queries[i] for i in order])  # [T, H, d]
     key = torch.cat([full_k[i][chunks[i].context_len :] for i in order])  # [T, kvH, d]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helix_server.layers.attention.metadata import AttentionMetadata, PrefillChunk
+from helix_server.layers.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 
 
 @dataclass
@@ -22,11 +22,17 @@ class SequenceChunk:
         return self.context_len + self.num_new_tokens
 
 
-def order_for_attention(chunks: list[SequenceChunk]) -> list[int]:
-    """The batch order the attention backend expects: single-token chunks first, then the rest.
+# Gathering and attending over one padded key slot costs about this fraction of an extra batched
+# attention call's fixed overhead: a decode group is split where padding would waste more slots.
+DECODE_GROUP_OVERHEAD_SLOTS = 1024
 
-    Returns indices into `chunks` (stable within each group)."""
-    singles = [i for i, c in enumerate(chunks) if c.num_new_tokens == 1]
+
+def order_for_attention(chunks: list[SequenceChunk]) -> list[int]:
+    """The batch order the attention backend expects: single-token chunks first, shortest first (so
+    similar lengths sit together and can share a padded attention call), then the rest.
+
+    Returns indices into `chunks` (stable within equal lengths)."""
+    singles = sorted((i for i, c in enumerate(chunks) if c.num_new_tokens == 1), key=lambda i: chunks[i].seq_len)
     multis = [i for i, c in enumerate(chunks) if c.num_new_tokens != 1]
     return singles + multis
 
@@ -55,9 +61,10 @@ def build_attention_metadata(
         for pos in range(chunk.context_len, chunk.seq_len):
             slots.append(blocks[pos // block_size] * block_size + pos % block_size)
 
-    decodes = chunks[:num_decodes]
-    max_blocks = max((len(c.block_ids) for c in decodes), default=0)
-    decode_tables = [c.block_ids + [0] * (max_blocks - len(c.block_ids)) for c in decodes]
+    decode_groups = [
+        _decode_group(chunks[start:end], start, end, block_size, device)
+        for start, end in _split_decodes(chunks[:num_decodes], block_size)
+    ]
 
     prefills: list[PrefillChunk] = []
     row = num_decodes
@@ -77,13 +84,42 @@ def build_attention_metadata(
         block_size=block_size,
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         num_decode_tokens=num_decodes,
-        decode_block_tables=torch.tensor(decode_tables, dtype=torch.long, device=device).view(
-            num_decodes, max_blocks
-        ),
-        decode_seq_lens=torch.tensor([c.seq_len for c in decodes], dtype=torch.long, device=device),
-        decode_max_seq_len=max((c.seq_len for c in decodes), default=0),
+        decode_groups=decode_groups,
         prefills=prefills,
         dtype=dtype,
+    )
+
+
+def _split_decodes(decodes: list[SequenceChunk], block_size: int) -> list[tuple[int, int]]:
+    """Row ranges of decode groups. Rows should be sorted by length (see `order_for_attention`); a
+    new group starts where padding the current one up to the next row would cost more key slots
+    than a separate call's overhead."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    group_blocks = 0
+    for row, chunk in enumerate(decodes):
+        blocks = -(-chunk.seq_len // block_size)
+        extra = (row - start) * max(0, blocks - group_blocks) * block_size
+        if row > start and extra > DECODE_GROUP_OVERHEAD_SLOTS:
+            groups.append((start, row))
+            start = row
+        group_blocks = blocks if row == start else max(group_blocks, blocks)
+    if decodes:
+        groups.append((start, len(decodes)))
+    return groups
+
+
+def _decode_group(
+    chunks: list[SequenceChunk], start: int, end: int, block_size: int, device: torch.device | str
+) -> DecodeGroup:
+    needed = [-(-c.seq_len // block_size) for c in chunks]
+    max_blocks = max(needed)
+    tables = [c.block_ids[:n] + [0] * (max_blocks - n) for c, n in zip(chunks, needed)]
+    return DecodeGroup(
+        token_start=start,
+        token_end=end,
+        block_tables=torch.tensor(tables, dtype=torch.long, device=device),
+        seq_lens=torch.tensor([c.seq_len for c in chunks], dtype=torch.long, device=device),
     )
 
 

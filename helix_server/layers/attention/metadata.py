@@ -36,15 +36,28 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token queries at rows [token_start, token_end) that attend in one batched call.
+
+    Rows come sorted by length and are grouped so that padding every row to its group's longest
+    (`block_tables` is 0-padded) wastes little: gathering and attending over padding costs as much
+    as over real keys.
+    """
+
+    token_start: int
+    token_end: int
+    block_tables: torch.Tensor  # [n, max_num_blocks] int64 (0-padded)
+    seq_lens: torch.Tensor  # [n] int64: keys per row, the new token included
+
+
+@dataclass
 class AttentionMetadata:
     """Everything an attention layer needs to write and read the paged KV cache for one step."""
 
     block_size: int
     slot_mapping: torch.Tensor  # [num_tokens] int64: physical slot (block_id * block_size + offset)
-    num_decode_tokens: int  # the first rows are single-token queries
-    decode_block_tables: torch.Tensor  # [num_decode_tokens, max_num_blocks] int64 (0-padded)
-    decode_seq_lens: torch.Tensor  # [num_decode_tokens] int64: keys per row, the new token included
-    decode_max_seq_len: int
+    num_decode_tokens: int  # the first rows are single-token queries, in `decode_groups`
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     # The dtype of queries and keys (masks are built in it).
     dtype: torch.dtype = torch.float32
@@ -52,15 +65,16 @@ class AttentionMetadata:
     # the others reuse them.
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[num_decode_tokens, 1, 1, S] additive float mask: 0 where a decode query may attend key
+    def decode_mask(self, index: int, sliding_window: int | None) -> torch.Tensor:
+        """[n, 1, 1, S] additive float mask of decode group `index`: 0 where a query may attend key
         slot j, -inf elsewhere (float, not bool: SDPA would convert a bool mask in every layer)."""
-        key = ("decode", sliding_window)
+        key = ("decode", index, sliding_window)
         mask = self._masks.get(key)
         if mask is None:
-            num_slots = self.decode_block_tables.shape[1] * self.block_size
-            j = torch.arange(num_slots, device=self.decode_seq_lens.device)
-            seq_lens = self.decode_seq_lens[:, None]
+            group = self.decode_groups[index]
+            num_slots = group.block_tables.shape[1] * self.block_size
+            j = torch.arange(num_slots, device=group.seq_lens.device)
+            seq_lens = group.seq_lens[:, None]
             mask = j[None, :] < seq_lens
             if sliding_window is not None:
                 # The query sits at position seq_len - 1 and sees keys with pos > q_pos - window.

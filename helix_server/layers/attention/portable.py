@@ -3,9 +3,10 @@
 Each layer first writes the step's new K/V into the paged cache through `slot_mapping`, then reads
 the keys each query may see through the block tables and runs `scaled_dot_product_attention`:
 
-* single-token queries (decodes) go in one batched call. GQA without copying K/V: the `g` query
-  heads that share a KV head are stacked as `g` query rows of that head, q [D, kv_heads, g, d]
-  against k [D, kv_heads, S, d] with a key-padding mask;
+* single-token queries (decodes) go in batched calls, one per group of similar lengths (rows are
+  padded to their group's longest). GQA without copying K/V: the `g` query heads that share a KV
+  head are stacked as `g` query rows of that head, q [D, kv_heads, g, d] against k [D, kv_heads, S, d]
+  with a key-padding mask;
 * each multi-token chunk gets its own call with a causal mask offset by the tokens already cached
   (or plain `is_causal` when the chunk is the whole sequence so far). Here K/V are expanded to all
   query heads (a view plus one copy) so the fast causal kernel applies.
@@ -49,12 +50,12 @@ def paged_attention(
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
 
-    num_decodes = metadata.num_decode_tokens
-    if num_decodes:
-        decoded = _decode_attention(query[:num_decodes], key_cache, value_cache, metadata, scale, sliding_window)
-        if num_decodes == num_tokens:  # a pure decode step: no copy into `out`
-            return decoded
-        out[:num_decodes] = decoded
+    if len(metadata.decode_groups) == 1 and metadata.num_decode_tokens == num_tokens:
+        # A pure decode step in one group: no copy into `out`.
+        return _decode_attention(query, key_cache, value_cache, metadata, 0, scale, sliding_window)
+    for index, decode_group in enumerate(metadata.decode_groups):
+        rows = slice(decode_group.token_start, decode_group.token_end)
+        out[rows] = _decode_attention(query[rows], key_cache, value_cache, metadata, index, scale, sliding_window)
 
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
@@ -78,13 +79,15 @@ def _decode_attention(
     key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
+    group_index: int,
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:  # [D, num_heads, head_dim]
-    """Single-token queries in one batched call, reading K/V through the block tables."""
+    """One decode group's single-token queries in one batched call, reading K/V through the block
+    tables."""
     num_decodes, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    tables = metadata.decode_block_tables  # [D, max_blocks]
+    tables = metadata.decode_groups[group_index].block_tables  # [D, max_blocks]
     gathered_shape = (num_decodes, -1, num_kv_heads, head_dim)
     # index_select on a flat table is much cheaper than advanced indexing with a 2-D index.
     # [D * max_blocks, block_size, kv_heads, d] -> [D, S, kv_heads, d] -> [D, kv_heads, S, d]
@@ -92,7 +95,7 @@ def _decode_attention(
     v = value_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
     # The g query heads sharing a KV head become g query rows of that head: no K/V copy for GQA.
     q = query.view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    mask = metadata.decode_mask(sliding_window)  # [D, 1, 1, S] additive
+    mask = metadata.decode_mask(group_index, sliding_window)  # [D, 1, 1, S] additive
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [D, kv_heads, g, d]
     return o.reshape(num_decodes, num_heads, head_dim)
 

@@ -1,0 +1,44 @@
+"""Keep glibc from returning large CPU buffers to the OS after every use.
+
+By default glibc serves allocations above a threshold (128 KiB, adapting up to 32 MiB) with mmap and
+gives them back with munmap when freed. A CPU forward allocates and frees the same large activation
+buffers every step, so each step pays page faults to map and zero them again: measured on a 2-core
+CPU, SiLU over a 2048 x 4096 float32 tensor took 10.5 ms that way and 2.3 ms with the buffers kept.
+`keep_freed_memory()` raises glibc's mmap and trim thresholds (`mallopt`), so freed buffers stay in
+the heap for the next step. It changes the whole process's allocator, once, and only where glibc is
+the C library; elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+logger = logging.getLogger("helix_server")
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Allocations below 1 GiB come from the heap; up to 2 GiB of free heap is kept rather than trimmed.
+_MMAP_THRESHOLD = 1 << 30
+_TRIM_THRESHOLD = (1 << 31) - 1
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap/trim thresholds; returns whether it applied (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    if applied:
+        logger.debug("glibc malloc keeps freed buffers (mmap threshold %d, trim threshold %d)", _MMAP_THRESHOLD, _TRIM_THRESHOLD)
+    return applied
