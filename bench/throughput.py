@@ -17,6 +17,7 @@ default; transformers runs in the same dtype as helix):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -109,6 +110,10 @@ def run_dtype(model_dir, dtype: str, workload, num_requests: int) -> dict:
     llm.generate([workload[0][0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     with torch.inference_mode():
         hf_model.generate(torch.tensor([workload[0][0][:16]]), max_new_tokens=4, do_sample=False)
+    # As `helix-server serve` does after loading: keep the long-lived objects (both models, torch,
+    # transformers) out of the cyclic garbage collector's full collections.
+    gc.collect()
+    gc.freeze()
 
     with torch.inference_mode():
         hf_seq_time, _, hf_outputs = run_hf_one_at_a_time(hf_model, workload)

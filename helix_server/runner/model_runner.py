@@ -11,12 +11,13 @@ import torch
 
 from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
 from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.runner.generators import RequestGenerators
 from helix_server.runner.output import ModelRunnerOutput, TokenLogprob
 from helix_server.runner.sampler import Sampler, SamplingRow
 from helix_server.runner.spec_decode import SpecDecoder
 from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
 from helix_server.scheduler.request import Request
-from helix_server.spec.proposer import ProposalRequest, Proposer
+from helix_server.spec.proposer import Proposal, ProposalRequest, Proposer
 
 
 class ModelRunner:
@@ -41,15 +42,12 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
-        # request_id -> generator of a request that asked for a seed; lives until the request ends,
-        # preemptions included, so its random stream depends only on its own history.
-        self._generators: dict[str, torch.Generator] = {}
-        self.spec = None if proposer is None else SpecDecoder(proposer, sampler, self._generator_for)
+        self.generators = RequestGenerators(device)
+        self.spec = None if proposer is None else SpecDecoder(proposer, sampler, self.generators)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        for request_id in scheduler_output.finished_request_ids:
-            self._generators.pop(request_id, None)
+        self.generators.drop(scheduler_output.finished_request_ids)
         if self.spec is not None:
             self.spec.forget(scheduler_output.finished_request_ids)
             self.spec.forget(scheduler_output.preempted_request_ids)
@@ -117,10 +115,11 @@ class ModelRunner:
                 output.logprobs[scheduled.request_id] = result.logprobs
 
     @torch.inference_mode()
-    def propose(self, requests: list[Request], depths: dict[str, int], block_ids: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Draft up to `depths[request_id]` tokens for each request (for the next step)."""
+    def propose(self, requests: list[Request], depths: dict[str, int], block_ids: dict[str, list[int]]) -> Proposal:
+        """Draft up to `depths[request_id]` tokens for each request with a depth (for the next
+        step); `Proposal.token_ids` follows the order of those requests in `requests`."""
         if self.spec is None:
-            return {}
+            return Proposal(token_ids=[])
         proposal_requests = [
             ProposalRequest(r.request_id, r.all_token_ids, r.num_computed_tokens, block_ids[r.request_id], depths[r.request_id])
             for r in requests
@@ -128,22 +127,12 @@ class ModelRunner:
         ]
         return self.spec.propose(proposal_requests, {r.request_id: r for r in requests})
 
-    def _generator_for(self, request: Request) -> torch.Generator | None:
-        params = request.sampling_params
-        if params.seed is None or params.greedy:
-            return None
-        generator = self._generators.get(request.request_id)
-        if generator is None:
-            generator = Sampler.make_generator(params.seed, self.device)
-            self._generators[request.request_id] = generator
-        return generator
-
     def _sampling_row(self, request: Request) -> SamplingRow:
         return SamplingRow(
             params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
-            generator=self._generator_for(request),
+            generator=self.generators.get(request),
         )
 
     def _prompt_logprobs(

@@ -14,11 +14,12 @@ generator, and the resulting q is kept for the next step's verification.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from helix_server.runner.generators import RequestGenerators
 from helix_server.runner.output import TokenLogprob
 from helix_server.runner.sampler import Sampler, SamplingRow
 from helix_server.scheduler.output import ScheduledRequest
@@ -47,11 +48,11 @@ class SpecDecoder:
         self,
         proposer: Proposer,
         sampler: Sampler,
-        generator_for: Callable[[Request], torch.Generator | None],
+        generators: RequestGenerators,
     ) -> None:
         self.proposer = proposer
         self.sampler = sampler
-        self.generator_for = generator_for
+        self.generators = generators
         # request_id -> q of its pending drafts, [k, V] (absent for deterministic proposers).
         self._draft_probs: dict[str, torch.Tensor] = {}
 
@@ -79,7 +80,7 @@ class SpecDecoder:
         for s in scheduled:
             request = s.request
             drafts = request.spec_token_ids[: s.num_spec_tokens]
-            generator = self.generator_for(request)
+            generator = self.generators.get(request)
             for i in range(s.num_spec_tokens + 1):
                 rows.append(
                     SamplingRow(
@@ -113,7 +114,7 @@ class SpecDecoder:
             draft_ids,
             num_drafts,
             greedy=[s.request.sampling_params.greedy for s in scheduled],
-            generators=[self.generator_for(s.request) for s in scheduled],
+            generators=[self.generators.get(s.request) for s in scheduled],
             shared_generator=self.sampler.generator,
         )
         results = [VerifiedTokens(t, n) for t, n in zip(tokens, num_drafts)]
@@ -127,20 +128,18 @@ class SpecDecoder:
 
     # ------------------------------------------------------------------ proposal
 
-    def propose(self, requests: list[ProposalRequest], by_id: dict[str, Request]) -> dict[str, list[int]]:
-        """Draft for each request; keeps q for the next verification. Returns request_id -> drafts."""
+    def propose(self, requests: list[ProposalRequest], by_id: dict[str, Request]) -> Proposal:
+        """Draft for each request; keeps q for the next verification."""
         if not requests:
-            return {}
-        chooser = _DraftChooser(self.sampler, [by_id[r.request_id] for r in requests], self.generator_for)
+            return Proposal(token_ids=[])
+        chooser = _DraftChooser(self.sampler, [by_id[r.request_id] for r in requests], self.generators)
         proposal: Proposal = self.proposer.propose(requests, chooser)
-        drafts: dict[str, list[int]] = {}
         for r, (request, tokens) in enumerate(zip(requests, proposal.token_ids)):
-            drafts[request.request_id] = tokens
             if proposal.probs is not None and tokens:
                 self._draft_probs[request.request_id] = proposal.probs[r, : len(tokens)]
             else:
                 self._draft_probs.pop(request.request_id, None)
-        return drafts
+        return proposal
 
 
 class _DraftChooser:
@@ -155,11 +154,11 @@ class _DraftChooser:
         self,
         sampler: Sampler,
         requests: list[Request],
-        generator_for: Callable[[Request], torch.Generator | None],
+        generators: RequestGenerators,
     ) -> None:
         self.sampler = sampler
         self.requests = requests
-        self.generators = [generator_for(r) for r in requests]
+        self.generators = [generators.get(r) for r in requests]
         self.drafts: list[list[int]] = [[] for _ in requests]
         self.greedy = [r.sampling_params.greedy for r in requests]
 

@@ -15,7 +15,8 @@ With depth k a request yields on average E(k) = (1 - alpha^(k+1)) / (1 - alpha) 
 (Leviathan et al. 2022). For each candidate depth K the step would take
 T(n0 + sum k_r) + K * D and yield sum E_r(k_r), with k_r = min(K, the request's own limits); the
 policy picks the K with the best ratio, and K = 0 (no speculation) unless speculating is expected to
-beat it by a margin. Pure Python: no torch.
+beat it by a margin; while at 0 it still drafts one token every `_EXPLORE_EVERY` steps to keep its
+estimates current. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ _EMA = 0.1
 _PRIOR_WEIGHT = 4.0
 # Speculate only when it is expected to be at least this much faster than not speculating.
 _MARGIN = 1.05
+# While the policy keeps choosing depth 0 it still drafts one token every this many steps, so the
+# acceptance and cost estimates keep up with the workload (a step of exploration every 64 costs
+# little if drafting does not pay, and finds out when it starts to).
+_EXPLORE_EVERY = 64
 
 
 def expected_tokens(alpha: float, depth: int) -> float:
@@ -60,6 +65,7 @@ class DepthPolicy:
     _nn: float = 0.0
     _nt: float = 0.0
     _draft_step_seconds: float | None = None
+    _steps_without_drafts: int = 0
 
     # ------------------------------------------------------------------ measurements
 
@@ -157,7 +163,11 @@ class DepthPolicy:
             if rate > best_rate:
                 best_rate, best = rate, chosen
         if best_rate < baseline_rate * _MARGIN:
-            return {}
+            self._steps_without_drafts += 1
+            if self._steps_without_drafts < _EXPLORE_EVERY:
+                return {}
+            best = {rid: 1 for rid, limit in limits.items() if limit > 0}
+        self._steps_without_drafts = 0
         return best
 
 

@@ -70,6 +70,7 @@ class ModelProposer:
         for request in requests:
             start = self._valid_kv(request)
             chunks.append((request.token_ids[start:], start, request.block_ids))
+        num_catch_up = sum(len(ids) for ids, _, _ in chunks)
         for step in range(num_steps):
             if step > 0:
                 # Only requests that want another draft go on: the others' lookahead slots end here.
@@ -85,7 +86,7 @@ class ModelProposer:
         for request in requests:
             # K/V written for the known tokens and all drafts but the last.
             self._written[request.request_id] = request.num_tokens + request.num_draft_tokens - 1
-        return Proposal(token_ids=drafts, probs=probs)
+        return Proposal(token_ids=drafts, probs=probs, num_catch_up_tokens=num_catch_up)
 
     def _forward(self, chunks: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
         """One forward over per-request chunks (token ids, start position, block ids); returns the

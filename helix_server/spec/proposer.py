@@ -46,6 +46,8 @@ class Proposal:
 
     token_ids: list[list[int]]
     probs: torch.Tensor | None = None
+    # Tokens the drafter had to process before drafting (a draft model catching up on a prompt).
+    num_catch_up_tokens: int = 0
 
 
 class Proposer(Protocol):

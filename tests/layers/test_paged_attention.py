@@ -1,7 +1,8 @@
 """The portable paged attention against a dense reference on shuffled (non-contiguous) block tables.
 
-One step mixes decodes of different lengths, a one-token fresh request, a fresh prefill and a
-prefill chunk with context (chunked prefill). The cache starts filled with finite garbage, so any
+One step mixes decodes of different lengths, a one-token fresh request, short multi-token chunks
+(like drafts being verified) attended in batched groups, fresh prefills and prefill chunks with
+context (chunked prefill). The cache starts filled with finite garbage, so any
 masked slot that leaks into a softmax shows up.
 """
 
@@ -16,12 +17,14 @@ from helix_server.layers.attention.builder import SequenceChunk, build_attention
 from helix_server.layers.attention.portable import paged_attention, write_kv_cache
 
 HEAD_DIM = 16
-NUM_BLOCKS = 320
+NUM_BLOCKS = 420
 # (context_len, num_new_tokens): decodes over several lengths (block boundaries included),
 # a one-token fresh request, a fresh prefill, and a prefill chunk after cached context.
-SEQUENCES = [(0, 13), (16, 1), (0, 1), (8, 1), (40, 1), (20, 7), (31, 1)]
+# Chunks of up to 16 tokens are attended in batched groups of equal length (decodes, drafts being
+# verified), longer ones alone.
+SEQUENCES = [(0, 13), (16, 1), (0, 1), (8, 1), (40, 1), (20, 7), (31, 1), (5, 4), (33, 4), (0, 40), (24, 20)]
 # Decodes of very different lengths: attended in several groups, each padded to its longest.
-WIDE_SEQUENCES = [(0, 13), (16, 1), (600, 1), (8, 1), (400, 1), (20, 7), (700, 1), (3, 1), (590, 1)]
+WIDE_SEQUENCES = [(0, 13), (16, 1), (600, 1), (8, 1), (400, 1), (20, 7), (700, 1), (3, 1), (590, 1), (500, 4), (9, 4)]
 
 
 def _dense_reference(q, k, v, q_positions, scale, sliding_window):
@@ -71,8 +74,10 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
 
     order = order_for_attention(chunks)
     metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu")
-    if sequences is WIDE_SEQUENCES:
-        assert len(metadata.decode_groups) > 1
+    query_lens = [g.query_len for g in metadata.query_groups]
+    assert {1, 4} <= set(query_lens)
+    if sequences is WIDE_SEQUENCES:  # decodes too far apart in length for one padded call
+        assert query_lens.count(1) > 1
     queries = {i: rand(chunks[i].num_new_tokens, num_heads, HEAD_DIM) for i in order}
     query = torch.cat([queries[i] for i in order])  # [T, H, d]
     key = torch.cat([full_k[i][chunks[i].context_len :] for i in order])  # [T, kvH, d]

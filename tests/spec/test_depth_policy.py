@@ -50,3 +50,11 @@ def test_limits_and_fixed_depth():
     policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
     assert policy.depths({"r": 2}, num_batch_tokens=1) == {"r": 2}
     assert DepthPolicy(max_depth=0, adaptive=True).depths({"r": 3}, 1) == {}
+
+
+def test_a_policy_that_stopped_drafting_explores_now_and_then():
+    policy = _policy(alpha_hits=0, alpha_misses=40, draft_step=0.0005, slope=0.0)
+    decisions = [policy.depths({"r": 5}, num_batch_tokens=1) for _ in range(200)]
+    explored = [i for i, d in enumerate(decisions) if d]
+    assert explored and all(decisions[i] == {"r": 1} for i in explored)
+    assert len(explored) <= 200 // 50

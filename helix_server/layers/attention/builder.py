@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helix_server.layers.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from helix_server.layers.attention.metadata import AttentionMetadata, PrefillChunk, QueryGroup
 
 
 @dataclass
@@ -22,19 +22,23 @@ class SequenceChunk:
         return self.context_len + self.num_new_tokens
 
 
+# Chunks of at most this many tokens (decodes, verification of drafts, a drafter's catch-up) are
+# attended in batched calls with other chunks of the same length; longer ones (prompt chunks) alone.
+MAX_BATCHED_QUERY_LEN = 16
 # Gathering and attending over one padded key slot costs about this fraction of an extra batched
-# attention call's fixed overhead: a decode group is split where padding would waste more slots.
-DECODE_GROUP_OVERHEAD_SLOTS = 1024
+# attention call's fixed overhead: a group is split where padding would waste more slots.
+GROUP_OVERHEAD_SLOTS = 1024
 
 
 def order_for_attention(chunks: list[SequenceChunk]) -> list[int]:
-    """The batch order the attention backend expects: single-token chunks first, shortest first (so
-    similar lengths sit together and can share a padded attention call), then the rest.
+    """The batch order the attention backend expects: short chunks first, by length then by
+    sequence length (so chunks that can share a padded batched call sit together), then the rest.
 
-    Returns indices into `chunks` (stable within equal lengths)."""
-    singles = sorted((i for i, c in enumerate(chunks) if c.num_new_tokens == 1), key=lambda i: chunks[i].seq_len)
-    multis = [i for i, c in enumerate(chunks) if c.num_new_tokens != 1]
-    return singles + multis
+    Returns indices into `chunks` (stable among equals)."""
+    short = [i for i, c in enumerate(chunks) if c.num_new_tokens <= MAX_BATCHED_QUERY_LEN]
+    short.sort(key=lambda i: (chunks[i].num_new_tokens, chunks[i].seq_len))
+    long = [i for i, c in enumerate(chunks) if c.num_new_tokens > MAX_BATCHED_QUERY_LEN]
+    return short + long
 
 
 def build_attention_metadata(
@@ -43,17 +47,17 @@ def build_attention_metadata(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> AttentionMetadata:
-    """Metadata for a step whose token rows are `chunks` in order (single-token chunks first).
+    """Metadata for a step whose token rows are `chunks` in `order_for_attention` order.
 
     Builds the slot mapping on the host and moves everything to `device` once.
     """
-    num_decodes = 0
+    num_short = 0
     for chunk in chunks:
-        if chunk.num_new_tokens != 1:
+        if chunk.num_new_tokens > MAX_BATCHED_QUERY_LEN:
             break
-        num_decodes += 1
-    if any(c.num_new_tokens == 1 for c in chunks[num_decodes:]):
-        raise ValueError("single-token chunks must come first (see order_for_attention)")
+        num_short += 1
+    if any(c.num_new_tokens <= MAX_BATCHED_QUERY_LEN for c in chunks[num_short:]):
+        raise ValueError("short chunks must come first (see order_for_attention)")
 
     slots: list[int] = []
     for chunk in chunks:
@@ -61,14 +65,15 @@ def build_attention_metadata(
         for pos in range(chunk.context_len, chunk.seq_len):
             slots.append(blocks[pos // block_size] * block_size + pos % block_size)
 
-    decode_groups = [
-        _decode_group(chunks[start:end], start, end, block_size, device)
-        for start, end in _split_decodes(chunks[:num_decodes], block_size)
-    ]
+    query_groups: list[QueryGroup] = []
+    row = 0
+    for start, end in _split_groups(chunks[:num_short], block_size):
+        group = _query_group(chunks[start:end], row, block_size, device)
+        query_groups.append(group)
+        row = group.token_end
 
     prefills: list[PrefillChunk] = []
-    row = num_decodes
-    for chunk in chunks[num_decodes:]:
+    for chunk in chunks[num_short:]:
         needed = -(-chunk.seq_len // block_size)
         prefills.append(
             PrefillChunk(
@@ -83,41 +88,44 @@ def build_attention_metadata(
     return AttentionMetadata(
         block_size=block_size,
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        num_decode_tokens=num_decodes,
-        decode_groups=decode_groups,
+        query_groups=query_groups,
         prefills=prefills,
         dtype=dtype,
     )
 
 
-def _split_decodes(decodes: list[SequenceChunk], block_size: int) -> list[tuple[int, int]]:
-    """Row ranges of decode groups. Rows should be sorted by length (see `order_for_attention`); a
-    new group starts where padding the current one up to the next row would cost more key slots
-    than a separate call's overhead."""
+def _split_groups(chunks: list[SequenceChunk], block_size: int) -> list[tuple[int, int]]:
+    """Index ranges of batched groups over short chunks sorted by (length, sequence length): a
+    group holds chunks of one length, and a new one starts where padding the current group up to
+    the next chunk would cost more key slots than a separate call's overhead."""
     groups: list[tuple[int, int]] = []
     start = 0
     group_blocks = 0
-    for row, chunk in enumerate(decodes):
+    for index, chunk in enumerate(chunks):
         blocks = -(-chunk.seq_len // block_size)
-        extra = (row - start) * max(0, blocks - group_blocks) * block_size
-        if row > start and extra > DECODE_GROUP_OVERHEAD_SLOTS:
-            groups.append((start, row))
-            start = row
-        group_blocks = blocks if row == start else max(group_blocks, blocks)
-    if decodes:
-        groups.append((start, len(decodes)))
+        if index > start:
+            same_length = chunk.num_new_tokens == chunks[start].num_new_tokens
+            extra = (index - start) * max(0, blocks - group_blocks) * block_size
+            if not same_length or extra > GROUP_OVERHEAD_SLOTS:
+                groups.append((start, index))
+                start = index
+        group_blocks = blocks if index == start else max(group_blocks, blocks)
+    if chunks:
+        groups.append((start, len(chunks)))
     return groups
 
 
-def _decode_group(
-    chunks: list[SequenceChunk], start: int, end: int, block_size: int, device: torch.device | str
-) -> DecodeGroup:
+def _query_group(
+    chunks: list[SequenceChunk], token_start: int, block_size: int, device: torch.device | str
+) -> QueryGroup:
     needed = [-(-c.seq_len // block_size) for c in chunks]
     max_blocks = max(needed)
     tables = [c.block_ids[:n] + [0] * (max_blocks - n) for c, n in zip(chunks, needed)]
-    return DecodeGroup(
-        token_start=start,
-        token_end=end,
+    query_len = chunks[0].num_new_tokens
+    return QueryGroup(
+        token_start=token_start,
+        token_end=token_start + query_len * len(chunks),
+        query_len=query_len,
         block_tables=torch.tensor(tables, dtype=torch.long, device=device),
         seq_lens=torch.tensor([c.seq_len for c in chunks], dtype=torch.long, device=device),
     )

@@ -54,4 +54,4 @@ class Attention(nn.Module):
             self.scale,
             self.sliding_window,
         )
-        return out.view(num_tokens, self.num_heads * self.head_dim)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

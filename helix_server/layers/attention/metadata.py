@@ -1,8 +1,9 @@
 """Per-step attention metadata: where each new token's K/V goes and which cached K/V each query reads.
 
 Built once per step by the runner (from the scheduler's block tables) and shared by every layer.
-Token order in the flattened batch: all single-token queries first (decodes, and one-token chunks),
-then the multi-token chunks (prompt chunks, recomputation after preemption, verification of drafts).
+Token order in the flattened batch: the short queries first, in groups of equal length (decodes,
+verification of drafts, a drafter catching up), then the long chunks (prompt chunks, recomputation
+after preemption).
 """
 
 from __future__ import annotations
@@ -36,50 +37,66 @@ class PrefillChunk:
 
 
 @dataclass
-class DecodeGroup:
-    """Single-token queries at rows [token_start, token_end) that attend in one batched call.
+class QueryGroup:
+    """Requests with the same short query length (decodes: 1; verification of k drafts: k + 1),
+    attended in one batched call: rows [token_start, token_end), `query_len` consecutive rows per
+    request.
 
-    Rows come sorted by length and are grouped so that padding every row to its group's longest
+    Requests come sorted by length and are grouped so that padding each to the group's longest
     (`block_tables` is 0-padded) wastes little: gathering and attending over padding costs as much
     as over real keys.
     """
 
     token_start: int
     token_end: int
+    query_len: int
     block_tables: torch.Tensor  # [n, max_num_blocks] int64 (0-padded)
-    seq_lens: torch.Tensor  # [n] int64: keys per row, the new token included
+    seq_lens: torch.Tensor  # [n] int64: keys per request, its new tokens included
+
+    @property
+    def num_requests(self) -> int:
+        return self.block_tables.shape[0]
 
 
 @dataclass
 class AttentionMetadata:
-    """Everything an attention layer needs to write and read the paged KV cache for one step."""
+    """Everything an attention layer needs to write and read the paged KV cache for one step.
+
+    Token rows: first the `query_groups` (short queries, batched), then the `prefills` (one call
+    each)."""
 
     block_size: int
     slot_mapping: torch.Tensor  # [num_tokens] int64: physical slot (block_id * block_size + offset)
-    num_decode_tokens: int  # the first rows are single-token queries, in `decode_groups`
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    query_groups: list[QueryGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     # The dtype of queries and keys (masks are built in it).
     dtype: torch.dtype = torch.float32
-    # Masks depend only on the metadata and the sliding window, so the first layer builds them and
-    # the others reuse them.
+    # Masks depend only on the metadata, the sliding window and the GQA group size, so the first
+    # layer builds them and the others reuse them.
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, index: int, sliding_window: int | None) -> torch.Tensor:
-        """[n, 1, 1, S] additive float mask of decode group `index`: 0 where a query may attend key
-        slot j, -inf elsewhere (float, not bool: SDPA would convert a bool mask in every layer)."""
-        key = ("decode", index, sliding_window)
+    def group_mask(self, index: int, sliding_window: int | None, gqa_group: int) -> torch.Tensor:
+        """Additive float mask of query group `index`, [n, 1, gqa_group * query_len, S]: 0 where a
+        query may attend key slot j, -inf elsewhere (float, not bool: SDPA would convert a bool mask
+        in every layer). Rows follow the batched query layout (GQA group major, then token); with
+        one token per request the mask is [n, 1, 1, S] and broadcasts over the group."""
+        key = ("group", index, sliding_window, gqa_group)
         mask = self._masks.get(key)
         if mask is None:
-            group = self.decode_groups[index]
+            group = self.query_groups[index]
             num_slots = group.block_tables.shape[1] * self.block_size
-            j = torch.arange(num_slots, device=group.seq_lens.device)
-            seq_lens = group.seq_lens[:, None]
-            mask = j[None, :] < seq_lens
+            device = group.seq_lens.device
+            j = torch.arange(num_slots, device=device)[None, None, :]  # [1, 1, S]
+            # Token t of a request sits at position seq_len - query_len + t.
+            t = torch.arange(group.query_len, device=device)[None, :, None]  # [1, q, 1]
+            position = group.seq_lens[:, None, None] - group.query_len + t  # [n, q, 1]
+            allowed = j <= position  # [n, q, S]
             if sliding_window is not None:
-                # The query sits at position seq_len - 1 and sees keys with pos > q_pos - window.
-                mask &= j[None, :] >= seq_lens - sliding_window
-            mask = _additive(mask[:, None, None, :], self.dtype)
+                allowed &= j > position - sliding_window
+            if group.query_len > 1:
+                n, q, s = allowed.shape
+                allowed = allowed[:, None].expand(n, gqa_group, q, s).reshape(n, gqa_group * q, s)
+            mask = _additive(allowed[:, None], self.dtype)
             self._masks[key] = mask
         return mask
 

@@ -3,11 +3,11 @@
 Each layer first writes the step's new K/V into the paged cache through `slot_mapping`, then reads
 the keys each query may see through the block tables and runs `scaled_dot_product_attention`:
 
-* single-token queries (decodes) go in batched calls, one per group of similar lengths (rows are
-  padded to their group's longest). GQA without copying K/V: the `g` query heads that share a KV
-  head are stacked as `g` query rows of that head, q [D, kv_heads, g, d] against k [D, kv_heads, S, d]
-  with a key-padding mask;
-* each multi-token chunk gets its own call with a causal mask offset by the tokens already cached
+* short queries (decodes, verification of drafts) go in batched calls, one per group of requests
+  with the same query length and similar sequence lengths (padded to the group's longest). GQA
+  without copying K/V: the g query heads that share a KV head (times the request's q tokens) are
+  stacked as query rows of that head, q [n, kv_heads, g * q, d] against k [n, kv_heads, S, d];
+* each long chunk (a prompt chunk) gets its own call with a causal mask offset by the tokens already cached
   (or plain `is_causal` when the chunk is the whole sequence so far). Here K/V are expanded to all
   query heads (a view plus one copy) so the fast causal kernel applies.
 """
@@ -50,12 +50,13 @@ def paged_attention(
     group = num_heads // num_kv_heads
     out = torch.empty_like(query)
 
-    if len(metadata.decode_groups) == 1 and metadata.num_decode_tokens == num_tokens:
-        # A pure decode step in one group: no copy into `out`.
-        return _decode_attention(query, key_cache, value_cache, metadata, 0, scale, sliding_window)
-    for index, decode_group in enumerate(metadata.decode_groups):
-        rows = slice(decode_group.token_start, decode_group.token_end)
-        out[rows] = _decode_attention(query[rows], key_cache, value_cache, metadata, index, scale, sliding_window)
+    groups = metadata.query_groups
+    if len(groups) == 1 and groups[0].token_end == num_tokens:
+        # One batched group covers the whole step (pure decoding): no copy into `out`.
+        return _batched_attention(query, key_cache, value_cache, metadata, 0, scale, sliding_window)
+    for index, query_group in enumerate(groups):
+        rows = slice(query_group.token_start, query_group.token_end)
+        out[rows] = _batched_attention(query[rows], key_cache, value_cache, metadata, index, scale, sliding_window)
 
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
@@ -74,30 +75,43 @@ def paged_attention(
     return out
 
 
-def _decode_attention(
-    query: torch.Tensor,  # [D, num_heads, head_dim]
+def _batched_attention(
+    query: torch.Tensor,  # [n * q, num_heads, head_dim]: q consecutive rows per request
     key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     value_cache: torch.Tensor,
     metadata: AttentionMetadata,
     group_index: int,
     scale: float,
     sliding_window: int | None,
-) -> torch.Tensor:  # [D, num_heads, head_dim]
-    """One decode group's single-token queries in one batched call, reading K/V through the block
-    tables."""
-    num_decodes, num_heads, head_dim = query.shape
+) -> torch.Tensor:  # [n * q, num_heads, head_dim]
+    """One query group in one call, reading K/V through the block tables.
+
+    GQA without copying K/V: the g query heads that share a KV head, and the q query tokens of a
+    request, become g * q query rows of that KV head: q [n, kv_heads, g * q, d] against
+    k [n, kv_heads, S, d], with a mask that is causal within the request's q tokens.
+    """
+    query_group = metadata.query_groups[group_index]
+    num_rows, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    tables = metadata.decode_groups[group_index].block_tables  # [D, max_blocks]
-    gathered_shape = (num_decodes, -1, num_kv_heads, head_dim)
+    gqa_group = num_heads // num_kv_heads
+    n, q = query_group.num_requests, query_group.query_len
+    tables = query_group.block_tables  # [n, max_blocks]
+    gathered_shape = (n, -1, num_kv_heads, head_dim)
     # index_select on a flat table is much cheaper than advanced indexing with a 2-D index.
-    # [D * max_blocks, block_size, kv_heads, d] -> [D, S, kv_heads, d] -> [D, kv_heads, S, d]
+    # [n * max_blocks, block_size, kv_heads, d] -> [n, S, kv_heads, d] -> [n, kv_heads, S, d]
     k = key_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
     v = value_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
-    # The g query heads sharing a KV head become g query rows of that head: no K/V copy for GQA.
-    q = query.view(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    mask = metadata.decode_mask(group_index, sliding_window)  # [D, 1, 1, S] additive
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [D, kv_heads, g, d]
-    return o.reshape(num_decodes, num_heads, head_dim)
+    mask = metadata.group_mask(group_index, sliding_window, gqa_group)  # [n, 1, g * q or 1, S]
+    if q == 1:
+        rows = query.view(n, num_kv_heads, gqa_group, head_dim)
+    else:  # [n, q, kv_heads, g, d] -> [n, kv_heads, g, q, d] -> [n, kv_heads, g * q, d]
+        rows = query.view(n, q, num_kv_heads, gqa_group, head_dim).permute(0, 2, 3, 1, 4)
+        rows = rows.reshape(n, num_kv_heads, gqa_group * q, head_dim)
+    o = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)  # [n, kv_heads, g * q, d]
+    if q == 1:
+        return o.reshape(num_rows, num_heads, head_dim)
+    o = o.view(n, num_kv_heads, gqa_group, q, head_dim).permute(0, 3, 1, 2, 4)  # [n, q, kv_heads, g, d]
+    return o.reshape(num_rows, num_heads, head_dim)
 
 
 def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
