@@ -6,9 +6,11 @@ tokens per second:
 
 * per request, the acceptance rate alpha (a smoothed count of accepted vs rejected drafts, starting
   from the batch-wide rate), so a request whose drafts keep failing stops drafting;
-* the target's step time as a function of the tokens in the batch, T(n) = t0 + t1 * n (fitted
-  online), which is what verifying more tokens costs: nearly nothing when decoding is
-  memory-bound (small batches), a lot when it is compute-bound (large batches);
+* the target's step time as a function of the tokens in the batch, T(n), which is what verifying
+  more tokens costs: nearly nothing when decoding is memory-bound (small batches), a lot when it is
+  compute-bound (large batches). Measured steps are averaged per power-of-two range of n and T is
+  interpolated between those points (a single global line would be dominated by long prompt
+  steps and says little about n = 16 versus n = 32);
 * the proposer's time per drafting step, D.
 
 With depth k a request yields on average E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step
@@ -59,11 +61,8 @@ class DepthPolicy:
     prior_draft_cost: float = 0.1
     _global: _Acceptance = field(default_factory=lambda: _Acceptance(accepted=1.0, rejected=1.0))
     _requests: dict[str, _Acceptance] = field(default_factory=dict)
-    # Online fit of the target step time T(n) = t0 + t1 * n, from smoothed moments of (n, T).
-    _n_mean: float | None = None
-    _t_mean: float = 0.0
-    _nn: float = 0.0
-    _nt: float = 0.0
+    # Target step times: per power-of-two range of tokens, the smoothed (tokens, seconds) of its steps.
+    _steps: dict[int, tuple[float, float]] = field(default_factory=dict)
     _draft_step_seconds: float | None = None
     _steps_without_drafts: int = 0
 
@@ -82,15 +81,15 @@ class DepthPolicy:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The target model ran a step over `num_tokens` tokens in `seconds`."""
-        if self._n_mean is None:
-            self._n_mean, self._t_mean = float(num_tokens), seconds
-            self._nn, self._nt = float(num_tokens) ** 2, num_tokens * seconds
+        if num_tokens <= 0:
             return
-        a = _EMA
-        self._n_mean = (1 - a) * self._n_mean + a * num_tokens
-        self._t_mean = (1 - a) * self._t_mean + a * seconds
-        self._nn = (1 - a) * self._nn + a * num_tokens * num_tokens
-        self._nt = (1 - a) * self._nt + a * num_tokens * seconds
+        bucket = (num_tokens - 1).bit_length()  # 1 | 2 | 3-4 | 5-8 | 9-16 | ...
+        previous = self._steps.get(bucket)
+        if previous is None:
+            self._steps[bucket] = (float(num_tokens), seconds)
+        else:
+            n, t = previous
+            self._steps[bucket] = ((1 - _EMA) * n + _EMA * num_tokens, (1 - _EMA) * t + _EMA * seconds)
 
     def observe_proposal(self, num_steps: int, seconds: float) -> None:
         """The proposer drafted `num_steps` tokens per request (for the whole batch) in `seconds`."""
@@ -117,14 +116,24 @@ class DepthPolicy:
         return (stats.accepted + _PRIOR_WEIGHT * prior) / total
 
     def step_time(self, num_tokens: int) -> float | None:
-        """Predicted target step time for `num_tokens` tokens, or None before any measurement."""
-        if self._n_mean is None:
+        """Predicted target step time for `num_tokens` tokens, or None before any measurement:
+        linear between the nearest measured points below and above, along the nearest two outside
+        them (never decreasing with n), flat when only one point is known."""
+        if not self._steps:
             return None
-        variance = self._nn - self._n_mean**2
-        slope = (self._nt - self._n_mean * self._t_mean) / variance if variance > 1e-9 else 0.0
-        slope = max(slope, 0.0)
-        intercept = max(self._t_mean - slope * self._n_mean, 0.0)
-        return intercept + slope * num_tokens
+        points = sorted(self._steps.values())
+        below = [p for p in points if p[0] <= num_tokens]
+        above = [p for p in points if p[0] > num_tokens]
+        if below and above:
+            (n0, t0), (n1, t1) = below[-1], above[0]
+        elif len(points) == 1:
+            return points[0][1]
+        elif above:  # below every point
+            (n0, t0), (n1, t1) = points[0], points[1]
+        else:  # above every point
+            (n0, t0), (n1, t1) = points[-2], points[-1]
+        slope = max((t1 - t0) / (n1 - n0), 0.0) if n1 > n0 else 0.0
+        return max(t0 + slope * (num_tokens - n0), 0.0)
 
     # ------------------------------------------------------------------ the decision
 
