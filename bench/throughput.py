@@ -106,10 +106,14 @@ def run_dtype(model_dir, dtype: str, workload, num_requests: int) -> dict:
     llm = LLM(model=str(model_dir), dtype=dtype, max_num_seqs=num_requests, seed=0)
     requested = sum(n for _, n in workload)
 
-    # Warm both up once (allocator, kernels) on a small request.
-    llm.generate([workload[0][0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    # Warm both up (allocator, kernels) on the largest step each will run: helix a full token
+    # budget of prompt (the concurrent run's first step), transformers its longest prompt.
+    budget = min(llm.engine.config.scheduler.max_num_batched_tokens, llm.engine.max_sequence_len - 8)
+    warm_prompt = [10 + i % 1000 for i in range(budget)]
+    llm.generate([warm_prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    longest = max((p for p, _ in workload), key=len)
     with torch.inference_mode():
-        hf_model.generate(torch.tensor([workload[0][0][:16]]), max_new_tokens=4, do_sample=False)
+        hf_model.generate(torch.tensor([longest]), max_new_tokens=4, do_sample=False)
     # As `helix-server serve` does after loading: keep the long-lived objects (both models, torch,
     # transformers) out of the cyclic garbage collector's full collections.
     gc.collect()
