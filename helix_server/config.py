@@ -34,6 +34,11 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
     num_kv_blocks: int | None = None
     # GiB for the pool on CPU/DirectML (capped at what max_num_seqs full-length sequences can use).
     kv_cache_memory: float = 2.0
+    # CUDA: the fraction of the GPU's memory this engine may use in all (weights, activations and
+    # the KV pool); the pool gets what is left of it after loading (capped like kv_cache_memory).
+    gpu_memory_utilization: float = 0.9
+    # Share the KV blocks of identical prompt prefixes between requests (hash of full blocks).
+    enable_prefix_caching: bool = True
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +50,15 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 64
     # The largest `n` a single request may ask for.
     max_n: int = 16
+    # Admission control. Requests not yet scheduled, counted in sequences (a request with n counts
+    # n), and their prompt tokens: past either bound a new request is refused (503, Retry-After).
+    # None: no bound.
+    max_queued_requests: int | None = 1024
+    max_queued_tokens: int | None = None
+    # Seconds a request may wait to be scheduled before it is dropped (503); None: forever.
+    max_queue_wait: float | None = None
+    # Seconds from arrival after which a request ends with what it has (finish_reason "length").
+    request_timeout: float | None = None
 
 
 SPECULATIVE_METHODS = ("none", "draft", "ngram", "layer-skip")

@@ -31,3 +31,17 @@ class UnsupportedModelError(HelixError, ValueError):
 
 class EngineDeadError(HelixError, RuntimeError):
     """The engine's background loop has stopped; no request can be served."""
+
+
+class EngineOverloadedError(HelixError, RuntimeError):
+    """The engine refuses a request it could serve later: its waiting queue is full, or the request
+    waited in it longer than allowed. Clients should retry after `retry_after` seconds.
+
+    `code`: "queue_full" (too many queued requests or prompt tokens) or "queue_timeout".
+    """
+
+    def __init__(self, message: str, code: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after

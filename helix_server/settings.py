@@ -51,6 +51,34 @@ def speculation_depth(text: str | int) -> int | str:
     return "auto" if text == "auto" else int(text)
 
 
+def boolean(text: str | bool) -> bool:
+    """A switch: true/false, 1/0, yes/no, on/off (environment variables, TOML strings)."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def optional_int(text: str | int | None) -> int | None:
+    """A count, or "none" for no limit."""
+    if text is None or isinstance(text, int):
+        return text
+    value = text.strip().lower()
+    return None if value in ("none", "unlimited") else int(value)
+
+
+def optional_float(text: str | float | None) -> float | None:
+    """Seconds, or "none" for no limit."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    value = text.strip().lower()
+    return None if value in ("none", "unlimited") else float(value)
+
+
 def speculative_method(text: str) -> str:
     method = text.strip().lower()
     if method not in SPECULATIVE_METHODS:
@@ -88,11 +116,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
     Setting("block_size", "cache", int, "Tokens per KV cache block."),
     Setting("num_kv_blocks", "cache", int, "Exact number of KV cache blocks (overrides --kv-cache-memory)."),
-    Setting("kv_cache_memory", "cache", float, "GiB for the KV cache pool (capped at what --max-num-seqs "
-            "full-length sequences can use)."),
+    Setting("kv_cache_memory", "cache", float, "GiB for the KV cache pool on CPU / DirectML (capped at what "
+            "--max-num-seqs full-length sequences can use)."),
+    Setting("gpu_memory_utilization", "cache", float, "CUDA: fraction of the GPU's memory the engine may use "
+            "in all; the KV pool gets what is left after loading the weights."),
+    Setting("enable_prefix_caching", "cache", boolean, "Share the KV blocks of identical prompt prefixes "
+            "between requests (--no-enable-prefix-caching turns it off)."),
     Setting("max_num_batched_tokens", "scheduler", int, "Token budget of one step (prompt chunks + decodes)."),
     Setting("max_num_seqs", "scheduler", int, "Most sequences in the running batch."),
     Setting("max_n", "scheduler", int, "Largest `n` (completions per request) a request may ask for."),
+    Setting("max_queued_requests", "scheduler", optional_int, "Most requests waiting to be scheduled "
+            "(a request with n counts n); more get 503 with Retry-After ('none': no limit)."),
+    Setting("max_queued_tokens", "scheduler", optional_int, "Most prompt tokens waiting to be scheduled; "
+            "more get 503 with Retry-After (default: no limit)."),
+    Setting("max_queue_wait", "scheduler", optional_float, "Seconds a request may wait to be scheduled "
+            "before it is dropped with 503 (default: forever)."),
+    Setting("request_timeout", "scheduler", optional_float, "Seconds from arrival after which a request "
+            "ends with what it has, finish_reason 'length' (default: no limit)."),
     Setting("speculative_method", "speculative", speculative_method, "Speculative decoding proposer: "
             "none | draft | ngram | layer-skip (default: draft when --draft-model is given, else none)."),
     Setting("draft_model", "speculative", str, "Draft model directory (same vocabulary as the model)."),
@@ -121,8 +161,14 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         default = getattr(SECTIONS[setting.section](), setting.name)
         help_text = f"{setting.help} [env {setting.env}; default {default!r}]".replace("%", "%%")
+        group = groups[setting.section]
+        if setting.kind is boolean:  # --name and --no-name
+            group.add_argument(
+                setting.flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
         kind = _parse_list if setting.kind is list else setting.kind
-        groups[setting.section].add_argument(setting.flag, dest=setting.name, type=kind, default=None, help=help_text)
+        group.add_argument(setting.flag, dest=setting.name, type=kind, default=None, help=help_text)
 
 
 def build_config(
@@ -180,7 +226,9 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
             return _parse_list(value) if isinstance(value, str) else tuple(value)
         if isinstance(value, str):  # text from the environment, a flag or a TOML string: parse it
             return setting.kind(value)
-        if setting.kind is float:  # TOML writes 2 for 2.0
+        if setting.kind is boolean and not isinstance(value, bool):
+            raise TypeError(f"{value!r} is not true or false")
+        if setting.kind in (float, optional_float):  # TOML writes 2 for 2.0
             return float(value)
         return value  # already typed by TOML; msgspec checks it
     except (TypeError, ValueError) as exc:

@@ -60,3 +60,35 @@ def test_every_setting_is_documented_in_the_default_config_file():
     text = (Path(__file__).parent.parent / "configs" / "default.toml").read_text()
     for setting in SETTINGS:
         assert f"# {setting.name} = " in text, setting.name
+
+
+def test_prefix_caching_switch_and_admission_settings(tmp_path):
+    import argparse
+
+    from helix_server.settings import add_setting_flags
+
+    parser = argparse.ArgumentParser()
+    add_setting_flags(parser)
+    assert vars(parser.parse_args([]))["enable_prefix_caching"] is None  # falls through
+    assert vars(parser.parse_args(["--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
+    flags = vars(parser.parse_args(["--enable-prefix-caching", "--max-queued-requests", "none"]))
+    assert flags["enable_prefix_caching"] is True and flags["max_queued_requests"] is None
+
+    defaults = build_config(env={})
+    assert defaults.engine.cache.enable_prefix_caching is True
+    assert defaults.engine.cache.gpu_memory_utilization == 0.9
+    assert defaults.engine.scheduler.max_queued_requests == 1024
+    assert defaults.engine.scheduler.max_queue_wait is None and defaults.engine.scheduler.request_timeout is None
+
+    toml = tmp_path / "helix.toml"
+    toml.write_text('enable_prefix_caching = false\nmax_queue_wait = 30\n[scheduler]\nmax_queued_requests = "none"\n')
+    env = {"HELIX_REQUEST_TIMEOUT": "600", "HELIX_MAX_QUEUED_TOKENS": "4096"}
+    config = build_config({}, env=env, config_file=toml)
+    assert config.engine.cache.enable_prefix_caching is False
+    assert config.engine.scheduler.max_queue_wait == 30.0 and config.engine.scheduler.max_queued_requests is None
+    assert config.engine.scheduler.request_timeout == 600.0 and config.engine.scheduler.max_queued_tokens == 4096
+    assert build_config({}, env={"HELIX_ENABLE_PREFIX_CACHING": "off"}).engine.cache.enable_prefix_caching is False
+    assert build_config({"enable_prefix_caching": True}, env={"HELIX_ENABLE_PREFIX_CACHING": "0"}).engine.cache.enable_prefix_caching
+    with pytest.raises(ParameterError) as info:
+        build_config({}, env={"HELIX_ENABLE_PREFIX_CACHING": "maybe"})
+    assert info.value.param == "enable_prefix_caching"

@@ -59,6 +59,11 @@ def service_unavailable(message: str, code: str | None = None) -> APIError:
     )
 
 
+def overloaded(message: str, code: str, retry_after: int) -> APIError:
+    """503 with Retry-After: the waiting queue is full, or a request waited in it too long."""
+    return APIError(503, message, SERVICE_UNAVAILABLE, None, code, headers={"Retry-After": str(retry_after)})
+
+
 def server_error(message: str) -> APIError:
     """500: something went wrong on our side."""
     return APIError(500, message, SERVER_ERROR)

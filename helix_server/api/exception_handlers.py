@@ -13,9 +13,10 @@ from helix_server.api.errors import (
     SERVER_ERROR,
     APIError,
     ClientDisconnected,
+    overloaded,
     service_unavailable,
 )
-from helix_server.errors import EngineDeadError, ParameterError
+from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
 
 logger = logging.getLogger("helix_server.api")
 
@@ -55,6 +56,11 @@ def engine_dead_handler(request: Request, exc: EngineDeadError) -> Response:
     return error_response(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
 
 
+def engine_overloaded_handler(request: Request, exc: EngineOverloadedError) -> Response:
+    """Queue full, or dropped after waiting too long: 503 with Retry-After."""
+    return error_response(overloaded(exc.message, exc.code, exc.retry_after))
+
+
 def http_exception_handler(request: Request, exc: HTTPException) -> Response:
     """Litestar's own errors (404, 405, 413, ...) in OpenAI's envelope."""
     status = exc.status_code
@@ -92,6 +98,7 @@ def exception_handlers() -> dict:
         APIError: api_error_handler,
         ParameterError: parameter_error_handler,
         EngineDeadError: engine_dead_handler,
+        EngineOverloadedError: engine_overloaded_handler,
         ClientDisconnected: disconnected_handler,
         HTTPException: http_exception_handler,
         Exception: unexpected_error_handler,

@@ -17,6 +17,7 @@ from helix_server.engine.stats import EngineStats
 
 PREFIX = "helix:"
 FINISH_REASONS = ("stop", "length", "abort", "error")
+REJECT_REASONS = ("queue_full", "queue_timeout")
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -107,6 +108,11 @@ class EngineStatsCollector(Collector):
             "prompt_tokens": ("Prompt tokens received.", stats.prompt_tokens_total),
             "generation_tokens": ("Tokens generated.", stats.generation_tokens_total),
             "num_preemptions": ("Sequences preempted (recomputed later).", stats.num_preemptions_total),
+            "prefix_cache_queries": (
+                "Prompt tokens looked up in the prefix cache (first admission of each sequence).",
+                stats.prefix_cache_queries_total,
+            ),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", stats.prefix_cache_hits_total),
         }
         for name, (documentation, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, documentation, value=value)
@@ -117,6 +123,14 @@ class EngineStatsCollector(Collector):
         for reason in sorted(set(FINISH_REASONS) | set(finished)):
             success.add_metric([reason], finished.get(reason, 0))
         yield success
+        rejected = CounterMetricFamily(
+            PREFIX + "num_requests_rejected",
+            "Requests refused because the waiting queue was full, or dropped after waiting too long.",
+            labels=["reason"],
+        )
+        for reason in sorted(set(REJECT_REASONS) | set(stats.num_requests_rejected_total)):
+            rejected.add_metric([reason], stats.num_requests_rejected_total.get(reason, 0))
+        yield rejected
         yield from _spec_decode_metrics(stats)
 
 

@@ -5,6 +5,10 @@ input fails before any response byte), then hands the request to the engine thre
 command queue and returns a `RequestStream`, an async iterator of delta `RequestOutput`s. Leaving
 the iteration early (a client that hangs up) aborts the request, which frees its KV blocks at the
 engine thread's next turn, before its next step.
+
+Admission control happens in `add_request` too: past `max_queued_requests` / `max_queued_tokens`
+(counting what the engine thread has not picked up yet) it raises `EngineOverloadedError`, and a
+request the engine drops after `max_queue_wait` ends its stream with the same error.
 """
 
 from __future__ import annotations
@@ -15,16 +19,18 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from helix_server.config import EngineConfig
+from helix_server.engine.admission import RETRY_AFTER_SECONDS, check_admission
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.runtime import load_components
 from helix_server.engine.stats import EngineStats
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
-from helix_server.errors import EngineDeadError, ParameterError
+from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
 from helix_server.sampling_params import SamplingParams
 
 logger = logging.getLogger("helix_server")
@@ -36,6 +42,7 @@ class _AddCommand:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -49,8 +56,9 @@ _STOP = object()
 class RequestStream:
     """Async iterator over one request's delta outputs; ends after the finished output.
 
-    Raises `EngineDeadError` if the engine loop dies while the request is in flight. Closing it
-    (or abandoning it mid-iteration) before the request finished aborts the request.
+    Raises `EngineDeadError` if the engine loop dies while the request is in flight, and
+    `EngineOverloadedError` if the engine dropped it after it waited too long to be scheduled.
+    Closing it (or abandoning it mid-iteration) before the request finished aborts the request.
     """
 
     def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int]) -> None:
@@ -99,6 +107,12 @@ class AsyncEngine:
         # time.monotonic() of the last finished step or idle check: liveness for /health.
         self.last_progress_time = time.monotonic()
         self.num_steps = 0
+        # Admission control: sequences and prompt tokens handed to the engine thread but not yet
+        # added by it (the engine's own queue counts the rest), and requests refused here.
+        self._pending_lock = threading.Lock()
+        self._pending_sequences = 0
+        self._pending_prompt_tokens = 0
+        self._rejected: Counter = Counter()
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress=None) -> AsyncEngine:
@@ -136,8 +150,25 @@ class AsyncEngine:
         return len(self._streams)
 
     def stats(self) -> EngineStats:
-        """The engine's counters and gauges (read without locking: plain values)."""
-        return self.core.stats()
+        """The engine's counters and gauges (read without locking: plain values), plus the requests
+        this front refused."""
+        stats = self.core.stats()
+        rejected = Counter(stats.num_requests_rejected_total)
+        rejected.update(self._rejected)
+        return replace(stats, num_requests_rejected_total=dict(rejected))
+
+    def check_admission(self, num_sequences: int, num_prompt_tokens: int) -> None:
+        """Raise `EngineOverloadedError` if queuing this much more work would pass the queue bounds
+        (`num_sequences`: a request's `n`, summed over its prompts)."""
+        queued = self.core.queued
+        with self._pending_lock:
+            sequences = queued.num_sequences + self._pending_sequences
+            tokens = queued.num_prompt_tokens + self._pending_prompt_tokens
+        try:
+            check_admission(self.core.config.scheduler, sequences, tokens, num_sequences, num_prompt_tokens)
+        except EngineOverloadedError as exc:
+            self._rejected[exc.code] += 1
+            raise
 
     def abort_all(self) -> None:
         """Abort every in-flight request; each stream ends with a finish_reason "abort" output."""
@@ -152,8 +183,10 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt_param: str = "prompt",
+        cache_salt: str | None = None,
     ) -> RequestStream:
-        """Tokenize (if text), validate, and queue a request. Raises `ParameterError` on bad input."""
+        """Tokenize (if text), validate, and queue a request. Raises `ParameterError` on bad input
+        and `EngineOverloadedError` when the waiting queue is full."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         request_id = request_id or uuid.uuid4().hex
@@ -166,9 +199,16 @@ class AsyncEngine:
         else:
             prompt_token_ids = list(prompt)
         self.core.validate_request(prompt_token_ids, params, prompt_param)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ParameterError("cache_salt must be a non-empty string.", "cache_salt")
+        self.check_admission(params.n, len(prompt_token_ids))
         stream = RequestStream(self, request_id, prompt_token_ids)
         self._streams[request_id] = stream
-        self._commands.put(_AddCommand(request_id, prompt_token_ids, params, time.monotonic()))
+        with self._pending_lock:
+            self._pending_sequences += params.n
+            self._pending_prompt_tokens += len(prompt_token_ids)
+        command = _AddCommand(request_id, prompt_token_ids, params, time.monotonic(), cache_salt)
+        self._commands.put(command)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -217,10 +257,18 @@ class AsyncEngine:
                 continue
             try:
                 self.core.add_request(
-                    command.request_id, command.prompt_token_ids, command.params, command.arrival_time
+                    command.request_id,
+                    command.prompt_token_ids,
+                    command.params,
+                    command.arrival_time,
+                    cache_salt=command.cache_salt,
                 )
             except Exception as exc:  # validated before, so this is rare (e.g. pool changed)
                 self._deliver_error(command.request_id, exc)
+            finally:  # now in the engine's own queue (or refused): no longer pending here
+                with self._pending_lock:
+                    self._pending_sequences -= command.params.n
+                    self._pending_prompt_tokens -= len(command.prompt_token_ids)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         if outputs:
@@ -237,7 +285,12 @@ class AsyncEngine:
     def _put_outputs(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None:
+            if stream is None:
+                continue
+            if output.finished and output.error_code == "queue_timeout":
+                message = output.error or "The request waited too long to be scheduled."
+                stream._put(EngineOverloadedError(message, "queue_timeout", RETRY_AFTER_SECONDS))
+            else:
                 stream._put(output)
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:

@@ -4,7 +4,9 @@
 execute (the runner runs one forward and samples, or verifies drafts) -> update (the scheduler
 advances each request) -> emit (stop checks, incremental text, delta outputs) -> propose (with
 speculative decoding, drafts for the next step). Requests enter through `add_request`, which
-validates them against the model and the KV pool, and leave when finished or aborted.
+validates them against the model and the KV pool, and leave when finished or aborted. Before each
+step the time limits are enforced: a request still queued after `max_queue_wait` is dropped (its
+output carries `error_code` "queue_timeout"), one older than `request_timeout` ends as "length".
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import replace
 from helix_server.spec.depth_policy import DepthPolicy
 
 from helix_server.config import EngineConfig
+from helix_server.engine.admission import QueuedRequests
 from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
@@ -44,7 +47,12 @@ class EngineCore:
         self.config = config
         self.runtime = components.runtime
         self.tokenizer = components.tokenizer
-        self.scheduler = Scheduler(config.scheduler, self.runtime.block_size, self.runtime.num_kv_blocks)
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.runtime.block_size,
+            self.runtime.num_kv_blocks,
+            enable_caching=config.cache.enable_prefix_caching,
+        )
         sampler = Sampler(
             self.runtime.vocab_size, set(self.runtime.eos_token_ids), self.runtime.device, seed=config.model.seed
         )
@@ -63,6 +71,8 @@ class EngineCore:
         self._requests: dict[str, RequestState] = {}
         self._sequences: dict[str, SequenceState] = {}
         self._parent_of: dict[str, RequestState] = {}
+        # Requests not scheduled yet (admission control reads its counts from other threads).
+        self.queued = QueuedRequests()
         self.counters = EngineCounters()
 
     # ----------------------------------------------------------------- requests in and out
@@ -86,8 +96,12 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Validate and queue a request; its `n` sequences share the prompt's KV blocks."""
+        """Validate and queue a request; its `n` sequences share the prompt's KV blocks.
+
+        With prefix caching, only requests with the same `cache_salt` (or none) share cached blocks.
+        """
         if request_id in self._requests:
             raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         self.validate_request(prompt_token_ids, params)
@@ -106,11 +120,14 @@ class EngineCore:
                 parent_id=request_id,
                 index=index,
                 fork_parent=leader,
+                cache_salt=cache_salt,
             )
             leader = leader or request
             request.max_num_tokens = len(prompt_token_ids) + (params.max_tokens or self.max_sequence_len)
             request.max_num_tokens = min(request.max_num_tokens, self.max_sequence_len)
             request.num_lookahead_tokens = self._speculation_depth(params)
+            # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
+            request.skip_reading_prefix_cache = params.prompt_logprobs is not None
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
                 prompt_token_ids,
@@ -123,6 +140,7 @@ class EngineCore:
             raise ParameterError(f"Request id {request_id!r} clashes with a running request.", "request_id")
         state = RequestState(request_id, list(prompt_token_ids), params, sequences, arrival_time)
         self._requests[request_id] = state
+        self.queued.add(request_id, arrival_time, params.n, len(prompt_token_ids))
         self.counters.prompt_tokens += len(prompt_token_ids)
         for seq in sequences:
             self._sequences[seq.request.request_id] = seq
@@ -153,6 +171,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         """A snapshot of queue sizes, KV pool use and totals (cheap; safe to call from any thread)."""
         scheduler = self.scheduler
+        prefix_cache = scheduler.prefix_cache_stats
         return EngineStats(
             num_requests_running=scheduler.num_running,
             num_requests_waiting=scheduler.num_waiting,
@@ -160,6 +179,9 @@ class EngineCore:
             num_kv_blocks_free=scheduler.num_free_blocks,
             kv_cache_usage=scheduler.kv_usage,
             num_preemptions_total=scheduler.num_preemptions_total,
+            prefix_cache_queries_total=prefix_cache.queries,
+            prefix_cache_hits_total=prefix_cache.hits,
+            num_requests_rejected_total=dict(self.counters.rejected),
             prompt_tokens_total=self.counters.prompt_tokens,
             generation_tokens_total=self.counters.generation_tokens,
             finished_sequences_total=dict(self.counters.finished_sequences),
@@ -173,9 +195,12 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update, emit. Returns the delta outputs of every request that changed."""
+        touched = self._enforce_time_limits()
         scheduler_output = self.scheduler.schedule()
-        touched = self._finish_length_capped(scheduler_output)
+        touched.update(self._finish_length_capped(scheduler_output))
+        self._note_scheduled(scheduler_output)
         if scheduler_output.is_empty:
+            self.runner.release_finished(scheduler_output)
             return self._collect(touched)
 
         started = time.perf_counter()
@@ -268,7 +293,43 @@ class EngineCore:
         for request, drafts in zip(candidates, proposal.token_ids):
             request.spec_token_ids = drafts
 
+    # ----------------------------------------------------------------- time limits
+
+    def _enforce_time_limits(self) -> dict[str, RequestState]:
+        """Drop requests queued longer than `max_queue_wait`; end those older than `request_timeout`
+        with what they have (finish_reason "length"). Both free the requests' blocks."""
+        touched: dict[str, RequestState] = {}
+        limits = self.config.scheduler
+        now = time.monotonic()
+        if limits.max_queue_wait is not None:
+            for request_id in self.queued.arrived_before(now - limits.max_queue_wait):
+                state = self._requests[request_id]
+                state.error = f"The request waited more than {limits.max_queue_wait:g} s to be scheduled."
+                state.error_code = "queue_timeout"
+                self.counters.rejected["queue_timeout"] += 1
+                self._finish_request(state, RequestStatus.FINISHED_ABORTED)
+                touched[request_id] = state
+        if limits.request_timeout is not None:
+            deadline = now - limits.request_timeout
+            for state in self._requests.values():
+                if state.metrics.arrival_time < deadline and not state.finished:
+                    self._finish_request(state, RequestStatus.FINISHED_LENGTH)
+                    touched[state.request_id] = state
+        return touched
+
     # ----------------------------------------------------------------- helpers
+
+    def _note_scheduled(self, scheduler_output: SchedulerOutput) -> None:
+        """Requests scheduled for the first time leave the queue; the first admission of a request's
+        first sequence tells how many of its prompt tokens the prefix cache held."""
+        for scheduled in scheduler_output.scheduled:
+            state = self._parent_of.get(scheduled.request_id)
+            if state is None:
+                continue
+            self.queued.discard(state.request_id)
+            request = scheduled.request
+            if request.index == 0 and request.num_cached_tokens >= 0:
+                state.num_cached_tokens = min(request.num_cached_tokens, request.num_prompt_tokens)
 
     def _finish_length_capped(self, scheduler_output: SchedulerOutput) -> dict[str, RequestState]:
         touched: dict[str, RequestState] = {}
@@ -285,6 +346,7 @@ class EngineCore:
         self._finish_request(state, RequestStatus.FINISHED_ERROR)
 
     def _finish_request(self, state: RequestState, status: RequestStatus) -> None:
+        self.queued.discard(state.request_id)
         for seq in state.sequences:
             seq.finish_externally(status)
         self.scheduler.finish_requests([seq.request.request_id for seq in state.sequences], status)
@@ -308,6 +370,7 @@ class EngineCore:
                 if seq.finish_reason is not None:
                     self.counters.finished_sequences[seq.finish_reason] += 1
         if state.finished:
+            self.queued.discard(state.request_id)
             self._requests.pop(state.request_id, None)
             for seq in state.sequences:
                 self._sequences.pop(seq.request.request_id, None)

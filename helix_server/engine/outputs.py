@@ -58,7 +58,9 @@ class RequestOutput:
     """A request's progress: the sequences that changed, and whether the whole request is done.
 
     `prompt_logprobs` (when asked for) are delivered once, with the first output that has them; the
-    first prompt token has none (None). `error` explains a finish_reason "error".
+    first prompt token has none (None). `error` explains a finish_reason "error" (or an engine
+    refusal: `error_code` "queue_timeout" for a request dropped after waiting too long to be
+    scheduled). `num_cached_tokens`: prompt tokens whose KV the prefix cache held.
     """
 
     request_id: str
@@ -69,3 +71,4 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    error_code: str | None = None

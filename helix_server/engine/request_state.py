@@ -120,6 +120,9 @@ class RequestState:
         self.sequences = sequences
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         self.error: str | None = None
+        # Why the engine refused to finish it normally ("queue_timeout"), for the API to map.
+        self.error_code: str | None = None
+        # Prompt tokens whose KV came from the prefix cache (known once the first sequence runs).
         self.num_cached_tokens = 0
         self.prompt_logprobs: list[TokenLogprob | None] = []
         self._prompt_logprobs_sent = False
@@ -163,4 +166,5 @@ class RequestState:
             prompt_logprobs=prompt_logprobs,
             metrics=self.metrics,
             error=self.error,
+            error_code=self.error_code,
         )

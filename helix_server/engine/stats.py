@@ -20,6 +20,8 @@ class EngineCounters:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: Counter = field(default_factory=Counter)
+    # Requests refused or dropped, by reason ("queue_full", "queue_timeout").
+    rejected: Counter = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,11 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     finished_sequences_total: dict[str, int]
+    # Prefix caching, in tokens: prompt tokens looked up at first admission, and how many hit.
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
+    # Requests refused at admission or dropped from the queue, by reason.
+    num_requests_rejected_total: dict[str, int] = field(default_factory=dict)
     spec_num_drafts_total: int = 0
     spec_num_draft_tokens_total: int = 0
     spec_num_accepted_tokens_total: int = 0

@@ -45,12 +45,17 @@ class ModelRunner:
         self.generators = RequestGenerators(device)
         self.spec = None if proposer is None else SpecDecoder(proposer, sampler, self.generators)
 
-    @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def release_finished(self, scheduler_output: SchedulerOutput) -> None:
+        """Drop the per-request state (generators, drafts, the drafter's KV bookkeeping) of requests
+        that finished or were preempted; the engine calls this even for a step with nothing to run."""
         self.generators.drop(scheduler_output.finished_request_ids)
         if self.spec is not None:
             self.spec.forget(scheduler_output.finished_request_ids)
             self.spec.forget(scheduler_output.preempted_request_ids)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.release_finished(scheduler_output)
         output = ModelRunnerOutput()
         if scheduler_output.is_empty:
             return output

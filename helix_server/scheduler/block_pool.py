@@ -1,41 +1,55 @@
-"""The pool of paged KV cache blocks: ref-counted blocks and an LRU-ordered free queue.
+"""The pool of paged KV cache blocks: ref counts, free queues, and the index of cached blocks.
 
-Pure Python: a block here is only an id and a count; the K/V tensors live in the runner, indexed by
-`block_id`. A block with `ref_cnt == 0` sits in the free queue. The queue is LRU-ordered (the front
-is reused first) and supports O(1) removal of any block, so prefix caching can later revive a freed
-block that is still findable by its `block_hash` without scanning.
+Pure Python: a block here is only an id, a count and (when cached) the hash of its contents; the
+K/V tensors live in the runner, indexed by `block_id`. A block with `ref_cnt == 0` is free. Free
+blocks wait in one of two queues, both with O(1) removal of any block:
+
+- `_free_queue`: blocks that hold nothing findable, reused first;
+- `_evictable`: free blocks that are still cached (findable by hash), least recently freed first.
+  A prefix-cache hit revives such a block (`incref`); allocating evicts it (forgets its hash).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from helix_server.scheduler.prefix_cache import BlockHash
 
 
 class KVBlock:
     """One block of `block_size` token slots in the paged KV cache.
 
-    `ref_cnt` counts the block tables holding this block; `block_hash` identifies a full block's
-    contents for prefix caching (always None until prefix caching lands).
+    `ref_cnt` counts the block tables holding this block. While the block is cached, `block_hash`
+    identifies its contents, `serial` is the unique number it got when it was cached, and
+    `parent_serial` the serial of the block before it in the sequence that computed it (0 for a
+    first block); otherwise `block_hash` is None and both serials are 0.
     """
 
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
+    __slots__ = ("block_hash", "block_id", "parent_serial", "ref_cnt", "serial")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: int | None = None
+        self.block_hash: BlockHash | None = None
+        self.serial = 0
+        self.parent_serial = 0
 
     def __repr__(self) -> str:
-        return f"KVBlock({self.block_id}, ref_cnt={self.ref_cnt})"
+        cached = ", cached" if self.block_hash is not None else ""
+        return f"KVBlock({self.block_id}, ref_cnt={self.ref_cnt}{cached})"
 
 
 class BlockPool:
-    """`num_blocks` KV blocks with ref counts and a free queue.
+    """`num_blocks` KV blocks with ref counts, free queues and a hash index of cached blocks.
 
-    `allocate` takes blocks from the front of the free queue (least recently freed first); `free`
-    appends blocks whose count drops to 0 to the back, in the order given. Callers releasing a block
-    table pass it reversed, so the table's tail (least likely to be a shared prefix) is reused first.
+    `allocate` takes blocks holding nothing findable first (in the order they were freed), then
+    evicts cached free blocks, least recently freed first. `free` appends blocks whose count drops
+    to 0 to the back of their queue, in the order given: callers releasing a block table pass it
+    reversed, so the table's tail (least likely to be a shared prefix) is reused first.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -44,16 +58,26 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # block_id -> block, front = next to reuse. OrderedDict gives O(1) popleft, append and
-        # removal by key, which is all an LRU free queue needs.
+        # removal by key, which is all an LRU queue needs.
         self._free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._evictable: OrderedDict[int, KVBlock] = OrderedDict()
+        # hash digest -> the cached block holding that content (held or free).
+        self._cached: dict[bytes, KVBlock] = {}
+        self._serials = itertools.count(1)
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_queue)
+        """Blocks no table holds (cached ones included: they are reused when needed)."""
+        return len(self._free_queue) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free_queue)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by hash (held or free)."""
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -64,47 +88,91 @@ class BlockPool:
         """Take `n` free blocks (ref count 1 each), or raise ValueError and take none."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free_queue):
-            raise ValueError(f"cannot allocate {n} blocks: only {len(self._free_queue)} free")
+        if n > self.num_free_blocks:
+            raise ValueError(f"cannot allocate {n} blocks: only {self.num_free_blocks} free")
         blocks = []
         for _ in range(n):
-            _, block = self._free_queue.popitem(last=False)
+            queue = self._free_queue if self._free_queue else self._evictable
+            _, block = queue.popitem(last=False)
             # Reusing a block overwrites its contents: it is no longer findable by hash.
-            block.block_hash = None
+            self._uncache(block)
             block.ref_cnt = 1
             blocks.append(block)
         return blocks
 
     def incref(self, blocks: Iterable[KVBlock]) -> None:
-        """Add one reference to each block; a free block (a future prefix-cache hit) leaves the queue."""
+        """Add one reference to each block; a free block (a prefix-cache hit) leaves its queue."""
         for block in blocks:
             if block.ref_cnt == 0:
-                del self._free_queue[block.block_id]
+                queue = self._evictable if block.block_hash is not None else self._free_queue
+                del queue[block.block_id]
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
-        """Drop one reference from each block; blocks reaching 0 join the back of the free queue."""
+        """Drop one reference from each block; blocks reaching 0 join the back of their free queue."""
         for block in blocks:
             if block.ref_cnt <= 0:
                 raise ValueError(f"double free of block {block.block_id}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free_queue[block.block_id] = block
+                queue = self._evictable if block.block_hash is not None else self._free_queue
+                queue[block.block_id] = block
+
+    # ------------------------------------------------------------------ the cache index
+
+    def cached_block(self, value: bytes) -> KVBlock | None:
+        """The cached block whose hash digest is `value`, if any (its contents are not checked)."""
+        return self._cached.get(value)
+
+    def cache_block(self, block: KVBlock, block_hash: BlockHash, parent_serial: int) -> int:
+        """Make a held, full, computed block findable by `block_hash`; returns its new serial.
+
+        The digest must not be in the index yet (the caller checked), and the block not cached.
+        """
+        if block.ref_cnt <= 0 or block.block_hash is not None or block_hash.value in self._cached:
+            raise ValueError(f"cannot cache {block} under this hash")
+        block.block_hash = block_hash
+        block.parent_serial = parent_serial
+        block.serial = next(self._serials)
+        self._cached[block_hash.value] = block
+        return block.serial
+
+    def _uncache(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            if self._cached.get(block.block_hash.value) is block:
+                del self._cached[block.block_hash.value]
+            block.block_hash = None
+        block.serial = block.parent_serial = 0
+
+    # ------------------------------------------------------------------ checks
 
     def free_block_ids(self) -> list[int]:
         """Ids of the free blocks, in reuse order (for tests and debugging)."""
-        return list(self._free_queue)
+        return list(self._free_queue) + list(self._evictable)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the pool's bookkeeping is inconsistent (tests call this)."""
         for block in self.blocks:
             if block.ref_cnt < 0:
                 raise AssertionError(f"{block} has a negative ref count")
-            in_queue = block.block_id in self._free_queue
-            if in_queue != (block.ref_cnt == 0):
-                raise AssertionError(f"{block} is {'in' if in_queue else 'not in'} the free queue")
-        for block_id, block in self._free_queue.items():
-            if self.blocks[block_id] is not block:
-                raise AssertionError(f"free queue entry {block_id} is not the pool's block")
+            in_free = block.block_id in self._free_queue
+            in_evictable = block.block_id in self._evictable
+            if in_free and in_evictable:
+                raise AssertionError(f"{block} is in both free queues")
+            if (in_free or in_evictable) != (block.ref_cnt == 0):
+                raise AssertionError(f"{block} is {'in' if in_free or in_evictable else 'not in'} a free queue")
+            if in_evictable != (block.ref_cnt == 0 and block.block_hash is not None):
+                raise AssertionError(f"{block} is in the wrong free queue")
+            if block.block_hash is not None and self._cached.get(block.block_hash.value) is not block:
+                raise AssertionError(f"{block} has a hash but is not in the cache index")
+            if block.block_hash is None and (block.serial or block.parent_serial):
+                raise AssertionError(f"{block} keeps a serial without a hash")
+        for queue in (self._free_queue, self._evictable):
+            for block_id, block in queue.items():
+                if self.blocks[block_id] is not block:
+                    raise AssertionError(f"free queue entry {block_id} is not the pool's block")
+        for value, block in self._cached.items():
+            if block.block_hash is None or block.block_hash.value != value:
+                raise AssertionError(f"cache index entry for {block} does not match its hash")
         if self.num_free_blocks + sum(1 for b in self.blocks if b.ref_cnt > 0) != self.num_blocks:
             raise AssertionError("free + used blocks != total blocks")

@@ -47,6 +47,7 @@ class Request:
         parent_id: str | None = None,
         index: int = 0,
         fork_parent: Request | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
@@ -71,6 +72,13 @@ class Request:
         # The longest this sequence may grow (prompt + max_tokens, or the context): no slot past it
         # is ever reserved. None means unbounded.
         self.max_num_tokens: int | None = None
+        # Prefix caching: a salt that only requests bringing the same one can share blocks under
+        # (it enters the first block's hash), and how many prompt tokens the first admission found
+        # cached (-1 until then).
+        self.cache_salt = cache_salt
+        self.num_cached_tokens = -1
+        # Set when every prompt position must be computed (prompt logprobs): no cache hits taken.
+        self.skip_reading_prefix_cache = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,6 +97,11 @@ class Request:
     def num_tokens_with_spec(self) -> int:
         """Known tokens plus the drafts waiting to be verified."""
         return self.num_tokens + len(self.spec_token_ids)
+
+    @property
+    def cache_extra_keys(self) -> tuple | None:
+        """What besides token ids goes into the first block's hash."""
+        return None if self.cache_salt is None else (self.cache_salt,)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -111,6 +124,19 @@ class Request:
     @property
     def waiting_for_fork(self) -> bool:
         return self.fork_parent is not None
+
+    def lookahead_slots(self, start: int, num_new_tokens: int) -> int:
+        """KV slots to reserve past a step's tokens (from position `start`) for the proposer's
+        drafts: none unless the step reaches the end of the known tokens (a sampling step), and
+        never past `max_num_tokens`."""
+        if not self.num_lookahead_tokens:
+            return 0
+        end = start + num_new_tokens
+        if end < self.num_tokens:
+            return 0
+        if self.max_num_tokens is None:
+            return self.num_lookahead_tokens
+        return max(0, min(self.num_lookahead_tokens, self.max_num_tokens - end))
 
     def append_output_token_ids(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)

@@ -3,18 +3,24 @@
 The one rule: a request knows `num_tokens` tokens, `num_computed_tokens` of which have K/V in the
 cache; each step it may be given up to `num_tokens - num_computed_tokens` more. A fresh prompt gets
 its prefill (in chunks when the token budget is short), a request that just sampled gets its one new
-token (decode), a preempted one recomputes everything it knew. Nothing here imports torch.
+token (decode), a preempted one recomputes everything it knew. With prefix caching, a request
+being admitted first takes the cached blocks of the longest prefix it shares with earlier requests
+(its `num_computed_tokens` starts past them). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from helix_server.scheduler.followers import Followers
 from helix_server.scheduler.kv_cache_manager import KVCacheManager
 from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
+from helix_server.scheduler.prefix_cache import HashFn, PrefixCacheStats, sha256
 from helix_server.scheduler.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -26,31 +32,47 @@ class Scheduler:
     """FCFS continuous-batching scheduler over a paged KV cache, with preemption by recompute.
 
     Each step: running requests first, oldest first, each taking what it can of the token budget
-    (`max_num_batched_tokens`); if its blocks cannot be allocated the youngest running request is
-    preempted. Then, unless something was preempted, waiting requests are admitted in arrival order
-    while the budget, `max_num_seqs` and the free blocks allow.
+    (`max_num_batched_tokens`); if its blocks cannot be allocated the youngest running request whose
+    release frees a block is preempted. Then, unless something was preempted, waiting requests are
+    admitted in queue order (preempted ones first) while the budget, `max_num_seqs` and the free
+    blocks allow. "Oldest" is arrival order: `running` is kept sorted by it, so a request that was
+    preempted and comes back is again older than everything that arrived after it. The oldest
+    running request is never preempted, so with no new arrivals every request finishes.
 
     Followers of an n > 1 request (`Request.fork_parent` set) wait until their leader's prompt K/V is
     computed, then share its full prompt blocks. Add a leader before its followers.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_blocks: int) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        block_size: int,
+        num_blocks: int,
+        enable_caching: bool = False,
+        hash_fn: HashFn = sha256,
+        hash_seed: bytes | None = None,
+    ) -> None:
         if scheduler_config.max_num_batched_tokens < 1 or scheduler_config.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.block_size = block_size
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size)
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, block_size, enable_caching, hash_fn, hash_seed
+        )
         # Every unfinished request, each in exactly one of `waiting` (WAITING / PREEMPTED) and
         # `running` (RUNNING, in admission order: oldest first).
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # leader request id -> followers still waiting to fork the leader's prompt blocks.
-        self._followers: dict[str, list[Request]] = {}
+        self._followers = Followers()
         # Finished since the last schedule(); reported in the next SchedulerOutput.
         self._finished_request_ids: set[str] = set()
         self._num_preemptions_total = 0
+        # Arrival order of every request added (sorts `running`).
+        self._arrival_order: dict[str, int] = {}
+        self._arrivals = itertools.count()
 
     # ------------------------------------------------------------------ queries
 
@@ -85,6 +107,11 @@ class Scheduler:
     def num_preemptions_total(self) -> int:
         return self._num_preemptions_total
 
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens looked up in the prefix cache at first admission, and how many hit."""
+        return self.kv_cache_manager.prefix_cache_stats
+
     # ------------------------------------------------------------------ lifecycle
 
     def add_request(self, request: Request) -> None:
@@ -93,17 +120,14 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already scheduled")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
+        self._arrival_order[request.request_id] = next(self._arrivals)
         self.waiting.append(request)
         leader = request.fork_parent
         if leader is None:
             return
-        leader_is_tracked = self.requests.get(leader.request_id) is leader
-        if not leader_is_tracked or leader.prompt_token_ids != request.prompt_token_ids:
-            # Leader unknown, already finished, or not the same prompt: compute from scratch.
-            request.fork_parent = None
-            return
-        self._followers.setdefault(leader.request_id, []).append(request)
-        if leader.num_computed_tokens >= leader.num_prompt_tokens:
+        # Leader unknown, already finished, or not the same prompt: the follower computes it all.
+        waits = self._followers.link(request, self.requests.get(leader.request_id) is leader)
+        if waits and leader.num_computed_tokens >= leader.num_prompt_tokens:
             self._fork_followers(leader)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
@@ -124,18 +148,10 @@ class Scheduler:
     def _release(self, request: Request, status: RequestStatus) -> None:
         """Forget a request that left both queues: free its blocks and cut its fork links."""
         del self.requests[request.request_id]
+        del self._arrival_order[request.request_id]
         request.status = status
         self.kv_cache_manager.free(request)
-        leader = request.fork_parent
-        if leader is not None:
-            followers = self._followers.get(leader.request_id, [])
-            if request in followers:
-                followers.remove(request)
-            if not followers:
-                self._followers.pop(leader.request_id, None)
-        # Followers that never got the prompt blocks compute the prompt themselves.
-        for follower in self._followers.pop(request.request_id, ()):
-            follower.fork_parent = None
+        self._followers.unlink(request)
 
     # ------------------------------------------------------------------ the step
 
@@ -175,14 +191,15 @@ class Scheduler:
         """
         request = self.running[index]
         kv = self.kv_cache_manager
-        while not kv.allocate_slots(request, num_new_tokens, _lookahead(request, num_new_tokens)):
+        lookahead = request.lookahead_slots(request.num_computed_tokens, num_new_tokens)
+        while not kv.allocate_slots(request, num_new_tokens, lookahead):
             victim = self._youngest_victim(after=index)
             if victim is not None:
                 self._preempt(victim, output)
             elif index > 0:
                 self._preempt(index, output)
                 return False
-            elif not self._release_waiting_blocks(request, num_new_tokens):
+            elif not self._release_waiting_blocks(request, num_new_tokens, []):
                 # The oldest request alone does not fit in the pool: it can never finish.
                 self.running.pop(index)
                 self._release(request, RequestStatus.FINISHED_LENGTH)
@@ -213,7 +230,7 @@ class Scheduler:
         self.waiting.appendleft(request)
         output.preempted_request_ids.append(request.request_id)
 
-    def _release_waiting_blocks(self, request: Request, num_new_tokens: int) -> bool:
+    def _release_waiting_blocks(self, request: Request, num_new_tokens: int, cached_blocks: list) -> bool:
         """Last resort when nothing running can make room: drop the forked prompt blocks of waiting
         followers (youngest first) until `request` fits. Without this, followers holding blocks
         while queued behind a request that needs them would deadlock the queue.
@@ -224,9 +241,15 @@ class Scheduler:
                 continue
             kv.free(waiting)
             waiting.num_computed_tokens = 0
-            if kv.allocate_slots(request, num_new_tokens, _lookahead(request, num_new_tokens)):
+            if self._allocate(request, num_new_tokens, cached_blocks):
                 return True
         return False
+
+    def _allocate(self, request: Request, num_new_tokens: int, cached_blocks: list) -> bool:
+        """`allocate_slots` for `num_new_tokens` past the cache hit (if any), with lookahead."""
+        start = len(cached_blocks) * self.block_size if cached_blocks else request.num_computed_tokens
+        lookahead = request.lookahead_slots(start, num_new_tokens)
+        return self.kv_cache_manager.allocate_slots(request, num_new_tokens, lookahead, cached_blocks)
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests strictly in queue order while budget, seats and blocks allow.
@@ -241,20 +264,32 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             # A forked follower already holds its shared prompt blocks: this allocates the rest.
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not kv.allocate_slots(request, num_new_tokens, _lookahead(request, num_new_tokens)):
+            # Anyone else may start with cached blocks (a prefix-cache hit, taken only if admitted).
+            cached = kv.find_cached_blocks(request) if request.num_computed_tokens == 0 else []
+            start = len(cached) * self.block_size if cached else request.num_computed_tokens
+            num_new_tokens = min(request.num_tokens - start, budget)
+            if not self._allocate(request, num_new_tokens, cached):
                 # While anything runs, blocks will come back. With nothing running, only queued
                 # followers' forked blocks can be holding the pool: reclaim those.
-                if self.running or not self._release_waiting_blocks(request, num_new_tokens):
+                if self.running or not self._release_waiting_blocks(request, num_new_tokens, cached):
                     break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = request.num_computed_tokens
+            self._insert_running(request)
             self._add_scheduled(output, request, num_new_tokens)
             budget -= num_new_tokens
         self.waiting.extendleft(reversed(skipped))
+
+    def _insert_running(self, request: Request) -> None:
+        """Put a request into `running` at its place in arrival order (usually the end)."""
+        order = self._arrival_order
+        key = order[request.request_id]
+        index = bisect.bisect_right(self.running, key, key=lambda r: order[r.request_id])
+        self.running.insert(index, request)
 
     def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new_tokens: int) -> None:
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
@@ -294,6 +329,8 @@ class Scheduler:
                 num_rejected = scheduled.num_spec_tokens - (len(new_token_ids) - 1)
             request.num_computed_tokens += scheduled.num_new_tokens - num_rejected
             request.spec_token_ids = []
+            # Only now, with rejected drafts rolled back, are full blocks safe to share.
+            self.kv_cache_manager.cache_blocks(request)
             if new_token_ids:
                 request.append_output_token_ids(new_token_ids)
                 updated.append(request)
@@ -311,21 +348,9 @@ class Scheduler:
         to write into, so a shared block is never written again).
         """
         num_shared = ((leader.num_prompt_tokens - 1) // self.block_size) * self.block_size
-        for follower in self._followers.pop(leader.request_id, ()):
+        for follower in self._followers.take(leader):
             if num_shared:
                 self.kv_cache_manager.fork(leader, follower, num_shared)
                 follower.num_computed_tokens = num_shared
             follower.fork_parent = None
 
-
-def _lookahead(request: Request, num_new_tokens: int) -> int:
-    """KV slots to reserve past this step's tokens for the proposer's drafts: none unless the step
-    reaches the end of the known tokens (a sampling step), and never past `max_num_tokens`."""
-    if not request.num_lookahead_tokens:
-        return 0
-    end = request.num_computed_tokens + num_new_tokens
-    if end < request.num_tokens:
-        return 0
-    if request.max_num_tokens is None:
-        return request.num_lookahead_tokens
-    return max(0, min(request.num_lookahead_tokens, request.max_num_tokens - end))

@@ -26,6 +26,17 @@ class ModelProposer:
     `own_kv_cache` is True for a separate draft model: its cache is valid only for the positions it
     has itself written with tokens that were then accepted, tracked per request. For layer-skip the
     cache is the target's, valid wherever the target has computed.
+
+    Prefix caching shares the target's blocks between requests, and with them the draft model's
+    slots in those blocks; but nothing records whether the draft model ever wrote them (the request
+    that computed a block may have had speculation off, or been drafted for only partly). So a
+    request's drafter K/V counts as valid only from this request's own proposals: after a prefix
+    hit (`_written` is 0 for a new or preempted request) the drafter catches up from position 0 and
+    rewrites its K/V for the shared blocks. What it writes there is the draft model's K/V of the
+    very same tokens at the same positions (a shared block holds one exact token prefix), so other
+    requests sharing the block read the same values as before; the target's tensors of a shared
+    block are never written. Layer-skip writes only from the request's `num_computed_tokens` on,
+    past every shared block.
     """
 
     def __init__(

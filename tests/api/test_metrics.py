@@ -17,6 +17,9 @@ COUNTERS = [
     "helix:generation_tokens",
     "helix:request_success",
     "helix:num_preemptions",
+    "helix:prefix_cache_queries",
+    "helix:prefix_cache_hits",
+    "helix:num_requests_rejected",
 ]
 HISTOGRAMS = [
     "helix:time_to_first_token_seconds",

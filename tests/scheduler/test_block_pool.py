@@ -1,8 +1,9 @@
-"""BlockPool: ref counts, all-or-nothing allocation, the LRU free queue, invariant checks."""
+"""BlockPool: ref counts, all-or-nothing allocation, the free queues, the cache index, invariant checks."""
 
 import pytest
 
 from helix_server.scheduler.block_pool import BlockPool
+from helix_server.scheduler.prefix_cache import BlockHash
 
 
 def test_new_pool_is_all_free():
@@ -88,10 +89,48 @@ def test_reused_block_loses_its_hash():
     pool = BlockPool(1)
     (block,) = pool.allocate(1)
     assert block.block_hash is None
-    block.block_hash = 1234
+    block_hash = BlockHash(b"digest", (1, 2))
+    assert pool.cache_block(block, block_hash, parent_serial=0) == block.serial > 0
     pool.free([block])
+    assert pool.cached_block(b"digest") is block  # free, still findable
     (again,) = pool.allocate(1)
-    assert again is block and again.block_hash is None
+    assert again is block and again.block_hash is None and again.serial == 0
+    assert pool.cached_block(b"digest") is None
+    pool.check_invariants()
+
+
+def test_uncached_free_blocks_are_reused_before_cached_ones():
+    pool = BlockPool(4)
+    blocks = pool.allocate(4)
+    for i, block in enumerate(blocks[:2]):
+        pool.cache_block(block, BlockHash(bytes([i]), (i,)), parent_serial=0)
+    pool.free(reversed(blocks))  # 3, 2 hold nothing; 1, 0 are cached
+    assert pool.free_block_ids() == [3, 2, 1, 0]
+    assert pool.num_free_blocks == 4 and pool.num_cached_blocks == 2
+    assert [b.block_id for b in pool.allocate(3)] == [3, 2, 1]  # the least recently freed cached one goes
+    assert pool.cached_block(bytes([1])) is None and pool.cached_block(bytes([0])) is blocks[0]
+    pool.check_invariants()
+
+
+def test_a_cache_hit_revives_a_free_cached_block():
+    pool = BlockPool(2)
+    (block,) = pool.allocate(1)
+    pool.cache_block(block, BlockHash(b"x", (5,)), parent_serial=0)
+    pool.free([block])
+    pool.incref([block])
+    assert block.ref_cnt == 1 and pool.free_block_ids() == [1]
+    pool.check_invariants()
+
+
+def test_cache_block_refuses_a_taken_digest_or_a_free_block():
+    pool = BlockPool(3)
+    a, b = pool.allocate(2)
+    pool.cache_block(a, BlockHash(b"x", (1,)), parent_serial=0)
+    with pytest.raises(ValueError):
+        pool.cache_block(b, BlockHash(b"x", (2,)), parent_serial=0)
+    with pytest.raises(ValueError):
+        pool.cache_block(pool.blocks[2], BlockHash(b"y", (1,)), parent_serial=0)
+    pool.check_invariants()
 
 
 def test_invariant_check_catches_corruption():

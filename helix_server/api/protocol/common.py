@@ -22,12 +22,19 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorDetail
 
 
+class PromptTokensDetails(msgspec.Struct):
+    """`usage.prompt_tokens_details`: prompt tokens whose KV came from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(msgspec.Struct):
     """Token counts of one request (prompts counted once, completions summed over all choices)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):

@@ -46,3 +46,5 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     speculation_depth: int | None = None
+    # Prefix caching: only requests with the same salt share cached KV blocks (vLLM's extension).
+    cache_salt: str | None = None

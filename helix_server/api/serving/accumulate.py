@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from helix_server.api.errors import server_error
 from helix_server.api.protocol.common import UsageInfo
+from helix_server.api.serving.usage import usage_info
 from helix_server.engine.outputs import RequestOutput
 from helix_server.runner.output import TokenLogprob
 
@@ -29,6 +30,7 @@ class PromptResult:
     sequences: list[SequenceResult]
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0
 
 
 class ResultAccumulator:
@@ -45,6 +47,7 @@ class ResultAccumulator:
             result.prompt_logprobs = output.prompt_logprobs
         if output.error:
             result.error = output.error
+        result.num_cached_tokens = max(result.num_cached_tokens, output.num_cached_tokens)
         for delta in output.outputs:
             seq = result.sequences[delta.index]
             seq.text += delta.text
@@ -68,7 +71,7 @@ class ResultAccumulator:
                 yield p * self.n + i, result, seq
 
     def usage(self) -> UsageInfo:
-        """Prompt tokens once per prompt, completion tokens of every choice."""
+        """Prompt tokens once per prompt, completion tokens of every choice, cached prompt tokens."""
         prompt = sum(len(r.prompt_token_ids) for r in self.results)
         completion = sum(len(s.token_ids) for r in self.results for s in r.sequences)
-        return UsageInfo(prompt, completion, prompt + completion)
+        return usage_info(prompt, completion, sum(r.num_cached_tokens for r in self.results))

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 import msgspec
 from litestar import Request, Response
 
-from helix_server.api.errors import bad_request, server_error, service_unavailable
+from helix_server.api.errors import bad_request, overloaded, server_error, service_unavailable
 from helix_server.api.protocol.chat import (
     ChatChoice,
     ChatCompletionChunk,
@@ -33,7 +33,7 @@ from helix_server.api.serving.respond import respond
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
 from helix_server.api.state import ServerState
-from helix_server.errors import EngineDeadError
+from helix_server.errors import EngineDeadError, EngineOverloadedError
 from helix_server.sampling_params import SamplingParams
 
 logger = logging.getLogger("helix_server.api")
@@ -103,7 +103,9 @@ class ChatService:
         self.n = params.n
 
         def start():
-            return Generation.start(self.state, self.request_id, [prompt.token_ids], params, "messages")
+            return Generation.start(
+                self.state, self.request_id, [prompt.token_ids], params, "messages", cache_salt=self.body.cache_salt
+            )
 
         return await respond(
             self.state,
@@ -174,6 +176,8 @@ class ChatService:
                 yield self._chunk([], include_usage, usage=counter.usage())
         except EngineDeadError as exc:
             yield error_event(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
+        except EngineOverloadedError as exc:
+            yield error_event(overloaded(exc.message, exc.code, exc.retry_after))
         except Exception:
             logger.exception("chat stream %s failed", self.request_id)
             yield error_event(server_error("The server had an error while processing your request."))

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 import msgspec
 from litestar import Request, Response
 
-from helix_server.api.errors import server_error, service_unavailable
+from helix_server.api.errors import overloaded, server_error, service_unavailable
 from helix_server.api.protocol.completions import (
     CompletionChoice,
     CompletionLogprobs,
@@ -31,7 +31,7 @@ from helix_server.api.serving.respond import respond
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
 from helix_server.api.state import ServerState
-from helix_server.errors import EngineDeadError
+from helix_server.errors import EngineDeadError, EngineOverloadedError
 from helix_server.sampling_params import SamplingParams
 
 logger = logging.getLogger("helix_server.api")
@@ -69,7 +69,9 @@ class CompletionService:
         token_prompts = [p.token_ids for p in self.prompts]
 
         def start():
-            return Generation.start(self.state, self.request_id, token_prompts, params, "prompt")
+            return Generation.start(
+                self.state, self.request_id, token_prompts, params, "prompt", cache_salt=self.body.cache_salt
+            )
 
         return await respond(
             self.state,
@@ -173,6 +175,8 @@ class CompletionService:
                 yield self._chunk([], include_usage, usage=counter.usage())
         except EngineDeadError as exc:
             yield error_event(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
+        except EngineOverloadedError as exc:
+            yield error_event(overloaded(exc.message, exc.code, exc.retry_after))
         except Exception:
             logger.exception("completion stream %s failed", self.request_id)
             yield error_event(server_error("The server had an error while processing your request."))

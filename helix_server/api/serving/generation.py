@@ -1,13 +1,17 @@
 """`Generation`: the engine requests of one API request (one per prompt) and their merged outputs.
 
-Every prompt is validated before any is queued, so a bad second prompt never leaves the first one
-running. `outputs()` yields `(prompt_index, RequestOutput)` deltas as they arrive from any prompt;
-closing it (or `aclose()`) aborts whatever is still running, which frees its KV blocks.
+Every prompt is validated, and the whole request checked against the queue bounds, before any is
+queued, so a bad or refused second prompt never leaves the first one running. `outputs()` yields
+`(prompt_index, RequestOutput)` deltas as they arrive from any prompt; closing it (or `aclose()`)
+aborts whatever is still running, which frees its KV blocks. `wait_first_output()` lets a streaming
+response wait for the engine's first output before sending any byte (so a request dropped from the
+queue can still be answered with a plain 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from helix_server.api.metrics import RequestObserver
@@ -29,6 +33,9 @@ class Generation:
         self._tasks: list[asyncio.Task] = []
         self._iterators: list = []
         self._closed = False
+        # The merged deltas, created on first use; `_buffer` holds what `wait_first_output` read.
+        self._source: AsyncIterator[tuple[int, RequestOutput]] | None = None
+        self._buffer: list[tuple[int, RequestOutput]] = []
 
     @classmethod
     async def start(
@@ -38,16 +45,23 @@ class Generation:
         prompts: list[list[int]],
         params: SamplingParams,
         prompt_param: str = "prompt",
+        cache_salt: str | None = None,
     ) -> Generation:
-        """Validate every prompt, then queue them all (raises `ParameterError` / `EngineDeadError`)."""
+        """Validate every prompt, check the queue bounds for all of them, then queue them all
+        (raises `ParameterError`, `EngineOverloadedError` or `EngineDeadError`)."""
         engine = state.engine
         for token_ids in prompts:
             engine.core.validate_request(token_ids, params, prompt_param)
+        engine.check_admission(params.n * len(prompts), sum(len(p) for p in prompts))
         streams: list[RequestStream] = []
         try:
             for index, token_ids in enumerate(prompts):
                 stream = await engine.add_request(
-                    token_ids, params, request_id=f"{request_id}-{index}", prompt_param=prompt_param
+                    token_ids,
+                    params,
+                    request_id=f"{request_id}-{index}",
+                    prompt_param=prompt_param,
+                    cache_salt=cache_salt,
                 )
                 streams.append(stream)
         except BaseException:
@@ -56,8 +70,28 @@ class Generation:
             raise
         return cls(state, streams)
 
+    async def wait_first_output(self) -> None:
+        """Wait for the first delta of any prompt (kept for `outputs()`); raises what the engine
+        raised instead (e.g. `EngineOverloadedError` for a request dropped from the queue)."""
+        try:
+            self._buffer.append(await self._merged().__anext__())
+        except StopAsyncIteration:
+            pass
+
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Deltas of all prompts, each prompt's in order; ends when every prompt has finished."""
+        source = self._merged()
+        while self._buffer:
+            yield self._buffer.pop(0)
+        async for item in source:
+            yield item
+
+    def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if self._source is None:
+            self._source = self._iterate()
+        return self._source
+
+    async def _iterate(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         if len(self.streams) == 1:
             iterator = self.streams[0].__aiter__()
             self._iterators.append(iterator)
@@ -97,6 +131,9 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        if self._source is not None:
+            with contextlib.suppress(RuntimeError):  # still running in another task: it ends below
+                await self._source.aclose()
         for task in self._tasks:
             task.cancel()
         for iterator in self._iterators:

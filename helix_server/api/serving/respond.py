@@ -1,7 +1,9 @@
 """The life of one generation request: admit, start, then stream or collect, and always clean up.
 
-Everything that can fail on bad input happens in `start` (tokenize, validate, queue), before the
-first byte of the response, so a bad streaming request still gets a plain 400.
+Everything that can fail on bad input happens in `start` (tokenize, validate, admission, queue),
+before the first byte of the response, so a bad or refused streaming request still gets a plain
+400 or 503. With `max_queue_wait` set, a stream also waits for the engine's first output (its first
+token) before sending anything, so a request dropped after waiting too long is a plain 503 too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ async def respond(
         raise
 
     if stream:
+        if state.config.engine.scheduler.max_queue_wait is not None:
+            try:
+                await run_until_disconnect(request, generation.wait_first_output())
+            except BaseException:
+                await generation.aclose()
+                release()
+                raise
 
         async def event_source() -> AsyncGenerator[bytes, None]:
             try:
