@@ -2,6 +2,10 @@
 
     helix-server serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--config FILE.toml] ...
     helix-server generate --prompt "def fibonacci(n):" [--max-tokens 64] [--temperature 0] ...
+    helix-server train-default [--output DIR] [--preset cpu|gpu] [--device auto] [--time-budget S] ...
+
+Without `--model`, `serve` and `generate` use the embedded default model (with its draft model as
+speculative proposer unless speculative decoding is configured); `train-default` trains that pair.
 
 Every engine and server setting is a flag, an `HELIX_*` environment variable and a TOML key (see
 `helix_server.settings`).
@@ -12,8 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+import msgspec
 
 from helix_server import __version__
+from helix_server.default_model import with_default_model
 from helix_server.errors import HelixError
 from helix_server.settings import add_setting_flags, build_config
 
@@ -38,6 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--sampling-seed", type=int, default=None, help="Seed of this request.")
     add_setting_flags(generate)
+
+    train = commands.add_parser(
+        "train-default",
+        help="Train the embedded default model pair (target + draft) on the standard library's source.",
+        description="Train the default model's tokenizer, target and distilled draft on the Python "
+        "standard library's source and save them as Hugging Face directories OUTPUT/target and "
+        "OUTPUT/draft (copy them to helix_server/default_model/weights/ to ship them).",
+    )
+    train.add_argument("--output", type=Path, default=Path("helix-default-model"), help="Output directory.")
+    train.add_argument("--preset", choices=("auto", "cpu", "gpu"), default="auto",
+                       help="Sizes and schedule: cpu (about an hour on 2 cores), gpu (larger, time-budgeted); "
+                       "auto: gpu on a CUDA device, else cpu.")
+    train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                       help="Wall-clock budget of the whole run; phases without a step count share it "
+                       "(the gpu preset's default: 420).")
+    train.add_argument("--target-steps", type=int, default=None)
+    train.add_argument("--draft-steps", type=int, default=None)
+    train.add_argument("--distill-steps", type=int, default=None)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    train.add_argument("--corpus-dir", type=Path, default=None,
+                       help="Directory of .py files to train on instead of the standard library.")
+    train.add_argument("--log-every", type=int, default=50, help="Steps between progress lines.")
     return parser
 
 
@@ -46,11 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve", *argv]
     args = build_parser().parse_args(argv)
+    if args.command == "train-default":
+        return _train_default(args)
     try:
         config = build_config(vars(args), config_file=args.config_file)
     except (HelixError, OSError) as exc:
         print(f"helix-server: {exc}", file=sys.stderr)
         return 2
+    try:
+        config = msgspec.structs.replace(config, engine=with_default_model(config.engine))
+    except OSError as exc:
+        print(f"helix-server: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -77,6 +116,31 @@ def _generate(args: argparse.Namespace, config) -> int:
                 sys.stdout.write(seq.text)
                 sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _train_default(args: argparse.Namespace) -> int:
+    """`helix-server train-default`: only torch, transformers and tokenizers are imported here."""
+    import torch
+
+    from helix_server.training.presets import PRESETS, with_steps
+    from helix_server.training.recipe import TrainOptions, train_default
+
+    preset = args.preset
+    if preset == "auto":
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        preset = "gpu" if cuda else "cpu"
+    recipe = with_steps(PRESETS[preset], args.target_steps, args.draft_steps, args.distill_steps)
+    budget = args.time_budget if args.time_budget is not None else recipe.time_budget_s
+    options = TrainOptions(
+        output=args.output, recipe=recipe, device=args.device, seed=args.seed, time_budget_s=budget,
+        threads=args.threads, corpus_dir=args.corpus_dir, log_every=args.log_every,
+    )
+    try:
+        train_default(options)
+    except (RuntimeError, ValueError) as exc:
+        print(f"helix-server train-default: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

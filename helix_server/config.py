@@ -62,6 +62,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 SPECULATIVE_METHODS = ("none", "draft", "ngram", "layer-skip")
+# Drafted tokens per step when `num_speculative_tokens` is not set.
+DEFAULT_SPECULATIVE_TOKENS = 3
 
 
 class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,8 +74,9 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
     # A local HF directory with the target's vocabulary (method "draft").
     draft_model: str | None = None
     # Drafted tokens per step and request, or "auto": adapted per request and step (up to
-    # `max_speculative_tokens`) from the measured acceptance rate and costs, down to 0.
-    num_speculative_tokens: int | str = 3
+    # `max_speculative_tokens`) from the measured acceptance rate and costs, down to 0. None (not
+    # set): DEFAULT_SPECULATIVE_TOKENS, except that the embedded default pair runs "auto".
+    num_speculative_tokens: int | str | None = None
     max_speculative_tokens: int = 5
     # Prompt lookup: the trailing n-gram lengths tried, longest first.
     ngram_min: int = 1
@@ -88,8 +91,15 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
         return "draft" if self.draft_model else "none"
 
     @property
+    def depth(self) -> int | str:
+        """`num_speculative_tokens`, or its default when not set: a count or "auto"."""
+        if self.num_speculative_tokens is None:
+            return DEFAULT_SPECULATIVE_TOKENS
+        return self.num_speculative_tokens
+
+    @property
     def adaptive(self) -> bool:
-        return self.num_speculative_tokens == "auto"
+        return self.depth == "auto"
 
     @property
     def max_depth(self) -> int:
@@ -98,7 +108,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
             return 0
         if self.adaptive:
             return self.max_speculative_tokens
-        return int(self.num_speculative_tokens)
+        return int(self.depth)
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):

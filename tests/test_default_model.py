@@ -1,186 +1,145 @@
-"""The embedded default model: builds offline, loads with transformers, is cached, is deterministic."""
+"""The embedded default model: the shipped target + draft pair, how a config without a model uses
+it, that transformers and helix load it, and that its draft is accepted often enough."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
-import threading
-import time
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from helix_server.default_model import builder, ensure_default_model
-from helix_server.default_model.builder import DEFAULT_MODEL_NAME, MANIFEST_FILE, MODEL_SHAPE
+from helix_server import LLM, SamplingParams
+from helix_server.config import EngineConfig, ModelConfig, SpeculativeConfig
+from helix_server.default_model import (
+    DEFAULT_SERVED_MODEL_NAME,
+    MANIFEST_FILE,
+    WEIGHTS_DIR,
+    default_draft_dir,
+    default_target_dir,
+    ensure_default_model,
+    read_manifest,
+    with_default_model,
+)
 from helix_server.engine.tokenizer import load_tokenizer
+from helix_server.platform import device as device_module
 
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+MAX_SHIPPED_BYTES = 40 * 1000 * 1000
+# Greedy acceptance rate of the shipped draft at k = 3 on ACCEPTANCE_PROMPTS (32 tokens each) was
+# 0.41 when the pair was shipped; the floor leaves a margin. A worse draft or a broken proposer path
+# fails here (a random draft scores near 0).
+ACCEPTANCE_FLOOR = 0.30
+ACCEPTANCE_PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\n\n\ndef list_python_files(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    def __repr__(self):\n",
+    "def read_lines(filename):\n    with open(filename) as f:\n",
+    "        for key, value in self.items():\n",
+    "    if not isinstance(name, str):\n",
+    "def main():\n    parser = argparse.ArgumentParser()\n",
+]
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("helix-cache")
+def pair() -> tuple[Path, Path]:
+    return default_target_dir(), default_draft_dir()
 
 
-@pytest.fixture(scope="module")
-def model_dir(cache_root: Path) -> Path:
-    return ensure_default_model(cache_root)
+def test_the_pair_ships_complete_and_within_budget(pair) -> None:
+    assert ensure_default_model() == pair[0]
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert total <= MAX_SHIPPED_BYTES, total
+    for model_dir in pair:
+        for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", MANIFEST_FILE):
+            assert (model_dir / name).is_file(), (model_dir, name)
+    target, draft = (read_manifest(d) for d in pair)
+    assert (target["role"], draft["role"]) == ("target", "draft")
+    assert target["name"] == DEFAULT_SERVED_MODEL_NAME
+    assert draft["parameters"] * 4 < target["parameters"]  # "much smaller"
+    assert (pair[0] / "tokenizer.json").read_bytes() == (pair[1] / "tokenizer.json").read_bytes()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_builds_a_complete_directory(model_dir: Path, cache_root: Path) -> None:
-    assert model_dir == cache_root / DEFAULT_MODEL_NAME
-    for name in (
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        MANIFEST_FILE,
-    ):
-        assert (model_dir / name).is_file(), name
-    assert not list(cache_root.glob(f".{DEFAULT_MODEL_NAME}.build-*"))  # temp dir renamed away
-
-
-def test_loads_with_transformers(model_dir: Path) -> None:
-    import torch
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_loads_with_transformers(pair, role: str) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
+    model_dir = pair[0] if role == "target" else pair[1]
     hf_tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    eos, im_start, im_end = (
-        hf_tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    )
-    assert len(hf_tok) == config.vocab_size == 4096
-    assert hf_tok.eos_token_id == hf_tok.pad_token_id == eos
-    assert {eos, im_start, im_end} <= set(hf_tok.all_special_ids)
+    eos, im_end = hf_tok.convert_tokens_to_ids("<|endoftext|>"), hf_tok.convert_tokens_to_ids("<|im_end|>")
     assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
-    for key, value in MODEL_SHAPE.items():
-        assert getattr(config, key) == value, key
-    assert config.head_dim == 32
+    assert len(hf_tok) == config.vocab_size
+    assert config.max_position_embeddings == 2048
+    assert hf_tok.eos_token_id == hf_tok.pad_token_id == eos
     assert list(config.eos_token_id) == [eos, im_end]
     assert GenerationConfig.from_pretrained(model_dir).eos_token_id == [eos, im_end]
+    assert hf_tok.decode(hf_tok("def f(x):\n    return x\n").input_ids) == "def f(x):\n    return x\n"
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    assert model.dtype == torch.float32
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    ids = hf_tok("def main():", return_tensors="pt").input_ids
+    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    ids = hf_tok("def fibonacci(n):\n", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits  # [1, num_tokens, vocab]
-    assert logits.shape == (1, ids.shape[1], 4096)
-    assert torch.isfinite(logits).all() and logits[0, -1].std() > 0.5  # clearly non-uniform
+    assert logits.shape == (1, ids.shape[1], config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_our_tokenizer_wrapper_reads_it(model_dir: Path) -> None:
-    tok = load_tokenizer(model_dir)
+def test_tokenizer_and_chat_template(pair) -> None:
+    tok = load_tokenizer(pair[0])
     assert tok.eos_token_ids == {0, 2}  # <|endoftext|> and <|im_end|>
-    assert tok.vocab_size == 4096
     text = "import os\nprint('héllo 世界')\n"
     assert tok.decode(tok.encode(text)) == text
-
-
-def test_chat_template_renders_all_roles(model_dir: Path) -> None:
-    tok = load_tokenizer(model_dir)
-    messages = [
-        {"role": "system", "content": "S"},
-        {"role": "developer", "content": "D"},
-        {"role": "user", "content": [{"type": "text", "text": "U1"}, {"type": "text", "text": "U2"}]},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "42"},
-        {"role": "assistant", "content": "A"},
-    ]
-    text = tok.render_chat_template(messages, add_generation_prompt=True)
-    assert text == (
-        "<|im_start|>system\nS<|im_end|>\n"
-        "<|im_start|>developer\nD<|im_end|>\n"
-        "<|im_start|>user\nU1U2<|im_end|>\n"
-        '<|im_start|>assistant\n\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n'
-        "<|im_start|>tool\n42<|im_end|>\n"
-        "<|im_start|>assistant\nA<|im_end|>\n"
-        "<|im_start|>assistant\n"
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert tok.render_chat_template(messages, add_generation_prompt=True) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert not tok.render_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
-    ids = tok.apply_chat_template(messages[:1])
-    assert ids[0] == 1 and ids.count(2) == 1  # markers are single special tokens
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert tok.render_chat_template(messages[:1], tools=tools).startswith("<|im_start|>system\n# Tools\n{")
 
 
-def test_second_call_reuses_the_cache(model_dir: Path, cache_root: Path, monkeypatch) -> None:
-    mtime = (model_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
-    assert ensure_default_model(cache_root) == model_dir
-    assert time.perf_counter() - start < 0.5
-    monkeypatch.setenv("HELIX_CACHE_DIR", str(cache_root))
-    assert ensure_default_model() == model_dir  # the env var names the same cache root
-    assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime
+@pytest.mark.parametrize("fast_half", [False, True])
+def test_dtype_auto_on_a_cpu(pair, monkeypatch, fast_half: bool) -> None:
+    """Half-precision checkpoints run in float32 on CPUs without fast half precision."""
+    from helix_server.models import load_hf_config
+
+    monkeypatch.setattr(device_module, "cpu_has_fast_half", lambda dtype: fast_half)
+    hf_config = load_hf_config(pair[0])
+    saved = json.loads((pair[0] / "config.json").read_text())["dtype"]
+    resolved = device_module.resolve_dtype("auto", hf_config, torch.device("cpu"))
+    assert resolved == (torch.float32 if saved == "float32" or not fast_half else getattr(torch, saved))
 
 
-def test_build_is_deterministic_across_processes(model_dir: Path, tmp_path: Path) -> None:
-    """A second build from scratch, in a fresh interpreter with another hash seed, is byte-identical."""
-    other = tmp_path / "other"
-    code = f"from helix_server.default_model import build_default_model; build_default_model({str(other)!r})"
-    env = {**OFFLINE_ENV, "PYTHONHASHSEED": "12345"}
-    subprocess.run(
-        [sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).parents[1], timeout=120
-    )
-    for name in (
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "config.json",
-        MANIFEST_FILE,
-    ):
-        assert _sha256(other / name) == _sha256(model_dir / name), name
+def test_a_config_without_a_model_gets_the_pair(pair) -> None:
+    config = with_default_model(EngineConfig())
+    assert config.model.model == str(pair[0])
+    assert config.model.served_model_name == DEFAULT_SERVED_MODEL_NAME
+    assert config.speculative.method == "draft" and config.speculative.draft_model == str(pair[1])
+    assert config.speculative.num_speculative_tokens == "auto"
+
+    def spec(**kwargs) -> SpeculativeConfig:
+        return with_default_model(EngineConfig(speculative=SpeculativeConfig(**kwargs))).speculative
+
+    assert spec(speculative_method="none").method == "none"
+    assert spec(speculative_method="ngram").draft_model is None
+    assert spec(num_speculative_tokens=5).num_speculative_tokens == 5
+    assert spec(num_speculative_tokens=3).num_speculative_tokens == 3  # set explicitly: kept
+    assert spec(draft_model="/elsewhere").draft_model == "/elsewhere"
+    named = EngineConfig(model=ModelConfig(model="/some/model"))
+    assert with_default_model(named) is named
+    renamed = with_default_model(EngineConfig(model=ModelConfig(served_model_name="mine")))
+    assert renamed.model.served_model_name == "mine"
 
 
-def _fake_build(out_dir, corpus=None) -> Path:
-    out = Path(out_dir)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_text(out.name)
-    (out / MANIFEST_FILE).write_text("{}")
-    return out
+def test_llm_serves_the_pair_with_speculation_and_the_draft_is_accepted() -> None:
+    """Greedy, k = 3: the acceptance rate on fixed prompts stays above the floor, and the output is
+    token for token the output without speculation."""
+    llm = LLM(dtype="float32", num_kv_blocks=256, num_speculative_tokens=3)
+    assert llm.engine.max_speculation_depth == 3
+    assert llm.engine.runtime.model_name == DEFAULT_SERVED_MODEL_NAME
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = [r.outputs[0].token_ids for r in llm.generate(ACCEPTANCE_PROMPTS, params)]
+    stats = llm.engine.stats()
+    alpha = stats.spec_num_accepted_tokens_total / stats.spec_num_draft_tokens_total
+    assert alpha >= ACCEPTANCE_FLOOR, alpha
 
-
-def test_racing_builders_agree_on_one_directory(tmp_path: Path, monkeypatch) -> None:
-    barrier = threading.Barrier(2)
-
-    def slow_build(out_dir, corpus=None):
-        barrier.wait(timeout=10)  # both have built before either renames
-        return _fake_build(out_dir)
-
-    monkeypatch.setattr(builder, "build_default_model", slow_build)
-    results: list[Path] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(ensure_default_model(tmp_path))) for _ in range(2)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    target = tmp_path / DEFAULT_MODEL_NAME
-    assert results == [target, target]
-    assert builder.is_complete_model_dir(target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_MODEL_NAME]  # losers cleaned up
-
-
-def test_broken_leftover_is_replaced(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(builder, "build_default_model", _fake_build)
-    broken = tmp_path / DEFAULT_MODEL_NAME
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")  # no manifest: an interrupted or damaged copy
-    assert ensure_default_model(tmp_path) == broken
-    assert builder.is_complete_model_dir(broken)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_MODEL_NAME]
+    plain = LLM(dtype="float32", num_kv_blocks=256, speculative_method="none")
+    assert plain.engine.max_speculation_depth == 0
+    assert [r.outputs[0].token_ids for r in plain.generate(ACCEPTANCE_PROMPTS, params)] == outputs

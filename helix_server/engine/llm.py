@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 
 from helix_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from helix_server.default_model import with_default_model
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import CompletionOutput, RequestOutput
 from helix_server.engine.tokenizer import Tokenizer
@@ -27,11 +28,12 @@ class LLM:
     `max_num_batched_tokens`, `max_num_seqs`, `max_n`, `tokenizer`, and speculative decoding's
     `speculative_method`, `draft_model`, `num_speculative_tokens` (an int or "auto"),
     `max_speculative_tokens`, `ngram_min`, `ngram_max`, `draft_layers`. `model=None` loads the
-    embedded default model.
+    embedded default model, with its draft model as speculative proposer unless speculative
+    decoding is configured (`speculative_method="none"` turns it off).
     """
 
     def __init__(self, model: str | None = None, **settings) -> None:
-        self.config = engine_config_from_settings(model, **settings)
+        self.config = with_default_model(engine_config_from_settings(model, **settings))
         self.engine = EngineCore(self.config)
 
     def get_tokenizer(self) -> Tokenizer:

@@ -154,7 +154,7 @@ def validate_speculative_config(spec: SpeculativeConfig, num_layers: int) -> Non
             f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {spec.method!r}.",
             "speculative_method",
         )
-    depth = spec.num_speculative_tokens
+    depth = spec.depth
     if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
         raise ParameterError(
             f"num_speculative_tokens must be a count >= 0 or 'auto', got {depth!r}.", "num_speculative_tokens"

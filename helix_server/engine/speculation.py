@@ -37,7 +37,7 @@ def build_proposer(spec: SpeculativeConfig, components: EngineComponents) -> Pro
     logger.info(
         "speculative decoding: %s, %s tokens per step",
         method if method != "layer-skip" else f"layer-skip ({draft_layers(spec, components.model.num_layers)} layers)",
-        "auto (up to %d)" % spec.max_speculative_tokens if spec.adaptive else spec.num_speculative_tokens,
+        "auto (up to %d)" % spec.max_speculative_tokens if spec.adaptive else spec.depth,
     )
     return proposer
 

@@ -1,0 +1,77 @@
+"""The trained default model that ships with the package, and how a config without a model uses it.
+
+`weights/target` is a small Llama trained by the project (`helix-server train-default`) on the
+Python standard library's source; `weights/draft` is a much smaller model with the same tokenizer,
+distilled on the target, used as speculative decoding's proposer. Both are plain Hugging Face
+directories. Each holds `MANIFEST_FILE`, which records how it was trained and evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+
+from helix_server.config import EngineConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST_FILE = "helix-default-model.json"
+DEFAULT_SERVED_MODEL_NAME = "helix-pycoder-tiny"
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MANIFEST_FILE)
+
+
+def default_target_dir() -> Path:
+    """The shipped target model's directory (it may be missing from a broken install)."""
+    return WEIGHTS_DIR / "target"
+
+
+def default_draft_dir() -> Path:
+    """The shipped draft model's directory."""
+    return WEIGHTS_DIR / "draft"
+
+
+def ensure_default_model() -> Path:
+    """The shipped target model's directory; `FileNotFoundError` if the package lacks it."""
+    target = default_target_dir()
+    missing = [name for name in _REQUIRED_FILES if not (target / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the embedded default model is missing from {target} ({', '.join(missing)}); reinstall "
+            "helix-server, pass --model DIR, or train it with `helix-server train-default --output "
+            f"{WEIGHTS_DIR}`."
+        )
+    return target
+
+
+def read_manifest(model_dir: Path) -> dict:
+    """The training manifest of a shipped model directory."""
+    return json.loads((Path(model_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+
+
+def with_default_model(config: EngineConfig) -> EngineConfig:
+    """`config`, or, when it names no model, `config` set up for the shipped pair.
+
+    The target becomes the model (served as `DEFAULT_SERVED_MODEL_NAME` unless a name is set) and,
+    unless speculative decoding was configured (a method, `none` included, or a draft model), the
+    shipped draft becomes its proposer, with the configured `num_speculative_tokens` or, when none
+    is set, "auto": the pair is so small that the draft costs a third of a target step, so fixed
+    depths only pay off one request at a time (see the README's measurements), and "auto" backs off
+    under load. A config that names a model is returned unchanged.
+    """
+    if config.model.model:
+        return config
+    model = msgspec.structs.replace(
+        config.model,
+        model=str(ensure_default_model()),
+        served_model_name=config.model.served_model_name or DEFAULT_SERVED_MODEL_NAME,
+    )
+    speculative = config.speculative
+    if speculative.speculative_method is None and not speculative.draft_model:
+        draft = default_draft_dir()
+        if (draft / "model.safetensors").is_file():
+            depth = "auto" if speculative.num_speculative_tokens is None else speculative.num_speculative_tokens
+            speculative = msgspec.structs.replace(
+                speculative, speculative_method="draft", draft_model=str(draft), num_speculative_tokens=depth
+            )
+    return msgspec.structs.replace(config, model=model, speculative=speculative)
