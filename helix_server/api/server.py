@@ -89,7 +89,7 @@ def build_engine(config: HelixConfig) -> AsyncEngine:
 
 
 def log_startup(engine: AsyncEngine, config: HelixConfig) -> None:
-    """Log the model, device, dtype, KV pool and the URL."""
+    """Log the model, caching and queue settings, and the URL (the runtime logged device, dtype and KV pool)."""
     runtime = engine.runtime
     logger.info(
         "serving model %r from %s on %s (%s); max_model_len %d",
@@ -99,12 +99,12 @@ def log_startup(engine: AsyncEngine, config: HelixConfig) -> None:
         str(runtime.dtype).removeprefix("torch."),
         engine.core.max_sequence_len,
     )
+    # (The KV pool's size was logged when it was allocated.)
+    scheduler = config.engine.scheduler
     logger.info(
-        "KV pool: %d blocks x %d tokens = %d tokens (%.1f MiB)",
-        runtime.num_kv_blocks,
-        runtime.block_size,
-        runtime.kv_pool_tokens,
-        runtime.kv_cache_bytes / (1 << 20),
+        "prefix caching %s; at most %s queued requests",
+        "on" if config.engine.cache.enable_prefix_caching else "off",
+        scheduler.max_queued_requests if scheduler.max_queued_requests is not None else "unlimited",
     )
     server = config.server
     host = f"[{server.host}]" if ":" in server.host else server.host
