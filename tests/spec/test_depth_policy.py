@@ -58,3 +58,11 @@ def test_a_policy_that_stopped_drafting_explores_now_and_then():
     explored = [i for i, d in enumerate(decisions) if d]
     assert explored and all(decisions[i] == {"r": 1} for i in explored)
     assert len(explored) <= 200 // 50
+
+
+def test_only_the_oldest_request_explores():
+    policy = _policy(alpha_hits=0, alpha_misses=40, draft_step=0.0005, slope=0.0)
+    limits = {"old": 0, "r": 5, "young": 5}  # "old" may not draft (no room left)
+    decisions = [policy.depths(limits, num_batch_tokens=3) for _ in range(200)]
+    explored = [d for d in decisions if d]
+    assert explored and all(d == {"r": 1} for d in explored)
