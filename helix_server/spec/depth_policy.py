@@ -17,8 +17,9 @@ With depth k a request yields on average E(k) = (1 - alpha^(k+1)) / (1 - alpha) 
 (Leviathan et al. 2022). For each candidate depth K the step would take
 T(n0 + sum k_r) + K * D and yield sum E_r(k_r), with k_r = min(K, the request's own limits); the
 policy picks the K with the best ratio, and K = 0 (no speculation) unless speculating is expected to
-beat it by a margin; while at 0 it still drafts one token for one request every `_EXPLORE_EVERY`
-steps to keep its acceptance estimate current. Pure Python: no torch.
+beat it by a margin; while at 0 it still drafts one token for one request now and then (after
+`_EXPLORE_EVERY` steps, then twice as long after each exploration that changed nothing, up to
+`_EXPLORE_MAX`) to keep its acceptance estimate current. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ _MARGIN = 1.05
 # acceptance estimate keeps up with the workload (a step of exploration every 64 costs little if
 # drafting does not pay, and finds out when it starts to). Only one request explores: a proposer
 # must first catch up on every token since it last drafted for a request, which for a whole batch
-# of a small model can cost more than the target's step (measured: 6% of a 24-request run).
+# of a small model can cost more than the target's step (measured: 6% of a 24-request run). Each
+# exploration after which drafting still does not pay doubles the wait, up to _EXPLORE_MAX (one
+# exploration still cost ~4% of a 62-step run with the default pair).
 _EXPLORE_EVERY = 64
+_EXPLORE_MAX = 1024
 
 
 def expected_tokens(alpha: float, depth: int) -> float:
@@ -67,6 +71,7 @@ class DepthPolicy:
     _steps: dict[int, tuple[float, float]] = field(default_factory=dict)
     _draft_step_seconds: float | None = None
     _steps_without_drafts: int = 0
+    _explore_interval: int = _EXPLORE_EVERY
 
     # ------------------------------------------------------------------ measurements
 
@@ -175,11 +180,14 @@ class DepthPolicy:
                 best_rate, best = rate, chosen
         if best_rate < baseline_rate * _MARGIN:
             self._steps_without_drafts += 1
-            if self._steps_without_drafts < _EXPLORE_EVERY:
+            if self._steps_without_drafts < self._explore_interval:
                 return {}
             # The first (oldest) request explores: usually the one that explored last time, so its
             # proposer has the fewest tokens to catch up on.
             best = {next(rid for rid, limit in limits.items() if limit > 0): 1}
+            self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
+        else:
+            self._explore_interval = _EXPLORE_EVERY
         self._steps_without_drafts = 0
         return best
 

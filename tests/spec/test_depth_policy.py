@@ -66,3 +66,16 @@ def test_only_the_oldest_request_explores():
     decisions = [policy.depths(limits, num_batch_tokens=3) for _ in range(200)]
     explored = [d for d in decisions if d]
     assert explored and all(d == {"r": 1} for d in explored)
+
+
+def test_explorations_that_change_nothing_grow_further_apart():
+    policy = _policy(alpha_hits=0, alpha_misses=40, draft_step=0.0005, slope=0.0)
+    decisions = [policy.depths({"r": 5}, num_batch_tokens=1) for _ in range(5000)]
+    explored = [i for i, d in enumerate(decisions) if d]
+    gaps = [b - a for a, b in zip(explored, explored[1:])]
+    assert gaps[:4] == [128, 256, 512, 1024] and set(gaps[4:]) == {1024}
+    # Once drafting pays again, the next exploration is back to the short wait.
+    for _ in range(200):
+        policy.observe_verification("r", 4, 4)
+    assert policy.depths({"r": 5}, num_batch_tokens=1)
+    assert policy._explore_interval == 64
