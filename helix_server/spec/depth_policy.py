@@ -184,7 +184,10 @@ class DepthPolicy:
                 return {}
             # The first (oldest) request explores: usually the one that explored last time, so its
             # proposer has the fewest tokens to catch up on.
-            best = {next(rid for rid, limit in limits.items() if limit > 0): 1}
+            explorer = next((rid for rid, limit in limits.items() if limit > 0), None)
+            if explorer is None:
+                return {}
+            best = {explorer: 1}
             self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
         else:
             self._explore_interval = _EXPLORE_EVERY

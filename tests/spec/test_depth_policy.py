@@ -66,6 +66,7 @@ def test_only_the_oldest_request_explores():
     decisions = [policy.depths(limits, num_batch_tokens=3) for _ in range(200)]
     explored = [d for d in decisions if d]
     assert explored and all(d == {"r": 1} for d in explored)
+    assert not any(policy.depths({"a": 0, "b": 0}, num_batch_tokens=2) for _ in range(300))
 
 
 def test_explorations_that_change_nothing_grow_further_apart():
