@@ -10,9 +10,7 @@ tokens per second:
   more tokens costs: nearly nothing when decoding is memory-bound (small batches), a lot when it is
   compute-bound (large batches). Measured steps are averaged per power-of-two range of n and T is
   interpolated between those points (a single global line would be dominated by long prompt
-  steps and says little about n = 16 versus n = 32). A range measured long ago counts for less
-  against a new measurement (the machine's speed drifts), and the points are made non-decreasing
-  in n before interpolating;
+  steps and says little about n = 16 versus n = 32);
 * the proposer's time per drafting step, D.
 
 With depth k a request yields on average E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step
@@ -21,10 +19,7 @@ T(n0 + sum k_r) + K * D and yield sum E_r(k_r), with k_r = min(K, the request's 
 policy picks the K with the best ratio, and K = 0 (no speculation) unless speculating is expected to
 beat it by a margin; while at 0 it still drafts one token for one request now and then (after
 `_EXPLORE_EVERY` steps, then twice as long after each exploration that changed nothing, up to
-`_EXPLORE_MAX`) to keep its acceptance estimate current; and while drafting it skips drafts for
-one step every `_REFRESH_EVERY`, so the time of a step without drafts, the baseline every decision
-compares against, is measured afresh (a stale, slow baseline would keep it drafting at a loss).
-Pure Python: no torch.
+`_EXPLORE_MAX`) to keep its acceptance estimate current. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -46,12 +41,6 @@ _MARGIN = 1.05
 # exploration still cost ~4% of a 62-step run with the default pair).
 _EXPLORE_EVERY = 64
 _EXPLORE_MAX = 1024
-# While drafting, one step in this many runs without drafts to re-measure the baseline step time.
-_REFRESH_EVERY = 32
-# A step-time range last measured `age` steps ago keeps weight (1 - _EMA) * _STALE_DECAY^(age - 1)
-# against a new measurement: consecutive measurements average as usual, a range not measured for
-# ~25 steps is half replaced by the next one.
-_STALE_DECAY = 0.97
 
 
 def expected_tokens(alpha: float, depth: int) -> float:
@@ -78,13 +67,10 @@ class DepthPolicy:
     prior_draft_cost: float = 0.1
     _global: _Acceptance = field(default_factory=lambda: _Acceptance(accepted=1.0, rejected=1.0))
     _requests: dict[str, _Acceptance] = field(default_factory=dict)
-    # Target step times: per power-of-two range of tokens, the smoothed (tokens, seconds) of its
-    # steps, and the step count at its last measurement.
-    _steps: dict[int, tuple[float, float, int]] = field(default_factory=dict)
-    _num_steps_observed: int = 0
+    # Target step times: per power-of-two range of tokens, the smoothed (tokens, seconds) of its steps.
+    _steps: dict[int, tuple[float, float]] = field(default_factory=dict)
     _draft_step_seconds: float | None = None
     _steps_without_drafts: int = 0
-    _steps_with_drafts: int = 0
     _explore_interval: int = _EXPLORE_EVERY
 
     # ------------------------------------------------------------------ measurements
@@ -104,16 +90,13 @@ class DepthPolicy:
         """The target model ran a step over `num_tokens` tokens in `seconds`."""
         if num_tokens <= 0:
             return
-        self._num_steps_observed += 1
-        now = self._num_steps_observed
         bucket = (num_tokens - 1).bit_length()  # 1 | 2 | 3-4 | 5-8 | 9-16 | ...
         previous = self._steps.get(bucket)
         if previous is None:
-            self._steps[bucket] = (float(num_tokens), seconds, now)
+            self._steps[bucket] = (float(num_tokens), seconds)
         else:
-            n, t, last = previous
-            keep = (1 - _EMA) * _STALE_DECAY ** (now - last - 1)
-            self._steps[bucket] = (keep * n + (1 - keep) * num_tokens, keep * t + (1 - keep) * seconds, now)
+            n, t = previous
+            self._steps[bucket] = ((1 - _EMA) * n + _EMA * num_tokens, (1 - _EMA) * t + _EMA * seconds)
 
     def observe_proposal(self, num_steps: int, seconds: float) -> None:
         """The proposer drafted `num_steps` tokens per request (for the whole batch) in `seconds`."""
@@ -142,12 +125,10 @@ class DepthPolicy:
     def step_time(self, num_tokens: int) -> float | None:
         """Predicted target step time for `num_tokens` tokens, or None before any measurement:
         linear between the nearest measured points below and above, along the nearest two outside
-        them, flat when only one point is known. The points are first made non-decreasing in n
-        (a bigger step never costs less): measured times are noisy, and a range that happened to
-        measure fast must not make verifying drafts look free."""
+        them (never decreasing with n), flat when only one point is known."""
         if not self._steps:
             return None
-        points = _non_decreasing(sorted((n, t) for n, t, _ in self._steps.values()))
+        points = sorted(self._steps.values())
         below = [p for p in points if p[0] <= num_tokens]
         above = [p for p in points if p[0] > num_tokens]
         if below and above:
@@ -197,38 +178,21 @@ class DepthPolicy:
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best_rate, best = rate, chosen
-        if best_rate >= baseline_rate * _MARGIN:
+        if best_rate < baseline_rate * _MARGIN:
+            self._steps_without_drafts += 1
+            if self._steps_without_drafts < self._explore_interval:
+                return {}
+            # The first (oldest) request explores: usually the one that explored last time, so its
+            # proposer has the fewest tokens to catch up on.
+            explorer = next((rid for rid, limit in limits.items() if limit > 0), None)
+            if explorer is None:
+                return {}
+            best = {explorer: 1}
+            self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
+        else:
             self._explore_interval = _EXPLORE_EVERY
-            self._steps_without_drafts = 0
-            self._steps_with_drafts += 1
-            if self._steps_with_drafts % _REFRESH_EVERY == 0:
-                return {}  # one step without drafts: a fresh measurement of the baseline
-            return best
-        self._steps_with_drafts = 0
-        self._steps_without_drafts += 1
-        if self._steps_without_drafts < self._explore_interval:
-            return {}
-        # The first (oldest) request explores: usually the one that explored last time, so its
-        # proposer has the fewest tokens to catch up on.
-        explorer = next((rid for rid, limit in limits.items() if limit > 0), None)
-        if explorer is None:
-            return {}
-        self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
         self._steps_without_drafts = 0
-        return {explorer: 1}
-
-def _non_decreasing(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(n, t) points sorted by n, with t replaced by the closest non-decreasing sequence in the
-    least-squares sense (pool adjacent violators: a run of points that decreases gets its mean)."""
-    pools: list[list[float]] = []  # [sum of t, count] per pooled run, in order of n
-    for _, t in points:
-        pools.append([t, 1])
-        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
-            total, count = pools.pop()
-            pools[-1][0] += total
-            pools[-1][1] += count
-    times = [total / count for total, count in pools for _ in range(int(count))]
-    return [(n, t) for (n, _), t in zip(points, times)]
+        return best
 
 
 def _depth_cap(alpha: float, threshold: float, max_depth: int) -> int:
