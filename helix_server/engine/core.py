@@ -66,6 +66,8 @@ class EngineCore:
             adaptive=config.speculative.adaptive,
             prior_draft_cost=prior_draft_cost(config.speculative, components) if proposer is not None else 0.0,
         )
+        # Seconds the last drafting took: part of the cost of the step that verifies its drafts.
+        self._last_propose_seconds = 0.0
         # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
         self.max_sequence_len = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
         self._requests: dict[str, RequestState] = {}
@@ -215,7 +217,10 @@ class EngineCore:
                     touched[state.request_id] = state
             return self._collect(touched)
 
-        self.depth_policy.observe_step(scheduler_output.total_num_scheduled_tokens, time.perf_counter() - started)
+        step_seconds = time.perf_counter() - started
+        self.depth_policy.observe_step(scheduler_output.total_num_scheduled_tokens, step_seconds)
+        if self.max_speculation_depth:
+            self._observe_outcome(scheduler_output, runner_output, step_seconds)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         self._count_speculation(runner_output)
 
@@ -269,6 +274,19 @@ class EngineCore:
                 state.metrics.num_draft_tokens += num_drafts
                 state.metrics.num_accepted_tokens += num_accepted
 
+    def _observe_outcome(self, scheduler_output, runner_output, step_seconds: float) -> None:
+        """Tell the depth policy what this step generated, and what it cost with the drafting that
+        fed it (the last `_propose`)."""
+        sampling = [s for s in scheduler_output.scheduled if s.samples]
+        if sampling and len(sampling) == len(scheduler_output.scheduled):  # decode-only steps compare
+            self.depth_policy.observe_outcome(
+                num_requests=len(sampling),
+                num_drafting=sum(1 for s in sampling if s.num_spec_tokens),
+                num_tokens=sum(len(runner_output.sampled_token_ids.get(s.request_id, ())) for s in sampling),
+                seconds=step_seconds + self._last_propose_seconds,
+            )
+        self._last_propose_seconds = 0.0
+
     def _propose(self, requests: list[Request]) -> None:
         """Draft the next step's tokens for requests that just got new ones (and may speculate)."""
         limits = {}
@@ -287,6 +305,7 @@ class EngineCore:
         block_ids = {r.request_id: self.scheduler.kv_cache_manager.get_block_ids(r.request_id) for r in candidates}
         started = time.perf_counter()
         proposal = self.runner.propose(candidates, depths, block_ids)
+        self._last_propose_seconds = time.perf_counter() - started
         # A drafter catching up on whole prompts says nothing about the cost of drafting itself.
         if proposal.num_catch_up_tokens <= 2 * len(candidates):
             self.depth_policy.observe_proposal(max(depths.values()), time.perf_counter() - started)

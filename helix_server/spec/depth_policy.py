@@ -19,7 +19,14 @@ T(n0 + sum k_r) + K * D and yield sum E_r(k_r), with k_r = min(K, the request's 
 policy picks the K with the best ratio, and K = 0 (no speculation) unless speculating is expected to
 beat it by a margin; while at 0 it still drafts one token for one request now and then (after
 `_EXPLORE_EVERY` steps, then twice as long after each exploration that changed nothing, up to
-`_EXPLORE_MAX`) to keep its acceptance estimate current. Pure Python: no torch.
+`_EXPLORE_MAX`) to keep its acceptance estimate current.
+
+The prediction can be wrong (step times are noisy, and a step's cost depends on how many requests
+it holds, not only on its tokens), so it is checked against what happened: per range of batch
+sizes, the realised tokens per second of steps where the batch drafted and of steps where it did
+not (each including the drafting that fed it). Where drafting measurably lost, the policy does not
+draft, until that measurement is `_EXPLORE_MAX` steps old; while drafting, one step in
+`_REFRESH_EVERY` runs without drafts so the comparison stays current. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ _MARGIN = 1.05
 # exploration still cost ~4% of a 62-step run with the default pair).
 _EXPLORE_EVERY = 64
 _EXPLORE_MAX = 1024
+# While drafting, one step in this many runs without drafts, to measure the realised rate without.
+_REFRESH_EVERY = 32
 
 
 def expected_tokens(alpha: float, depth: int) -> float:
@@ -71,7 +80,12 @@ class DepthPolicy:
     _steps: dict[int, tuple[float, float]] = field(default_factory=dict)
     _draft_step_seconds: float | None = None
     _steps_without_drafts: int = 0
+    _steps_with_drafts: int = 0
     _explore_interval: int = _EXPLORE_EVERY
+    # Realised outcome per (power-of-two range of batch size, whether the batch drafted): smoothed
+    # (tokens generated, seconds) per step, and the step count when last observed.
+    _outcomes: dict[tuple[int, bool], tuple[float, float, int]] = field(default_factory=dict)
+    _num_outcomes: int = 0
 
     # ------------------------------------------------------------------ measurements
 
@@ -105,6 +119,39 @@ class DepthPolicy:
         per_step = seconds / num_steps
         previous = self._draft_step_seconds
         self._draft_step_seconds = per_step if previous is None else (1 - _EMA) * previous + _EMA * per_step
+
+    def observe_outcome(self, num_requests: int, num_drafting: int, num_tokens: int, seconds: float) -> None:
+        """A step generated `num_tokens` tokens for `num_requests` requests, `num_drafting` of which
+        had drafts, in `seconds` (its forward and sampling, plus the drafting that fed it). Steps
+        where only a few requests drafted (explorations) are neither kind and are not recorded."""
+        self._num_outcomes += 1
+        if num_requests <= 0 or seconds <= 0.0:
+            return
+        if num_drafting == 0:
+            drafted = False
+        elif 2 * num_drafting >= num_requests:
+            drafted = True
+        else:
+            return
+        key = ((num_requests - 1).bit_length(), drafted)
+        previous = self._outcomes.get(key)
+        if previous is None or self._num_outcomes - previous[2] > _EXPLORE_MAX:
+            self._outcomes[key] = (float(num_tokens), seconds, self._num_outcomes)
+        else:
+            tokens, secs, _ = previous
+            self._outcomes[key] = (
+                (1 - _EMA) * tokens + _EMA * num_tokens, (1 - _EMA) * secs + _EMA * seconds, self._num_outcomes
+            )
+
+    def drafting_measurably_loses(self, num_requests: int) -> bool:
+        """Whether, at this batch size, steps with drafts recently generated fewer tokens per second
+        than steps without."""
+        bucket = (max(num_requests, 1) - 1).bit_length()
+        with_drafts = self._outcomes.get((bucket, True))
+        without = self._outcomes.get((bucket, False))
+        if with_drafts is None or without is None or self._num_outcomes - with_drafts[2] > _EXPLORE_MAX:
+            return False
+        return with_drafts[0] / with_drafts[1] < without[0] / without[1]
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -178,21 +225,25 @@ class DepthPolicy:
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best_rate, best = rate, chosen
-        if best_rate < baseline_rate * _MARGIN:
-            self._steps_without_drafts += 1
-            if self._steps_without_drafts < self._explore_interval:
-                return {}
-            # The first (oldest) request explores: usually the one that explored last time, so its
-            # proposer has the fewest tokens to catch up on.
-            explorer = next((rid for rid, limit in limits.items() if limit > 0), None)
-            if explorer is None:
-                return {}
-            best = {explorer: 1}
-            self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
-        else:
+        if best_rate >= baseline_rate * _MARGIN and not self.drafting_measurably_loses(num_batch_tokens):
             self._explore_interval = _EXPLORE_EVERY
+            self._steps_without_drafts = 0
+            self._steps_with_drafts += 1
+            if self._steps_with_drafts % _REFRESH_EVERY == 0:
+                return {}  # one step without drafts keeps the realised comparison current
+            return best
+        self._steps_with_drafts = 0
+        self._steps_without_drafts += 1
+        if self._steps_without_drafts < self._explore_interval:
+            return {}
+        # The first (oldest) request explores: usually the one that explored last time, so its
+        # proposer has the fewest tokens to catch up on.
+        explorer = next((rid for rid, limit in limits.items() if limit > 0), None)
+        if explorer is None:
+            return {}
+        self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
         self._steps_without_drafts = 0
-        return best
+        return {explorer: 1}
 
 
 def _depth_cap(alpha: float, threshold: float, max_depth: int) -> int:

@@ -80,3 +80,39 @@ def test_explorations_that_change_nothing_grow_further_apart():
         policy.observe_verification("r", 4, 4)
     assert policy.depths({"r": 5}, num_batch_tokens=1)
     assert policy._explore_interval == 64
+
+
+def test_drafting_that_measurably_loses_is_stopped_at_that_batch_size():
+    # The model predicts a gain (cheap, accurate drafts, flat step time)...
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    limits = {f"r{i}": 5 for i in range(16)}
+    assert policy.depths(limits, num_batch_tokens=16)
+    # ...but at 16 requests, steps with drafts generated 20 tokens in 30 ms, steps without 16 in 10 ms.
+    policy.observe_outcome(num_requests=16, num_drafting=16, num_tokens=20, seconds=0.030)
+    policy.observe_outcome(num_requests=16, num_drafting=0, num_tokens=16, seconds=0.010)
+    assert policy.drafting_measurably_loses(16)
+    assert policy.depths(limits, num_batch_tokens=16) == {}
+    # Other batch sizes are not affected, and an exploration (1 of 16 drafting) records nothing.
+    assert not policy.drafting_measurably_loses(1) and policy.depths({"r": 5}, num_batch_tokens=1)
+    policy.observe_outcome(num_requests=16, num_drafting=1, num_tokens=17, seconds=0.011)
+    assert policy._outcomes[(4, True)][0] == 20.0
+    # A measured win keeps it drafting.
+    for _ in range(60):
+        policy.observe_outcome(num_requests=16, num_drafting=16, num_tokens=40, seconds=0.012)
+    assert not policy.drafting_measurably_loses(16) and policy.depths(limits, num_batch_tokens=16)
+
+
+def test_while_drafting_one_step_in_32_runs_without_drafts():
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    decisions = [policy.depths({"r": 5}, num_batch_tokens=1) for _ in range(96)]
+    assert [i for i, d in enumerate(decisions) if not d] == [31, 63, 95]
+
+
+def test_a_stale_losing_measurement_expires():
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    policy.observe_outcome(num_requests=16, num_drafting=16, num_tokens=20, seconds=0.030)
+    policy.observe_outcome(num_requests=16, num_drafting=0, num_tokens=16, seconds=0.010)
+    assert policy.drafting_measurably_loses(16)
+    for _ in range(1100):
+        policy.observe_outcome(num_requests=16, num_drafting=0, num_tokens=16, seconds=0.010)
+    assert not policy.drafting_measurably_loses(16)
