@@ -28,6 +28,7 @@ from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.validation import validate_request
 from helix_server.errors import ParameterError
 from helix_server.runner.model_runner import ModelRunner
+from helix_server.runner.output import ModelRunnerOutput
 from helix_server.runner.sampler import Sampler
 from helix_server.sampling_params import SamplingParams
 from helix_server.scheduler import Request, RequestStatus, Scheduler, SchedulerOutput
@@ -274,7 +275,9 @@ class EngineCore:
                 state.metrics.num_draft_tokens += num_drafts
                 state.metrics.num_accepted_tokens += num_accepted
 
-    def _observe_outcome(self, scheduler_output, runner_output, step_seconds: float) -> None:
+    def _observe_outcome(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput, step_seconds: float
+    ) -> None:
         """Tell the depth policy what this step generated, and what it cost with the drafting that
         fed it (the last `_propose`)."""
         sampling = [s for s in scheduler_output.scheduled if s.samples]
