@@ -7,7 +7,25 @@ from pathlib import Path
 
 import torch
 
+from helix_server.training.export import TOKENIZER_FILES
+
 BENCH_VOCAB = 32000
+# The ~100M Llama shape of every benchmark model (vocabulary, depth and embeddings vary by model).
+BENCH_SHAPE = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """Copy a model directory's tokenizer files (and chat template) into another."""
+    for name in TOKENIZER_FILES:
+        (target / name).write_bytes((source / name).read_bytes())
 
 
 def cache_root() -> Path:
@@ -26,18 +44,7 @@ def bench_model_dir(name: str = "llama-100m", seed: int = 0) -> Path:
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tokenizer_dir = build_bpe_tokenizer(tmp, vocab_size=BENCH_VOCAB, corpus=default_corpus(max_chars=12_000_000))
-    config = LlamaConfig(
-        vocab_size=BENCH_VOCAB,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    config = LlamaConfig(vocab_size=BENCH_VOCAB, num_hidden_layers=12, tie_word_embeddings=False, **BENCH_SHAPE)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(tokenizer_dir, safe_serialization=True)

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import cache_root  # noqa: E402
+from bench_models import BENCH_SHAPE, cache_root, copy_tokenizer  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 
@@ -57,18 +57,7 @@ def build_pair(epsilon: float, seed: int = 0) -> tuple[Path, Path]:
         return target_dir, draft_dir
     tokenizer_dir = ensure_default_model()
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    shape = dict(
-        vocab_size=vocab,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=None,
-        bos_token_id=None,
-        initializer_range=0.05,
-    )
+    shape = dict(vocab_size=vocab, tie_word_embeddings=True, initializer_range=0.05, **BENCH_SHAPE)
     torch.manual_seed(seed)
     target = LlamaForCausalLM(LlamaConfig(num_hidden_layers=TARGET_LAYERS, **shape))
     with torch.no_grad():
@@ -86,9 +75,8 @@ def build_pair(epsilon: float, seed: int = 0) -> tuple[Path, Path]:
     }
     LlamaConfig(num_hidden_layers=DRAFT_LAYERS, architectures=["LlamaForCausalLM"], **shape).save_pretrained(tmp / "draft")
     save_file(keep, tmp / "draft" / "model.safetensors", metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        for sub in ("target", "draft"):
-            (tmp / sub / name).write_bytes((tokenizer_dir / name).read_bytes())
+    for sub in ("target", "draft"):
+        copy_tokenizer(tokenizer_dir, tmp / sub)
     tmp.rename(root)
     return target_dir, draft_dir
 
@@ -107,24 +95,17 @@ def build_local_target(seed: int = 0) -> Path:
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = MistralConfig(
         vocab_size=vocab,
-        hidden_size=768,
-        intermediate_size=2048,
         num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
         sliding_window=8,
         tie_word_embeddings=True,
-        eos_token_id=None,
-        bos_token_id=None,
         initializer_range=0.05,
         architectures=["MistralForCausalLM"],
+        **BENCH_SHAPE,
     )
     torch.manual_seed(seed)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     MistralForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
+    copy_tokenizer(tokenizer_dir, tmp)
     tmp.rename(out)
     return out
 

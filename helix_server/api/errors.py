@@ -6,7 +6,12 @@ every exception into `{"error": {"message", "type", "param", "code"}}` with the 
 
 from __future__ import annotations
 
+import logging
+
 from helix_server.api.protocol.common import ErrorDetail, ErrorResponse
+from helix_server.errors import EngineDeadError, EngineOverloadedError
+
+logger = logging.getLogger("helix_server.api")
 
 INVALID_REQUEST = "invalid_request_error"
 AUTHENTICATION = "authentication_error"
@@ -67,6 +72,22 @@ def overloaded(message: str, code: str, retry_after: int) -> APIError:
 def server_error(message: str) -> APIError:
     """500: something went wrong on our side."""
     return APIError(500, message, SERVER_ERROR)
+
+
+def engine_error(exc: EngineDeadError | EngineOverloadedError) -> APIError:
+    """503 with Retry-After for the engine's refusals: its loop is not running, or it is overloaded."""
+    if isinstance(exc, EngineOverloadedError):
+        return overloaded(exc.message, exc.code, exc.retry_after)
+    return service_unavailable(f"The engine is not running: {exc}", "engine_dead")
+
+
+def stream_error(exc: Exception, what: str) -> APIError:
+    """The error to send inside a stream that `exc` ended: the engine's refusals as they are;
+    anything else is a bug, logged (with `what`, e.g. "chat stream <id>") and answered as a 500."""
+    if isinstance(exc, (EngineDeadError, EngineOverloadedError)):
+        return engine_error(exc)
+    logger.error("%s failed", what, exc_info=exc)
+    return server_error("The server had an error while processing your request.")
 
 
 class ClientDisconnected(Exception):

@@ -13,8 +13,7 @@ from helix_server.api.errors import (
     SERVER_ERROR,
     APIError,
     ClientDisconnected,
-    overloaded,
-    service_unavailable,
+    engine_error,
 )
 from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
 
@@ -51,14 +50,9 @@ def parameter_error_handler(request: Request, exc: ParameterError) -> Response:
     return error_response(APIError(400, exc.message, INVALID_REQUEST, exc.param, exc.code))
 
 
-def engine_dead_handler(request: Request, exc: EngineDeadError) -> Response:
-    """The engine loop is gone: 503 with Retry-After."""
-    return error_response(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
-
-
-def engine_overloaded_handler(request: Request, exc: EngineOverloadedError) -> Response:
-    """Queue full, or dropped after waiting too long: 503 with Retry-After."""
-    return error_response(overloaded(exc.message, exc.code, exc.retry_after))
+def engine_error_handler(request: Request, exc: EngineDeadError | EngineOverloadedError) -> Response:
+    """The engine loop is gone, or its queue is full / the request waited too long: 503."""
+    return error_response(engine_error(exc))
 
 
 def http_exception_handler(request: Request, exc: HTTPException) -> Response:
@@ -97,8 +91,8 @@ def exception_handlers() -> dict:
     return {
         APIError: api_error_handler,
         ParameterError: parameter_error_handler,
-        EngineDeadError: engine_dead_handler,
-        EngineOverloadedError: engine_overloaded_handler,
+        EngineDeadError: engine_error_handler,
+        EngineOverloadedError: engine_error_handler,
         ClientDisconnected: disconnected_handler,
         HTTPException: http_exception_handler,
         Exception: unexpected_error_handler,

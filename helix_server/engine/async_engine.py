@@ -187,29 +187,48 @@ class AsyncEngine:
     ) -> RequestStream:
         """Tokenize (if text), validate, and queue a request. Raises `ParameterError` on bad input
         and `EngineOverloadedError` when the waiting queue is full."""
+        request_id = request_id or uuid.uuid4().hex
+        (stream,) = await self.add_requests([prompt], params, [request_id], prompt_param, cache_salt)
+        return stream
+
+    async def add_requests(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        request_ids: list[str],
+        prompt_param: str = "prompt",
+        cache_salt: str | None = None,
+    ) -> list[RequestStream]:
+        """`add_request` for the prompts of one API request: every prompt is tokenized and
+        validated, and all of them (n sequences each) checked against the queue bounds together,
+        before any is queued, so a bad or refused prompt never leaves another one running."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ParameterError("The prompt is empty.", prompt_param)
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_token_ids = list(prompt)
-        self.core.validate_request(prompt_token_ids, params, prompt_param)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ParameterError("cache_salt must be a non-empty string.", "cache_salt")
-        self.check_admission(params.n, len(prompt_token_ids))
-        stream = RequestStream(self, request_id, prompt_token_ids)
-        self._streams[request_id] = stream
-        with self._pending_lock:
-            self._pending_sequences += params.n
-            self._pending_prompt_tokens += len(prompt_token_ids)
-        command = _AddCommand(request_id, prompt_token_ids, params, time.monotonic(), cache_salt)
-        self._commands.put(command)
-        return stream
+        token_lists: list[list[int]] = []
+        for request_id, prompt in zip(request_ids, prompts, strict=True):
+            if request_id in self._streams:
+                raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ParameterError("The prompt is empty.", prompt_param)
+                token_ids = self.tokenizer.encode(prompt)
+            else:
+                token_ids = list(prompt)
+            self.core.validate_request(token_ids, params, prompt_param)
+            token_lists.append(token_ids)
+        self.check_admission(params.n * len(token_lists), sum(len(ids) for ids in token_lists))
+        streams = []
+        for request_id, token_ids in zip(request_ids, token_lists):
+            stream = RequestStream(self, request_id, token_ids)
+            self._streams[request_id] = stream
+            with self._pending_lock:
+                self._pending_sequences += params.n
+                self._pending_prompt_tokens += len(token_ids)
+            self._commands.put(_AddCommand(request_id, token_ids, params, time.monotonic(), cache_salt))
+            streams.append(stream)
+        return streams
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to stop a request; safe to call for unknown or finished ids."""

@@ -15,8 +15,6 @@ import logging
 import time
 from dataclasses import replace
 
-from helix_server.spec.depth_policy import DepthPolicy
-
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
 from helix_server.engine.detokenizer import IncrementalDetokenizer
@@ -32,6 +30,7 @@ from helix_server.runner.output import ModelRunnerOutput
 from helix_server.runner.sampler import Sampler
 from helix_server.sampling_params import SamplingParams
 from helix_server.scheduler import Request, RequestStatus, Scheduler, SchedulerOutput
+from helix_server.spec.depth_policy import DepthPolicy
 
 logger = logging.getLogger("helix_server")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from helix_server.training.data import random_batches
 from helix_server.training.distill import distillation_loss
 from helix_server.training.loop import ce_loss, seconds_per_step
-from helix_server.training.data import random_batches
 from helix_server.training.presets import Recipe
 
 PHASES = ("target", "draft", "distill")

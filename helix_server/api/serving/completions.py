@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -10,7 +9,7 @@ from collections.abc import AsyncGenerator
 import msgspec
 from litestar import Request, Response
 
-from helix_server.api.errors import overloaded, server_error, service_unavailable
+from helix_server.api.errors import server_error, stream_error
 from helix_server.api.protocol.completions import (
     CompletionChoice,
     CompletionLogprobs,
@@ -31,10 +30,7 @@ from helix_server.api.serving.respond import respond
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
 from helix_server.api.state import ServerState
-from helix_server.errors import EngineDeadError, EngineOverloadedError
 from helix_server.sampling_params import SamplingParams
-
-logger = logging.getLogger("helix_server.api")
 
 
 class CompletionService:
@@ -173,11 +169,6 @@ class CompletionService:
                     yield self._chunk([choice], include_usage)
             if include_usage:
                 yield self._chunk([], include_usage, usage=counter.usage())
-        except EngineDeadError as exc:
-            yield error_event(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
-        except EngineOverloadedError as exc:
-            yield error_event(overloaded(exc.message, exc.code, exc.retry_after))
-        except Exception:
-            logger.exception("completion stream %s failed", self.request_id)
-            yield error_event(server_error("The server had an error while processing your request."))
+        except Exception as exc:  # noqa: BLE001 - the engine's refusals, or a bug that stream_error logs
+            yield error_event(stream_error(exc, f"completion stream {self.request_id}"))
         yield DONE

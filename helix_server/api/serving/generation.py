@@ -49,25 +49,8 @@ class Generation:
     ) -> Generation:
         """Validate every prompt, check the queue bounds for all of them, then queue them all
         (raises `ParameterError`, `EngineOverloadedError` or `EngineDeadError`)."""
-        engine = state.engine
-        for token_ids in prompts:
-            engine.core.validate_request(token_ids, params, prompt_param)
-        engine.check_admission(params.n * len(prompts), sum(len(p) for p in prompts))
-        streams: list[RequestStream] = []
-        try:
-            for index, token_ids in enumerate(prompts):
-                stream = await engine.add_request(
-                    token_ids,
-                    params,
-                    request_id=f"{request_id}-{index}",
-                    prompt_param=prompt_param,
-                    cache_salt=cache_salt,
-                )
-                streams.append(stream)
-        except BaseException:
-            for stream in streams:
-                _discard(state, stream)
-            raise
+        request_ids = [f"{request_id}-{index}" for index in range(len(prompts))]
+        streams = await state.engine.add_requests(prompts, params, request_ids, prompt_param, cache_salt)
         return cls(state, streams)
 
     async def wait_first_output(self) -> None:

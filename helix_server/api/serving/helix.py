@@ -7,14 +7,13 @@ format differs. `tokens_per_second` is generated tokens over the request's whole
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncGenerator
 
 import msgspec
 from litestar import Request, Response
 
-from helix_server.api.errors import bad_request, overloaded, server_error, service_unavailable
+from helix_server.api.errors import bad_request, server_error, stream_error
 from helix_server.api.protocol.helix import (
     BatchGenerateRequest,
     BatchGenerateResponse,
@@ -30,10 +29,7 @@ from helix_server.api.serving.respond import respond
 from helix_server.api.sse import error_event, sse_event
 from helix_server.api.state import ServerState
 from helix_server.engine.outputs import RequestMetrics
-from helix_server.errors import EngineDeadError, EngineOverloadedError
 from helix_server.sampling_params import SamplingParams
-
-logger = logging.getLogger("helix_server.api")
 
 
 def generation_metrics(timing: RequestMetrics | None, num_tokens: int) -> GenerationMetrics:
@@ -101,13 +97,8 @@ class HelixService:
                 if output.finished:
                     metrics = generation_metrics(output.metrics, num_tokens)
                     yield sse_event(StreamEvent("", True, num_tokens, seq.finish_reason, metrics))
-        except EngineDeadError as exc:
-            yield error_event(service_unavailable(f"The engine is not running: {exc}", "engine_dead"))
-        except EngineOverloadedError as exc:
-            yield error_event(overloaded(exc.message, exc.code, exc.retry_after))
-        except Exception:
-            logger.exception("generate stream %s failed", self.request_id)
-            yield error_event(server_error("The server had an error while processing your request."))
+        except Exception as exc:  # noqa: BLE001 - the engine's refusals, or a bug that stream_error logs
+            yield error_event(stream_error(exc, f"generate stream {self.request_id}"))
 
 
 def parse_stream_query(query: dict[str, str]) -> GenerateRequest:
