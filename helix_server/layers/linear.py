@@ -3,7 +3,11 @@
 On this kind of CPU, MKL's sgemm behind `F.linear` is 1.5-2x slower for 4-32 rows than for one row,
 and that is exactly the decode batch of continuous batching; oneDNN with pre-packed weights is as
 fast for one row and much faster for a few. Its rows also do not depend on how many rows are in the
-batch (bitwise), so a request's logits do not change with the batch around it.
+batch (bitwise), so a request's logits do not change with the batch around it, with one exception
+this module works around: for some shapes (float32 with more than 1,024 input features here) oneDNN
+computes a single row with a different kernel, whose last bits differ. Each `PackedLinear` checks its
+own shape once and, where a lone row would differ, runs it as two identical rows (about 2% of a
+one-request decode step, for the layers affected).
 
 `pack_linear_layers` swaps every `nn.Linear` of a loaded model for a `PackedLinear`. It is used only
 when the platform supports it (a CPU torch build with mkldnn, float32/bfloat16) and after a numeric
@@ -12,6 +16,7 @@ self-check; everything else (DirectML, CUDA, torch builds without it) keeps `nn.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -31,12 +36,39 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.bias = None if bias is None else bias.detach()
+        self.pad_single_row = lone_row_differs(self.out_features, self.in_features, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.pad_single_row and x.shape[0] == 1:
+            # [1, in] -> [2, in] (a view, no copy) -> first row: the batched kernel's result.
+            return self._linear(x.expand(2, -1))[:1]
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pad_single_row={self.pad_single_row}"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def lone_row_differs(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN computes one row alone with other last bits than the same row in a batch,
+    for this weight shape and dtype (a property of the kernel it picks, checked once per shape on
+    seeded random data: 32 rows, so that a kernel difference shows in some element)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    x = torch.randn(32, in_features, generator=generator).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    with torch.inference_mode():
+        batched = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return any(
+            not torch.equal(torch.ops.mkldnn._linear_pointwise(x[i : i + 1], packed, None, "none", [], ""), batched[i : i + 1])
+            for i in range(x.shape[0])
+        )
 
 
 def cpu_packing_supported(device: torch.device, dtype: torch.dtype) -> bool:

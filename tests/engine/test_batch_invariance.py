@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from helix_server import LLM, SamplingParams
 from helix_server.config import EngineConfig
 from helix_server.engine.core import EngineCore
@@ -66,3 +68,30 @@ def test_outputs_identical_with_large_pool_and_budget(tiny_model_dir):
     assert engine.scheduler.num_preemptions_total == 0
     assert [results[str(i)] for i in range(16)] == solo
     assert engine.scheduler.num_free_blocks == engine.scheduler.num_total_blocks
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_outputs_identical_alone_and_batched_with_long_contexts_and_a_wide_mlp(make_model_dir, dtype):
+    """Where the kernels' choices depend on shapes: contexts past the CPU attention kernel's
+    512-key split (padded keys must not depend on the batch), and an MLP of 2,048 (oneDNN computes
+    a lone float32 row of such a projection with a different kernel than a batch). Prompts are never
+    chunked here, so only batching differs. The sampled tokens' logprobs must be equal too: last-bit
+    differences rarely flip a tiny model's greedy choice, but they always show there."""
+    model_dir = make_model_dir("llama", intermediate_size=2048, max_position_embeddings=2048)
+    rng = random.Random(5)
+    workload = [([rng.randrange(3, 500) for _ in range(rng.randint(300, 1100))], rng.randint(8, 24)) for _ in range(10)]
+    # No prefix caching: the solo runs would leave the prompts cached, and a hit computes only a
+    # prompt's tail (like a chunk), which is not what this test is about.
+    llm = LLM(
+        model=str(model_dir), dtype=dtype, num_kv_blocks=1024, max_num_batched_tokens=16384, max_num_seqs=16,
+        enable_prefix_caching=False,
+    )
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for _, n in workload]
+
+    def tokens_and_logprobs(result):
+        return [(t.token_id, t.logprob) for t in result.outputs[0].logprobs]
+
+    solo = [tokens_and_logprobs(llm.generate([prompt], p)[0]) for (prompt, _), p in zip(workload, params)]
+    together = [tokens_and_logprobs(r) for r in llm.generate([prompt for prompt, _ in workload], params)]
+    for i, (alone, batched) in enumerate(zip(solo, together)):
+        assert batched == alone, f"request {i} changed when batched"

@@ -119,3 +119,48 @@ def test_decode_only_and_prefill_only_steps():
     out = paged_attention(q[9:], seq_k[9:], seq_v[9:], key_cache, value_cache, decode, 0.25)
     expected = _dense_reference(q[9:], seq_k, seq_v, torch.tensor([9]), 0.25, None)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+# (context_len, num_new_tokens) of short queries on both sides of the CPU kernel's 512-key split.
+BATCH_MATES = [(100, 1), (430, 1), (505, 1), (520, 1), (610, 1), (700, 1), (900, 1), (1300, 1), (1500, 1),
+               (90, 4), (600, 4), (780, 4), (1020, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype):
+    """Greedy batch invariance at the attention: a request's rows must not change with the other
+    requests sharing its padded batched call (lengths past the 512-key split included)."""
+    gen = torch.Generator().manual_seed(11)
+    block_size, num_heads, num_kv_heads, head_dim = 16, 12, 4, 64
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in BATCH_MATES) + 1
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    key_cache, value_cache = rand(num_blocks, block_size, num_kv_heads, head_dim), rand(num_blocks, block_size, num_kv_heads, head_dim)
+    free_blocks = torch.randperm(num_blocks - 1, generator=gen).add(1).tolist()
+    chunks, queries, keys, values = [], [], [], []
+    for context_len, num_new in BATCH_MATES:
+        blocks = [free_blocks.pop() for _ in range(-(-(context_len + num_new) // block_size))]
+        chunks.append(SequenceChunk(context_len, num_new, blocks))
+        queries.append(rand(num_new, num_heads, head_dim))
+        keys.append(rand(num_new, num_kv_heads, head_dim))
+        values.append(rand(num_new, num_kv_heads, head_dim))
+
+    def attend(indices):
+        order = [indices[i] for i in order_for_attention([chunks[i] for i in indices])]
+        metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu", dtype)
+        out = paged_attention(
+            torch.cat([queries[i] for i in order]), torch.cat([keys[i] for i in order]),
+            torch.cat([values[i] for i in order]), key_cache, value_cache, metadata, head_dim**-0.5,
+        )
+        rows = torch.tensor([chunks[i].num_new_tokens for i in order]).cumsum(0).tolist()
+        return {i: out[end - chunks[i].num_new_tokens : end] for i, end in zip(order, rows)}
+
+    together = attend(list(range(len(chunks))))
+    for i in range(len(chunks)):
+        assert torch.equal(attend([i])[i], together[i]), f"request {BATCH_MATES[i]} changed with its batch"
+    # And in a smaller mix (different groups, different padding around it).
+    mix = [1, 3, 4, 7, 10, 11]
+    for i, rows in attend(mix).items():
+        assert torch.equal(rows, together[i])

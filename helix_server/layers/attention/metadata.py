@@ -42,9 +42,9 @@ class QueryGroup:
     attended in one batched call: rows [token_start, token_end), `query_len` consecutive rows per
     request.
 
-    Requests come sorted by length and are grouped so that padding each to the group's longest
-    (`block_tables` is 0-padded) wastes little: gathering and attending over padding costs as much
-    as over real keys.
+    The group's requests share one key-length class (`builder.padded_key_blocks`), the width of
+    `block_tables` (0-padded): each request's keys are padded the same whatever else is in the
+    step, so its result is too.
     """
 
     token_start: int

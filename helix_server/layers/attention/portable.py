@@ -4,7 +4,8 @@ Each layer first writes the step's new K/V into the paged cache through `slot_ma
 the keys each query may see through the block tables and runs `scaled_dot_product_attention`:
 
 * short queries (decodes, verification of drafts) go in batched calls, one per group of requests
-  with the same query length and similar sequence lengths (padded to the group's longest). GQA
+  with the same query length and key-length class (each padded to its class, so its result does
+  not depend on the rest of the batch; see `builder.padded_key_blocks`). GQA
   without copying K/V: the g query heads that share a KV head (times the request's q tokens) are
   stacked as query rows of that head, q [n, kv_heads, g * q, d] against k [n, kv_heads, S, d];
 * each long chunk (a prompt chunk) gets its own call with a causal mask offset by the tokens already cached
