@@ -10,8 +10,12 @@ default; transformers runs in the same dtype as helix):
   2. 16 concurrent requests through helix vs transformers generating them one at a time
      (the sum of scenario 1's transformers times) and vs transformers `generate` on the 16
      prompts as one left-padded batch (run until the longest requested output).
+Measurements are interleaved (request by request for scenario 1, and `--repeats` runs of each
+concurrent scenario spread over that loop, medians reported), so that the slower and faster
+spells of a shared machine hit both sides alike. Prefix caching is off: every run computes every
+prompt, as transformers does.
 
-    python bench/throughput.py [--num-requests 16] [--out bench/results/throughput.json]
+    python bench/throughput.py [--num-requests 16] [--repeats 3] [--out bench/results/throughput.json]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import gc
 import json
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,13 +52,11 @@ def make_workload(num_requests: int, vocab_size: int, seed: int) -> list[tuple[l
     return workload
 
 
-def run_helix_one_at_a_time(llm: LLM, workload) -> tuple[float, list[list[int]]]:
-    outputs = []
+def helix_generate_one(llm: LLM, prompt: list[int], output_len: int) -> tuple[float, list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-    for prompt, output_len in workload:
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        outputs.append(llm.generate([prompt], params)[0].outputs[0].token_ids)
-    return time.perf_counter() - start, outputs
+    out = llm.generate([prompt], params)[0].outputs[0].token_ids
+    return time.perf_counter() - start, out
 
 
 def run_helix_concurrent(llm: LLM, workload) -> tuple[float, list[list[int]]]:
@@ -64,21 +67,17 @@ def run_helix_concurrent(llm: LLM, workload) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, [r.outputs[0].token_ids for r in results]
 
 
-def run_hf_one_at_a_time(model, workload) -> tuple[float, list[float], list[list[int]]]:
-    times, outputs = [], []
-    for prompt, output_len in workload:
-        input_ids = torch.tensor([prompt])
-        start = time.perf_counter()
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=output_len,
-            min_new_tokens=output_len,
-            do_sample=False,
-        )
-        times.append(time.perf_counter() - start)
-        outputs.append(out[0, len(prompt) :].tolist())
-    return sum(times), times, outputs
+def hf_generate_one(model, prompt: list[int], output_len: int) -> tuple[float, list[int]]:
+    input_ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        do_sample=False,
+    )
+    return time.perf_counter() - start, out[0, len(prompt) :].tolist()
 
 
 def run_hf_padded_batch(model, workload, pad_id: int) -> float:
@@ -96,14 +95,16 @@ def run_hf_padded_batch(model, workload, pad_id: int) -> float:
     return time.perf_counter() - start
 
 
-def run_dtype(model_dir, dtype: str, workload, num_requests: int) -> dict:
+def run_dtype(model_dir, dtype: str, workload, num_requests: int, repeats: int) -> dict:
     """All four scenarios for one dtype (transformers and helix both run in it)."""
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
-    llm = LLM(model=str(model_dir), dtype=dtype, max_num_seqs=num_requests, seed=0)
+    # No prefix caching: each request is measured several times here, and a run must not reuse the
+    # prompts cached by the one before (transformers recomputes every prompt, as would a first visit).
+    llm = LLM(model=str(model_dir), dtype=dtype, max_num_seqs=num_requests, seed=0, enable_prefix_caching=False)
     requested = sum(n for _, n in workload)
 
     # Warm both up (allocator, kernels) on the largest step each will run: helix a full token
@@ -119,17 +120,35 @@ def run_dtype(model_dir, dtype: str, workload, num_requests: int) -> dict:
     gc.collect()
     gc.freeze()
 
-    with torch.inference_mode():
-        hf_seq_time, _, hf_outputs = run_hf_one_at_a_time(hf_model, workload)
-        print(f"[{dtype}] transformers one at a time: {hf_seq_time:.1f} s, {requested / hf_seq_time:.1f} tok/s")
-        hf_batch_time = run_hf_padded_batch(hf_model, workload, pad_id=0)
-        print(f"[{dtype}] transformers padded batch:  {hf_batch_time:.1f} s, {requested / hf_batch_time:.1f} tok/s")
+    # Interleaved, so that a slower or faster spell of this shared machine hits both sides alike:
+    # the requests one at a time alternate transformers and helix request by request, and the
+    # concurrent runs (helix, transformers' padded batch) happen `repeats` times spread over that
+    # loop; the concurrent numbers are medians.
+    hf_times, helix_times, hf_outputs, helix_seq_outputs = [], [], [], []
+    helix_conc_times, hf_batch_times = [], []
+    checkpoints = {round(i * len(workload) / repeats) for i in range(repeats)}
+    for index, (prompt, output_len) in enumerate(workload):
+        if index in checkpoints:
+            took, helix_conc_outputs = run_helix_concurrent(llm, workload)
+            helix_conc_times.append(took)
+            with torch.inference_mode():
+                hf_batch_times.append(run_hf_padded_batch(hf_model, workload, pad_id=0))
+        with torch.inference_mode():
+            took, out = hf_generate_one(hf_model, prompt, output_len)
+        hf_times.append(took)
+        hf_outputs.append(out)
+        took, out = helix_generate_one(llm, prompt, output_len)
+        helix_times.append(took)
+        helix_seq_outputs.append(out)
     del hf_model
-    helix_seq_time, helix_seq_outputs = run_helix_one_at_a_time(llm, workload)
+    hf_seq_time, helix_seq_time = sum(hf_times), sum(helix_times)
+    helix_conc_time, hf_batch_time = statistics.median(helix_conc_times), statistics.median(hf_batch_times)
+    print(f"[{dtype}] transformers one at a time: {hf_seq_time:.1f} s, {requested / hf_seq_time:.1f} tok/s")
     print(f"[{dtype}] helix one at a time:        {helix_seq_time:.1f} s, {requested / helix_seq_time:.1f} tok/s")
-    helix_conc_time, helix_conc_outputs = run_helix_concurrent(llm, workload)
+    print(f"[{dtype}] transformers padded batch:  {hf_batch_time:.1f} s, {requested / hf_batch_time:.1f} tok/s "
+          f"(median of {', '.join(f'{t:.1f}' for t in hf_batch_times)})")
     print(f"[{dtype}] helix {num_requests} concurrent:        {helix_conc_time:.1f} s, "
-          f"{requested / helix_conc_time:.1f} tok/s")
+          f"{requested / helix_conc_time:.1f} tok/s (median of {', '.join(f'{t:.1f}' for t in helix_conc_times)})")
     return {
         "tokens_per_s": {
             "hf_one_at_a_time": requested / hf_seq_time,
@@ -154,6 +173,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each concurrent scenario (median)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; each runs every scenario")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
     args = parser.parse_args()
@@ -173,6 +193,7 @@ def main() -> int:
         "machine": platform.processor() or platform.machine(),
         "num_requests": len(workload),
         "requested_tokens": requested,
+        "repeats": args.repeats,
         "targets": {
             "batch1_helix_over_hf": 1.3,
             "concurrent_helix_over_hf_one_at_a_time": 5.0,
@@ -181,7 +202,7 @@ def main() -> int:
         "by_dtype": {},
     }
     for dtype in args.dtypes.split(","):
-        results["by_dtype"][dtype] = run_dtype(model_dir, dtype, workload, args.num_requests)
+        results["by_dtype"][dtype] = run_dtype(model_dir, dtype, workload, args.num_requests, args.repeats)
     summary = {dtype: r["ratios"] | {k: r[k] for k in ("greedy_outputs_equal_to_hf",
                                                         "concurrent_outputs_equal_to_one_at_a_time")}
                for dtype, r in results["by_dtype"].items()}
