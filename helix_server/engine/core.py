@@ -291,16 +291,20 @@ class EngineCore:
 
     def _propose(self, requests: list[Request]) -> None:
         """Draft the next step's tokens for requests that just got new ones (and may speculate)."""
-        limits = {}
+        limits, remaining = {}, {}
         for request in requests:
             # Leave room for the token the verification adds after the accepted drafts.
             room = request.max_num_tokens - request.num_tokens - 1
             limit = min(request.num_lookahead_tokens, room)
             if limit > 0:
                 limits[request.request_id] = limit
+                remaining[request.request_id] = room + 1
         if not limits:
             return
-        depths = self.depth_policy.depths(limits, num_batch_tokens=self.scheduler.num_running)
+        backlogs = self.runner.proposal_backlogs([r for r in requests if r.request_id in limits])
+        depths = self.depth_policy.depths(
+            limits, num_batch_tokens=self.scheduler.num_running, backlogs=backlogs, remaining=remaining
+        )
         if not depths:
             return
         candidates = [r for r in requests if r.request_id in depths]
@@ -308,9 +312,12 @@ class EngineCore:
         started = time.perf_counter()
         proposal = self.runner.propose(candidates, depths, block_ids)
         self._last_propose_seconds = time.perf_counter() - started
-        # A drafter catching up on whole prompts says nothing about the cost of drafting itself.
+        # A drafter catching up on whole prompts says nothing about the cost of drafting itself,
+        # but it measures the cost of catching up.
         if proposal.num_catch_up_tokens <= 2 * len(candidates):
-            self.depth_policy.observe_proposal(max(depths.values()), time.perf_counter() - started)
+            self.depth_policy.observe_proposal(max(depths.values()), self._last_propose_seconds)
+        else:
+            self.depth_policy.observe_catch_up(proposal.num_catch_up_tokens, self._last_propose_seconds)
         for request, drafts in zip(candidates, proposal.token_ids):
             request.spec_token_ids = drafts
 

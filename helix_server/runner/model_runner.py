@@ -132,6 +132,10 @@ class ModelRunner:
         ]
         return self.spec.propose(proposal_requests, {r.request_id: r for r in requests})
 
+    def proposal_backlogs(self, requests: list[Request]) -> dict[str, int]:
+        """Per request, the tokens the proposer must catch up on before drafting (empty without one)."""
+        return {} if self.spec is None else self.spec.backlogs(requests)
+
     def _sampling_row(self, request: Request) -> SamplingRow:
         return SamplingRow(
             params=request.sampling_params,

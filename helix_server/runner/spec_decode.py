@@ -128,6 +128,10 @@ class SpecDecoder:
 
     # ------------------------------------------------------------------ proposal
 
+    def backlogs(self, requests: list[Request]) -> dict[str, int]:
+        """Per request, the tokens the proposer would catch up on before drafting for it."""
+        return {r.request_id: self.proposer.backlog(r.request_id, r.num_computed_tokens, r.num_tokens) for r in requests}
+
     def propose(self, requests: list[ProposalRequest], by_id: dict[str, Request]) -> Proposal:
         """Draft for each request; keeps q for the next verification."""
         if not requests:

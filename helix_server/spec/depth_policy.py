@@ -11,7 +11,11 @@ tokens per second:
   compute-bound (large batches). Measured steps are averaged per power-of-two range of n and T is
   interpolated between those points (a single global line would be dominated by long prompt
   steps and says little about n = 16 versus n = 32);
-* the proposer's time per drafting step, D.
+* the proposer's time per drafting step, D, and per token it must catch up on, C: a draft model
+  processes every token of a request it has not drafted for yet (the whole prompt, or everything
+  since it last drafted) before its first draft. That one-off cost is spread over the steps the
+  request has left (its remaining tokens over its expected yield per step), so a batch of short
+  answers to long prompts does not start drafting when the catch-up would eat the gain.
 
 With depth k a request yields on average E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step
 (Leviathan et al. 2022). For each candidate depth K the step would take
@@ -25,8 +29,10 @@ The prediction can be wrong (step times are noisy, and a step's cost depends on 
 it holds, not only on its tokens), so it is checked against what happened: per range of batch
 sizes, the realised tokens per second of steps where the batch drafted and of steps where it did
 not (each including the drafting that fed it). Where drafting measurably lost, the policy does not
-draft, until that measurement is `_EXPLORE_MAX` steps old; while drafting, one step in
-`_REFRESH_EVERY` runs without drafts so the comparison stays current. Pure Python: no torch.
+draft, until `_EXPLORE_MAX` more steps of that batch size have run (steps of other sizes do not
+age it: a stretch of one-at-a-time work says nothing about 24 requests at once); while drafting,
+one step in `_REFRESH_EVERY` runs without drafts so the comparison stays current. Pure Python: no
+torch.
 """
 
 from __future__ import annotations
@@ -79,13 +85,16 @@ class DepthPolicy:
     # Target step times: per power-of-two range of tokens, the smoothed (tokens, seconds) of its steps.
     _steps: dict[int, tuple[float, float]] = field(default_factory=dict)
     _draft_step_seconds: float | None = None
+    # Seconds per token of a proposer catching up (None until measured).
+    _catch_up_token_seconds: float | None = None
     _steps_without_drafts: int = 0
     _steps_with_drafts: int = 0
     _explore_interval: int = _EXPLORE_EVERY
     # Realised outcome per (power-of-two range of batch size, whether the batch drafted): smoothed
-    # (tokens generated, seconds) per step, and the step count when last observed.
+    # (tokens generated, seconds) per step, and that range's step count when last observed.
     _outcomes: dict[tuple[int, bool], tuple[float, float, int]] = field(default_factory=dict)
-    _num_outcomes: int = 0
+    # Steps observed per power-of-two range of batch size (the clock that ages `_outcomes`).
+    _outcome_clock: dict[int, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ measurements
 
@@ -120,28 +129,36 @@ class DepthPolicy:
         previous = self._draft_step_seconds
         self._draft_step_seconds = per_step if previous is None else (1 - _EMA) * previous + _EMA * per_step
 
+    def observe_catch_up(self, num_tokens: int, seconds: float) -> None:
+        """A proposal spent `seconds` with `num_tokens` tokens to catch up on (drafting included,
+        so this overestimates a little; it matters only when catch-up dominates)."""
+        if num_tokens <= 0:
+            return
+        per_token = seconds / num_tokens
+        previous = self._catch_up_token_seconds
+        self._catch_up_token_seconds = per_token if previous is None else (1 - _EMA) * previous + _EMA * per_token
+
     def observe_outcome(self, num_requests: int, num_drafting: int, num_tokens: int, seconds: float) -> None:
         """A step generated `num_tokens` tokens for `num_requests` requests, `num_drafting` of which
         had drafts, in `seconds` (its forward and sampling, plus the drafting that fed it). Steps
         where only a few requests drafted (explorations) are neither kind and are not recorded."""
-        self._num_outcomes += 1
         if num_requests <= 0 or seconds <= 0.0:
             return
+        bucket = (num_requests - 1).bit_length()
+        clock = self._outcome_clock[bucket] = self._outcome_clock.get(bucket, 0) + 1
         if num_drafting == 0:
             drafted = False
         elif 2 * num_drafting >= num_requests:
             drafted = True
         else:
             return
-        key = ((num_requests - 1).bit_length(), drafted)
+        key = (bucket, drafted)
         previous = self._outcomes.get(key)
-        if previous is None or self._num_outcomes - previous[2] > _EXPLORE_MAX:
-            self._outcomes[key] = (float(num_tokens), seconds, self._num_outcomes)
+        if previous is None or clock - previous[2] > _EXPLORE_MAX:
+            self._outcomes[key] = (float(num_tokens), seconds, clock)
         else:
             tokens, secs, _ = previous
-            self._outcomes[key] = (
-                (1 - _EMA) * tokens + _EMA * num_tokens, (1 - _EMA) * secs + _EMA * seconds, self._num_outcomes
-            )
+            self._outcomes[key] = ((1 - _EMA) * tokens + _EMA * num_tokens, (1 - _EMA) * secs + _EMA * seconds, clock)
 
     def drafting_measurably_loses(self, num_requests: int) -> bool:
         """Whether, at this batch size, steps with drafts recently generated fewer tokens per second
@@ -149,7 +166,7 @@ class DepthPolicy:
         bucket = (max(num_requests, 1) - 1).bit_length()
         with_drafts = self._outcomes.get((bucket, True))
         without = self._outcomes.get((bucket, False))
-        if with_drafts is None or without is None or self._num_outcomes - with_drafts[2] > _EXPLORE_MAX:
+        if with_drafts is None or without is None or self._outcome_clock[bucket] - with_drafts[2] > _EXPLORE_MAX:
             return False
         return with_drafts[0] / with_drafts[1] < without[0] / without[1]
 
@@ -191,10 +208,18 @@ class DepthPolicy:
 
     # ------------------------------------------------------------------ the decision
 
-    def depths(self, limits: dict[str, int], num_batch_tokens: int) -> dict[str, int]:
+    def depths(
+        self,
+        limits: dict[str, int],
+        num_batch_tokens: int,
+        backlogs: dict[str, int] | None = None,
+        remaining: dict[str, int] | None = None,
+    ) -> dict[str, int]:
         """Draft depth per request. `limits[request_id]` caps each request (its own
         speculation_depth and what it has left to generate); `num_batch_tokens` is the number of
-        tokens the next step would compute without any drafts."""
+        tokens the next step would compute without any drafts. `backlogs[request_id]`: tokens the
+        proposer must catch up on before drafting for it; `remaining[request_id]`: tokens it may
+        still generate (both default to no catch-up)."""
         if self.max_depth <= 0:
             return {}
         if not self.adaptive:
@@ -203,10 +228,13 @@ class DepthPolicy:
         if base is None or base <= 0.0:
             # Nothing measured yet: draft one token, to start measuring.
             return {rid: min(1, limit) for rid, limit in limits.items() if limit > 0}
+        if self.drafting_measurably_loses(num_batch_tokens):
+            return self._not_drafting(limits)
         draft_step = self._draft_step_seconds
         if draft_step is None:
             draft_step = self.prior_draft_cost * base
         alphas = {rid: self.acceptance_rate(rid) for rid in limits}
+        catch_up = self._catch_up_per_step(limits, backlogs or {}, remaining or {}, alphas)
         baseline_rate = len(limits) / base  # tokens per second without speculation
         # One more verified token costs the target `per_token` seconds; a request's j-th draft is
         # worth it only if its expected yield alpha^j beats what that time produces without drafts.
@@ -222,16 +250,21 @@ class DepthPolicy:
             tokens = sum(expected_tokens(alphas[rid], k) for rid, k in chosen.items())
             tokens += len(limits) - len(chosen)  # the others still get their one token
             seconds = self.step_time(num_batch_tokens + sum(chosen.values())) + draft_step * depth
+            seconds += sum(catch_up[rid] for rid in chosen)
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best_rate, best = rate, chosen
-        if best_rate >= baseline_rate * _MARGIN and not self.drafting_measurably_loses(num_batch_tokens):
+        if best_rate >= baseline_rate * _MARGIN:
             self._explore_interval = _EXPLORE_EVERY
             self._steps_without_drafts = 0
             self._steps_with_drafts += 1
             if self._steps_with_drafts % _REFRESH_EVERY == 0:
                 return {}  # one step without drafts keeps the realised comparison current
             return best
+        return self._not_drafting(limits)
+
+    def _not_drafting(self, limits: dict[str, int]) -> dict[str, int]:
+        """A step the policy does not draft for: nothing, or now and then one exploring request."""
         self._steps_with_drafts = 0
         self._steps_without_drafts += 1
         if self._steps_without_drafts < self._explore_interval:
@@ -244,6 +277,23 @@ class DepthPolicy:
         self._explore_interval = min(2 * self._explore_interval, _EXPLORE_MAX)
         self._steps_without_drafts = 0
         return {explorer: 1}
+
+    def _catch_up_per_step(
+        self, limits: dict[str, int], backlogs: dict[str, int], remaining: dict[str, int], alphas: dict[str, float]
+    ) -> dict[str, float]:
+        """Per request, its proposer's catch-up time spread over the steps it has left if it drafts
+        (at least one token per step, more the better its drafts are accepted)."""
+        per_token = self._catch_up_token_seconds
+        if per_token is None:
+            # Not measured yet: the prior cost ratio times what a target token costs in a long step.
+            longest = max(self._steps.values(), default=None)
+            per_token = self.prior_draft_cost * longest[1] / longest[0] if longest else 0.0
+        out = {}
+        for rid, limit in limits.items():
+            backlog = backlogs.get(rid, 0)
+            steps_left = max(remaining.get(rid, 1) / expected_tokens(alphas[rid], limit), 1.0)
+            out[rid] = backlog * per_token / steps_left
+        return out
 
 
 def _depth_cap(alpha: float, threshold: float, max_depth: int) -> int:

@@ -63,11 +63,17 @@ class ModelProposer:
 
     def _valid_kv(self, request: ProposalRequest) -> int:
         """Leading positions whose drafter K/V is correct for the request's current tokens."""
+        return self._num_valid(request.request_id, request.num_computed_tokens)
+
+    def _num_valid(self, request_id: str, num_computed_tokens: int) -> int:
         if not self.own_kv_cache:
-            return request.num_computed_tokens
+            return num_computed_tokens
         # Positions the drafter wrote hold accepted tokens up to the model's computed count; past it
         # they hold rejected drafts.
-        return min(request.num_computed_tokens, self._written.get(request.request_id, 0))
+        return min(num_computed_tokens, self._written.get(request_id, 0))
+
+    def backlog(self, request_id: str, num_computed_tokens: int, num_tokens: int) -> int:
+        return num_tokens - self._num_valid(request_id, num_computed_tokens)
 
     @torch.inference_mode()
     def propose(self, requests: list[ProposalRequest], choose: DraftChooser) -> Proposal:

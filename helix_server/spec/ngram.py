@@ -71,6 +71,9 @@ class NgramProposer:
             token_ids=[propose_ngram(r.token_ids, r.num_draft_tokens, self.ngram_min, self.ngram_max) for r in requests]
         )
 
+    def backlog(self, request_id: str, num_computed_tokens: int, num_tokens: int) -> int:
+        return 0  # reads the token ids directly
+
     def forget(self, request_ids: Iterable[str]) -> None:
         """Nothing to drop."""
 

@@ -58,3 +58,8 @@ class Proposer(Protocol):
     def forget(self, request_ids: Iterable[str]) -> None:
         """Drop per-request state of finished or preempted requests."""
         ...
+
+    def backlog(self, request_id: str, num_computed_tokens: int, num_tokens: int) -> int:
+        """Tokens it would process for this request before its first draft (a draft model catching
+        up on what it has not seen; 0 for proposers that read the tokens directly)."""
+        ...

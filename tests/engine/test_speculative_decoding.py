@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helix_server import LLM, SamplingParams
+from helix_server.engine.core import EngineCore
+from helix_server.engine.llm import engine_config_from_settings
 
 NUM_LAYERS = 4
 
@@ -149,3 +151,21 @@ def test_speculation_depth_per_request(target_dir, draft_dir):
     assert max(stats.spec_accepted_tokens_per_position_total, default=0) < 2  # never deeper than asked
     assert on.metrics.num_draft_tokens == stats.spec_num_draft_tokens_total
     assert on.metrics.acceptance_rate == stats.spec_num_accepted_tokens_total / stats.spec_num_draft_tokens_total
+
+
+def test_the_depth_policy_sees_what_a_draft_model_must_catch_up_on(target_dir, draft_dir):
+    """A draft model that has never drafted for a request must first read all of it; once it
+    drafts every step, only the newest token or two."""
+    config = engine_config_from_settings(
+        str(target_dir), dtype="float32", num_kv_blocks=256, draft_model=str(draft_dir), num_speculative_tokens=2
+    )
+    engine = EngineCore(config)
+    engine.add_request("a", list(range(10, 40)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.add_request("b", list(range(50, 70)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, speculation_depth=0))
+    engine.step()  # prefill both, sample one token each, draft for "a" only
+    running = {r.request_id: r for r in engine.scheduler.running}
+    backlogs = engine.runner.proposal_backlogs(list(running.values()))
+    assert backlogs["b"] == running["b"].num_tokens == 21  # never drafted for: its whole sequence
+    assert backlogs["a"] == 1  # the sampled token the drafter has not read yet
+    engine.step()
+    assert 1 <= engine.runner.proposal_backlogs([running["a"]])["a"] <= 2  # new token (+ a rejected draft's slot)

@@ -116,3 +116,28 @@ def test_a_stale_losing_measurement_expires():
     for _ in range(1100):
         policy.observe_outcome(num_requests=16, num_drafting=0, num_tokens=16, seconds=0.010)
     assert not policy.drafting_measurably_loses(16)
+
+
+def test_steps_at_other_batch_sizes_do_not_age_a_losing_measurement():
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    policy.observe_outcome(num_requests=16, num_drafting=16, num_tokens=20, seconds=0.030)
+    policy.observe_outcome(num_requests=16, num_drafting=0, num_tokens=16, seconds=0.010)
+    for _ in range(3000):  # a long stretch of one-at-a-time work, drafting and winning
+        policy.observe_outcome(num_requests=1, num_drafting=1, num_tokens=3, seconds=0.004)
+    assert policy.drafting_measurably_loses(16)
+    assert policy.depths({f"r{i}": 5 for i in range(16)}, num_batch_tokens=16) == {}
+
+
+def test_catching_up_on_long_prompts_for_short_answers_is_not_worth_it():
+    # Cheap, accurate drafts and a flat step time: drafting wins once the proposer is caught up...
+    policy = _policy(alpha_hits=40, alpha_misses=0, draft_step=0.0005, slope=0.0)
+    limits = {f"r{i}": 3 for i in range(16)}
+    caught_up = {rid: 1 for rid in limits}
+    assert policy.depths(limits, num_batch_tokens=16, backlogs=caught_up, remaining={rid: 20 for rid in limits})
+    # ...but a draft model must first read 500 prompt tokens per request (measured: 20 us each,
+    # 160 ms for the batch, 16 steps' worth): for 20 tokens left each, that never pays back.
+    policy.observe_catch_up(num_tokens=8000, seconds=0.160)
+    long_prompts = {rid: 500 for rid in limits}
+    assert policy.depths(limits, num_batch_tokens=16, backlogs=long_prompts, remaining={rid: 20 for rid in limits}) == {}
+    # For long answers the same catch-up is spread thin enough.
+    assert policy.depths(limits, num_batch_tokens=16, backlogs=long_prompts, remaining={rid: 5000 for rid in limits})
