@@ -91,6 +91,11 @@ class KVCacheManager:
             return []
         return self.prefix_cache.find(request)
 
+    def start_position(self, request: Request, cached_blocks: list[KVBlock]) -> int:
+        """Where the request's next tokens start: past the cache hit `cached_blocks` when there is
+        one (a request holding no blocks), else at its computed tokens."""
+        return len(cached_blocks) * self.block_size if cached_blocks else request.num_computed_tokens
+
     def allocate_slots(
         self,
         request: Request,
@@ -111,8 +116,7 @@ class KVCacheManager:
         if cached_blocks and table:
             raise ValueError(f"{request.request_id!r} already holds blocks: no cache hit to take")
         num_held = len(table) if table is not None else 0
-        num_cached_tokens = len(cached_blocks) * self.block_size
-        start = num_cached_tokens if cached_blocks else request.num_computed_tokens
+        start = self.start_position(request, cached_blocks)
         end = start + num_new_tokens + num_lookahead_tokens
         num_needed = max(0, self.num_blocks_for(end) - num_held - len(cached_blocks))
         num_revived = sum(1 for block in cached_blocks if block.ref_cnt == 0)
@@ -121,7 +125,7 @@ class KVCacheManager:
         if cached_blocks:
             self.block_pool.incref(cached_blocks)
             table = self._block_tables[request.request_id] = list(cached_blocks)
-            request.num_computed_tokens = num_cached_tokens
+            request.num_computed_tokens = start
             self.prefix_cache.take(request, cached_blocks, count_stats=request.num_preemptions == 0)
         elif self.prefix_cache is not None and table is None and request.num_computed_tokens == 0:
             self.prefix_cache.take(request, [], count_stats=request.num_preemptions == 0)

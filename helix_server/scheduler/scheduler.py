@@ -247,7 +247,7 @@ class Scheduler:
 
     def _allocate(self, request: Request, num_new_tokens: int, cached_blocks: list) -> bool:
         """`allocate_slots` for `num_new_tokens` past the cache hit (if any), with lookahead."""
-        start = len(cached_blocks) * self.block_size if cached_blocks else request.num_computed_tokens
+        start = self.kv_cache_manager.start_position(request, cached_blocks)
         lookahead = request.lookahead_slots(start, num_new_tokens)
         return self.kv_cache_manager.allocate_slots(request, num_new_tokens, lookahead, cached_blocks)
 
@@ -266,8 +266,7 @@ class Scheduler:
             # A forked follower already holds its shared prompt blocks: this allocates the rest.
             # Anyone else may start with cached blocks (a prefix-cache hit, taken only if admitted).
             cached = kv.find_cached_blocks(request) if request.num_computed_tokens == 0 else []
-            start = len(cached) * self.block_size if cached else request.num_computed_tokens
-            num_new_tokens = min(request.num_tokens - start, budget)
+            num_new_tokens = min(request.num_tokens - kv.start_position(request, cached), budget)
             if not self._allocate(request, num_new_tokens, cached):
                 # While anything runs, blocks will come back. With nothing running, only queued
                 # followers' forked blocks can be holding the pool: reclaim those.
