@@ -36,7 +36,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.bias = None if bias is None else bias.detach()
-        self.pad_single_row = lone_row_differs(self.out_features, self.in_features, weight.dtype)
+        self.pad_single_row = lone_row_differs(self.in_features, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.pad_single_row and x.shape[0] == 1:
@@ -54,13 +54,21 @@ class PackedLinear(nn.Module):
         )
 
 
+# Outputs the lone-row check computes. The kernel choice follows the reduction length (measured:
+# float32 lone rows differ for every output count from 64 to 32,000 once in_features exceeds
+# 1,024, never below), and 1,024 outputs of 32 rows are plenty to see a difference in bfloat16
+# too, where rounding hides most (64 outputs missed it); a layer's own output count would make the
+# check of an LM head cost seconds. Padding a lone row where it was not needed costs time only.
+_PROBE_OUTPUTS = 1024
+
+
 @functools.lru_cache(maxsize=None)
-def lone_row_differs(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+def lone_row_differs(in_features: int, dtype: torch.dtype) -> bool:
     """Whether oneDNN computes one row alone with other last bits than the same row in a batch,
-    for this weight shape and dtype (a property of the kernel it picks, checked once per shape on
-    seeded random data: 32 rows, so that a kernel difference shows in some element)."""
+    for weights with `in_features` inputs in `dtype` (a property of the kernel it picks, checked
+    once on seeded random data)."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    weight = torch.randn(_PROBE_OUTPUTS, in_features, generator=generator).to(dtype)
     x = torch.randn(32, in_features, generator=generator).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight)
     with torch.inference_mode():
