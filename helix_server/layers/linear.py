@@ -6,8 +6,8 @@ fast for one row and much faster for a few. Its rows also do not depend on how m
 batch (bitwise), so a request's logits do not change with the batch around it, with one exception
 this module works around: for some shapes (more than 1,024 input features here) oneDNN computes a
 single row with a different kernel, whose last bits differ. Each `PackedLinear` checks its shape
-once and, where a lone row would differ, runs it as two identical rows (2% of a one-request decode
-step of the 125M benchmark model, where only down_proj needs it; ~5% if every layer does).
+once and, where a lone row would differ, runs it as two identical rows (1.5% of a one-request decode
+step of the 125M benchmark model, where only down_proj needs it; ~3.5% if every layer did).
 
 `pack_linear_layers` swaps every `nn.Linear` of a loaded model for a `PackedLinear`. It is used only
 when the platform supports it (a CPU torch build with mkldnn, float32/bfloat16) and after a numeric
