@@ -62,7 +62,7 @@ class PackedLinear(nn.Module):
 _PROBE_OUTPUTS = 1024
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lone_row_differs(in_features: int, dtype: torch.dtype) -> bool:
     """Whether oneDNN computes one row alone with other last bits than the same row in a batch,
     for weights with `in_features` inputs in `dtype` (a property of the kernel it picks, checked
@@ -71,12 +71,13 @@ def lone_row_differs(in_features: int, dtype: torch.dtype) -> bool:
     weight = torch.randn(_PROBE_OUTPUTS, in_features, generator=generator).to(dtype)
     x = torch.randn(32, in_features, generator=generator).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+
+    def linear(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
     with torch.inference_mode():
-        batched = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return any(
-            not torch.equal(torch.ops.mkldnn._linear_pointwise(x[i : i + 1], packed, None, "none", [], ""), batched[i : i + 1])
-            for i in range(x.shape[0])
-        )
+        batched = linear(x)
+        return any(not torch.equal(linear(x[i : i + 1]), batched[i : i + 1]) for i in range(x.shape[0]))
 
 
 def cpu_packing_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -161,7 +161,8 @@ def test_the_depth_policy_sees_what_a_draft_model_must_catch_up_on(target_dir, d
     )
     engine = EngineCore(config)
     engine.add_request("a", list(range(10, 40)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
-    engine.add_request("b", list(range(50, 70)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, speculation_depth=0))
+    no_drafts = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, speculation_depth=0)
+    engine.add_request("b", list(range(50, 70)), no_drafts)
     engine.step()  # prefill both, sample one token each, draft for "a" only
     running = {r.request_id: r for r in engine.scheduler.running}
     backlogs = engine.runner.proposal_backlogs(list(running.values()))

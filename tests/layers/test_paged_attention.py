@@ -137,7 +137,8 @@ def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype):
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    key_cache, value_cache = rand(num_blocks, block_size, num_kv_heads, head_dim), rand(num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
+    value_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
     free_blocks = torch.randperm(num_blocks - 1, generator=gen).add(1).tolist()
     chunks, queries, keys, values = [], [], [], []
     for context_len, num_new in BATCH_MATES:
