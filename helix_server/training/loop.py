@@ -93,12 +93,7 @@ def train_phase(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, phase)
         batch = next(batches).to(device, non_blocking=True)
-        with autocast(device):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _optimizer_step(model, optimizer, batch, phase, loss_fn, device)
         done = step + 1
         tokens += batch.shape[0] * (batch.shape[1] - 1)
         if done % log_every == 0 or done == steps:
@@ -132,17 +127,30 @@ def seconds_per_step(
         batch = next(batches).to(device)
         _synchronize(device)
         start = time.monotonic()
-        with autocast(device):
-            loss = loss_fn(trial, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trial.parameters(), phase.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(trial, optimizer, batch, phase, loss_fn, device)
         _synchronize(device)
         if index >= 2:
             elapsed += time.monotonic() - start
     del trial, optimizer
     return elapsed / timed_steps
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    phase: Phase,
+    loss_fn: LossFn,
+    device: torch.device,
+) -> torch.Tensor:
+    """One training step on `batch` (forward under autocast, backward, clip, AdamW); returns the loss."""
+    with autocast(device):
+        loss = loss_fn(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _synchronize(device: torch.device) -> None:
