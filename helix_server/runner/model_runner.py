@@ -60,21 +60,22 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return output
 
-        order = order_for_attention(
-            [SequenceChunk(s.start_position, s.num_new_tokens, s.block_ids) for s in scheduler_output.scheduled]
-        )
+        key_cache = self.kv_caches[0][0]
+        num_blocks = key_cache.shape[0]
+        chunks = [SequenceChunk(s.start_position, s.num_new_tokens, s.block_ids) for s in scheduler_output.scheduled]
+        order = order_for_attention(chunks, self.block_size, num_blocks)
         batch = [scheduler_output.scheduled[i] for i in order]
         input_ids: list[int] = []
         positions: list[int] = []
-        chunks: list[SequenceChunk] = []
         last_rows: list[int] = []  # the row of each request's last token in this step
         for scheduled in batch:
             input_ids.extend(scheduled.token_ids)
             positions.extend(range(scheduled.start_position, scheduled.start_position + scheduled.num_new_tokens))
-            chunks.append(SequenceChunk(scheduled.start_position, scheduled.num_new_tokens, scheduled.block_ids))
             last_rows.append(len(input_ids) - 1)
 
-        metadata = build_attention_metadata(chunks, self.block_size, self.device, self.kv_caches[0][0].dtype)
+        metadata = build_attention_metadata(
+            [chunks[i] for i in order], self.block_size, self.device, key_cache.dtype, num_blocks
+        )
         ctx = ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

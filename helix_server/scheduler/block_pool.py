@@ -7,11 +7,16 @@ blocks wait in one of two queues, both with O(1) removal of any block:
 - `_free_queue`: blocks that hold nothing findable, reused first;
 - `_evictable`: free blocks that are still cached (findable by hash), least recently freed first.
   A prefix-cache hit revives such a block (`incref`); allocating evicts it (forgets its hash).
+
+Block tables are allocated in runs of consecutive ids where the first queue allows
+(`allocate_run`): attention reads a request whose blocks form one run in place instead of
+copying its keys out of the pool first (see `layers.attention.builder.key_run_start`).
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -60,6 +65,8 @@ class BlockPool:
         # block_id -> block, front = next to reuse. OrderedDict gives O(1) popleft, append and
         # removal by key, which is all an LRU queue needs.
         self._free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        # 1 where a block is in `_free_queue`: the map `allocate_run` searches for runs.
+        self._clean = bytearray(b"\x01") * num_blocks
         self._evictable: OrderedDict[int, KVBlock] = OrderedDict()
         # hash digest -> the cached block holding that content (held or free).
         self._cached: dict[bytes, KVBlock] = {}
@@ -94,11 +101,46 @@ class BlockPool:
         for _ in range(n):
             queue = self._free_queue if self._free_queue else self._evictable
             _, block = queue.popitem(last=False)
+            self._clean[block.block_id] = 0
             # Reusing a block overwrites its contents: it is no longer findable by hash.
             self._uncache(block)
             block.ref_cnt = 1
             blocks.append(block)
         return blocks
+
+    def allocate_run(self, n: int, after: KVBlock | None = None) -> list[KVBlock]:
+        """Take `n` free blocks for a block table, consecutive ids where possible; like `allocate`
+        otherwise (all or nothing).
+
+        Only blocks of the first queue (holding nothing findable) are taken out of order, so the
+        prefix cache loses nothing to this. Extending a table (`after` is its last block), the
+        blocks right after it are taken when all are in that queue. Starting a table, the longest
+        run of such blocks is used: from its start when the block before it is held by no
+        table (so nothing needs room to grow there), else from its middle, leaving the table
+        before it half of the run to grow into.
+        """
+        if 0 < n <= self.num_free_blocks:
+            start = self._run_start(n, after)
+            if start is not None:
+                blocks = self.blocks[start : start + n]
+                for block in blocks:
+                    del self._free_queue[block.block_id]
+                    block.ref_cnt = 1
+                self._clean[start : start + n] = bytes(n)
+                return blocks
+        return self.allocate(n)
+
+    def _run_start(self, n: int, after: KVBlock | None) -> int | None:
+        if after is not None:
+            start = after.block_id + 1
+            return start if self._clean[start : start + n] == b"\x01" * n else None
+        longest = max(re.finditer(b"\x01+", self._clean), key=lambda m: m.end() - m.start(), default=None)
+        if longest is None or longest.end() - longest.start() < n:
+            return None
+        start, end = longest.span()
+        if start > 0 and self.blocks[start - 1].ref_cnt > 0:
+            start += (end - start - n) // 2
+        return start
 
     def incref(self, blocks: Iterable[KVBlock]) -> None:
         """Add one reference to each block; a free block (a prefix-cache hit) leaves its queue."""
@@ -106,6 +148,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 queue = self._evictable if block.block_hash is not None else self._free_queue
                 del queue[block.block_id]
+                self._clean[block.block_id] = 0
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
@@ -115,8 +158,11 @@ class BlockPool:
                 raise ValueError(f"double free of block {block.block_id}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                queue = self._evictable if block.block_hash is not None else self._free_queue
-                queue[block.block_id] = block
+                if block.block_hash is not None:
+                    self._evictable[block.block_id] = block
+                else:
+                    self._free_queue[block.block_id] = block
+                    self._clean[block.block_id] = 1
 
     # ------------------------------------------------------------------ the cache index
 
@@ -163,6 +209,8 @@ class BlockPool:
                 raise AssertionError(f"{block} is {'in' if in_free or in_evictable else 'not in'} a free queue")
             if in_evictable != (block.ref_cnt == 0 and block.block_hash is not None):
                 raise AssertionError(f"{block} is in the wrong free queue")
+            if self._clean[block.block_id] != in_free:
+                raise AssertionError(f"{block}'s run-map entry disagrees with the free queue")
             if block.block_hash is not None and self._cached.get(block.block_hash.value) is not block:
                 raise AssertionError(f"{block} has a hash but is not in the cache index")
             if block.block_hash is None and (block.serial or block.parent_serial):

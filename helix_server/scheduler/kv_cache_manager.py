@@ -130,7 +130,7 @@ class KVCacheManager:
         elif self.prefix_cache is not None and table is None and request.num_computed_tokens == 0:
             self.prefix_cache.take(request, [], count_stats=request.num_preemptions == 0)
         if num_needed:
-            new_blocks = self.block_pool.allocate(num_needed)
+            new_blocks = self.block_pool.allocate_run(num_needed, after=table[-1] if table else None)
             if table is None:
                 self._block_tables[request.request_id] = new_blocks
             else:

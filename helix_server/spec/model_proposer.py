@@ -109,7 +109,8 @@ class ModelProposer:
         """One forward over per-request chunks (token ids, start position, block ids); returns the
         logits of each request's last token, in input order: [R, V] float32."""
         seq_chunks = [SequenceChunk(start, len(ids), blocks) for ids, start, blocks in chunks]
-        order = order_for_attention(seq_chunks)
+        key_cache = self.kv_caches[0][0]
+        order = order_for_attention(seq_chunks, self.block_size, key_cache.shape[0])
         input_ids: list[int] = []
         positions: list[int] = []
         last_rows = [0] * len(chunks)
@@ -119,7 +120,7 @@ class ModelProposer:
             positions.extend(range(start, start + len(ids)))
             last_rows[i] = len(input_ids) - 1
         metadata = build_attention_metadata(
-            [seq_chunks[i] for i in order], self.block_size, self.device, self.kv_caches[0][0].dtype
+            [seq_chunks[i] for i in order], self.block_size, self.device, key_cache.dtype, key_cache.shape[0]
         )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

@@ -1,4 +1,5 @@
-"""The portable paged attention against a dense reference on shuffled (non-contiguous) block tables.
+"""The portable paged attention against a dense reference, on shuffled (non-contiguous) block tables
+and on tables of consecutive blocks (whose keys attention reads in place).
 
 One step mixes decodes of different lengths, a one-token fresh request, short multi-token chunks
 (like drafts being verified) attended in batched groups, fresh prefills and prefill chunks with
@@ -13,11 +14,17 @@ import math
 import pytest
 import torch
 
-from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
+from helix_server.layers.attention.builder import (
+    SequenceChunk,
+    build_attention_metadata,
+    key_run_start,
+    order_for_attention,
+    padded_key_blocks,
+)
 from helix_server.layers.attention.portable import paged_attention, write_kv_cache
 
 HEAD_DIM = 16
-NUM_BLOCKS = 420
+NUM_BLOCKS = 840
 # (context_len, num_new_tokens): decodes over several lengths (block boundaries included),
 # a one-token fresh request, a fresh prefill, and a prefill chunk after cached context.
 # Chunks of up to 16 tokens are attended in batched groups of equal length (decodes, drafts being
@@ -46,7 +53,10 @@ def _dense_reference(q, k, v, q_positions, scale, sliding_window):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 2), (4, 4)], ids=["gqa2", "gqa4", "mha"])
 @pytest.mark.parametrize("sliding_window", [None, 6])
 @pytest.mark.parametrize("sequences", [SEQUENCES, WIDE_SEQUENCES], ids=["close", "wide"])
-def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window, sequences):
+@pytest.mark.parametrize("in_place", [False, True], ids=["shuffled", "runs"])
+def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window, sequences, in_place):
+    """With `in_place`, every other request's blocks are one run of consecutive ids (the pool size
+    is passed, so short queries over such runs read their keys in place); the rest shuffled."""
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads * 10 + num_kv_heads)
     scale = 1 / math.sqrt(HEAD_DIM)
 
@@ -57,11 +67,18 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
     value_cache = rand(NUM_BLOCKS, block_size, num_kv_heads, HEAD_DIM)
     free_blocks = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
 
+    next_run = 0  # runs are cut from the pool's start, shuffled blocks from the rest
+    if in_place:
+        free_blocks = [b for b in free_blocks if b >= NUM_BLOCKS // 2]
     chunks, full_k, full_v = [], [], []
-    for context_len, num_new in sequences:
+    for index, (context_len, num_new) in enumerate(sequences):
         seq_len = context_len + num_new
         num_seq_blocks = -(-seq_len // block_size)
-        block_ids = [free_blocks.pop() for _ in range(num_seq_blocks)]
+        if in_place and index % 2:
+            block_ids = list(range(next_run, next_run + num_seq_blocks))
+            next_run += num_seq_blocks + 1
+        else:
+            block_ids = [free_blocks.pop() for _ in range(num_seq_blocks)]
         chunks.append(SequenceChunk(context_len, num_new, block_ids))
         full_k.append(rand(seq_len, num_kv_heads, HEAD_DIM))
         full_v.append(rand(seq_len, num_kv_heads, HEAD_DIM))
@@ -72,10 +89,13 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
         )
         write_kv_cache(full_k[-1][:context_len], full_v[-1][:context_len], key_cache, value_cache, slots)
 
-    order = order_for_attention(chunks)
-    metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu")
+    assert next_run <= NUM_BLOCKS // 2
+    num_blocks = NUM_BLOCKS if in_place else None
+    order = order_for_attention(chunks, block_size, num_blocks)
+    metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu", num_blocks=num_blocks)
     query_lens = [g.query_len for g in metadata.query_groups]
     assert {1, 4} <= set(query_lens)
+    assert any(g.key_start is not None for g in metadata.query_groups) == in_place
     if sequences is WIDE_SEQUENCES:  # decodes too far apart in length for one padded call
         assert query_lens.count(1) > 1
     queries = {i: rand(chunks[i].num_new_tokens, num_heads, HEAD_DIM) for i in order}
@@ -132,25 +152,37 @@ def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype):
     requests sharing its padded batched call (lengths past the 512-key split included)."""
     gen = torch.Generator().manual_seed(11)
     block_size, num_heads, num_kv_heads, head_dim = 16, 12, 4, 64
-    num_blocks = sum(-(-(c + n) // block_size) for c, n in BATCH_MATES) + 1
+    # Every other request's blocks are a run of consecutive ids, read in place when the pool size
+    # is passed (and gathered like the others when not); runs first, shuffled blocks after them.
+    runs = [-(-(c + n) // block_size) for c, n in BATCH_MATES[1::2]]
+    first_shuffled = sum(runs) + 1
+    num_blocks = first_shuffled + sum(-(-(c + n) // block_size) for c, n in BATCH_MATES[::2]) + 64
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
     key_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
     value_cache = rand(num_blocks, block_size, num_kv_heads, head_dim)
-    free_blocks = torch.randperm(num_blocks - 1, generator=gen).add(1).tolist()
+    free_blocks = torch.randperm(num_blocks - first_shuffled, generator=gen).add(first_shuffled).tolist()
+    next_run = 1
     chunks, queries, keys, values = [], [], [], []
-    for context_len, num_new in BATCH_MATES:
-        blocks = [free_blocks.pop() for _ in range(-(-(context_len + num_new) // block_size))]
+    for index, (context_len, num_new) in enumerate(BATCH_MATES):
+        needed = -(-(context_len + num_new) // block_size)
+        if index % 2:
+            blocks = list(range(next_run, next_run + needed))
+            next_run += needed
+        else:
+            blocks = [free_blocks.pop() for _ in range(needed)]
         chunks.append(SequenceChunk(context_len, num_new, blocks))
         queries.append(rand(num_new, num_heads, head_dim))
         keys.append(rand(num_new, num_kv_heads, head_dim))
         values.append(rand(num_new, num_kv_heads, head_dim))
 
-    def attend(indices):
-        order = [indices[i] for i in order_for_attention([chunks[i] for i in indices])]
-        metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu", dtype)
+    def attend(indices, in_place=True):
+        pool = num_blocks if in_place else None
+        order = [indices[i] for i in order_for_attention([chunks[i] for i in indices], block_size, pool)]
+        metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu", dtype, pool)
+        assert any(g.key_start is not None for g in metadata.query_groups) == (in_place and any(i % 2 for i in indices))
         out = paged_attention(
             torch.cat([queries[i] for i in order]), torch.cat([keys[i] for i in order]),
             torch.cat([values[i] for i in order]), key_cache, value_cache, metadata, head_dim**-0.5,
@@ -165,3 +197,20 @@ def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype):
     mix = [1, 3, 4, 7, 10, 11]
     for i, rows in attend(mix).items():
         assert torch.equal(rows, together[i])
+    # Keys read in place give the bits that gathering them gives.
+    for i, rows in attend(list(range(len(chunks))), in_place=False).items():
+        assert torch.equal(rows, together[i]), f"request {BATCH_MATES[i]} changed when its keys were gathered"
+
+
+def test_key_run_start_needs_consecutive_blocks_and_a_padded_window_inside_the_pool():
+    block_size = 16
+    # 40 keys: 3 blocks, padded to its key-length class.
+    padded = padded_key_blocks(40, block_size)
+    assert key_run_start(SequenceChunk(39, 1, [7, 8, 9]), block_size, num_blocks=100) == 7 * block_size
+    # Lookahead blocks past the keys do not matter; neither does a gap among them.
+    assert key_run_start(SequenceChunk(39, 1, [7, 8, 9, 30]), block_size, num_blocks=100) == 7 * block_size
+    assert key_run_start(SequenceChunk(39, 1, [7, 9, 8]), block_size, num_blocks=100) is None
+    assert key_run_start(SequenceChunk(39, 1, [7, 30, 9]), block_size, num_blocks=100) is None
+    # The padded window must end inside the pool (its slots past the keys are read, then masked).
+    assert key_run_start(SequenceChunk(39, 1, [7, 8, 9]), block_size, num_blocks=7 + padded) == 7 * block_size
+    assert key_run_start(SequenceChunk(39, 1, [7, 8, 9]), block_size, num_blocks=7 + padded - 1) is None

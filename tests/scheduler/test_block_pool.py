@@ -142,3 +142,56 @@ def test_invariant_check_catches_corruption():
     blocks[0].ref_cnt = -1
     with pytest.raises(AssertionError):
         pool.check_invariants()
+
+
+def ids(blocks):
+    return [b.block_id for b in blocks]
+
+
+def test_allocate_run_extends_a_table_with_the_blocks_right_after_it():
+    pool = BlockPool(10)
+    table = pool.allocate_run(3)
+    assert ids(table) == [0, 1, 2]  # a fresh pool: from the start of its one run
+    table += pool.allocate_run(2, after=table[-1])
+    assert ids(table) == [0, 1, 2, 3, 4]
+    assert all(b.ref_cnt == 1 for b in table) and pool.num_free_blocks == 5
+    pool.check_invariants()
+
+
+def test_allocate_run_starts_a_table_mid_run_after_a_held_block():
+    pool = BlockPool(20)
+    first = pool.allocate_run(4)  # 0-3
+    second = pool.allocate_run(2)  # the run 4-19 follows a held block: start in its middle
+    assert ids(second) == [11, 12]
+    first += pool.allocate_run(3, after=first[-1])  # room to grow before the second table
+    assert ids(first) == list(range(7))
+    pool.free(reversed(first))
+    # 0-10 follow no held block: a new table starts at their start.
+    assert ids(pool.allocate_run(3)) == [0, 1, 2]
+    pool.check_invariants()
+
+
+def test_allocate_run_falls_back_to_queue_order_where_no_run_fits():
+    pool = BlockPool(6)
+    blocks = pool.allocate(6)
+    pool.free([blocks[4], blocks[1], blocks[3]])  # free: 4, 1, 3 (no two adjacent but 3-4)
+    assert ids(pool.allocate_run(2, after=blocks[0])) == [4, 1]  # block 1 is free but 2 is not
+    pool.free([blocks[4], blocks[1]])
+    assert ids(pool.allocate_run(3)) == [3, 4, 1]  # the longest run (3-4) is too short
+    with pytest.raises(ValueError):
+        pool.allocate_run(1)  # all or nothing, as allocate
+    pool.check_invariants()
+
+
+def test_allocate_run_never_takes_cached_blocks_out_of_order():
+    """Free cached blocks are evicted least recently freed first, as by `allocate`: a run may only
+    be made of blocks holding nothing findable."""
+    pool = BlockPool(6)
+    blocks = pool.allocate(6)
+    for i in (2, 3, 4):
+        pool.cache_block(blocks[i], BlockHash(bytes([i]), (i,)), parent_serial=0)
+    pool.free([blocks[4], blocks[3], blocks[2]])  # cached, free: evictable in the order 4, 3, 2
+    pool.free([blocks[5]])  # nothing findable in it
+    assert ids(pool.allocate_run(2, after=blocks[1])) == [5, 4]  # not 2-3: they are cached
+    assert pool.cached_block(bytes([4])) is None and pool.cached_block(bytes([2])) is blocks[2]
+    pool.check_invariants()

@@ -41,15 +41,42 @@ MIN_KEYS_GRANULE = 32
 MAX_KEYS_GRANULE = 256
 
 
-def order_for_attention(chunks: list[SequenceChunk]) -> list[int]:
-    """The batch order the attention backend expects: short chunks first, by length then by
-    sequence length (so chunks that can share a padded batched call sit together), then the rest.
+def order_for_attention(chunks: list[SequenceChunk], block_size: int = 1, num_blocks: int | None = None) -> list[int]:
+    """The batch order the attention backend expects: short chunks first, by length, key-length
+    class, then those whose keys are read in place (see `key_run_start`; needs `block_size` and
+    the pool's `num_blocks`) last in their class, then by sequence length (so chunks that can share
+    a padded batched call sit together); then the rest.
 
     Returns indices into `chunks` (stable among equals)."""
+
+    def key(i: int) -> tuple[int, int, bool, int]:
+        chunk = chunks[i]
+        in_place = num_blocks is not None and key_run_start(chunk, block_size, num_blocks) is not None
+        return chunk.num_new_tokens, padded_key_blocks(chunk.seq_len, block_size), in_place, chunk.seq_len
+
     short = [i for i, c in enumerate(chunks) if c.num_new_tokens <= MAX_BATCHED_QUERY_LEN]
-    short.sort(key=lambda i: (chunks[i].num_new_tokens, chunks[i].seq_len))
+    short.sort(key=key)
     long = [i for i, c in enumerate(chunks) if c.num_new_tokens > MAX_BATCHED_QUERY_LEN]
     return short + long
+
+
+def key_run_start(chunk: SequenceChunk, block_size: int, num_blocks: int) -> int | None:
+    """The pool slot where a short chunk's keys start, when its attention can read them in place:
+    the blocks holding its keys have consecutive ids and its padded key window (its key-length
+    class) ends inside a pool of `num_blocks`. None when its keys must be gathered.
+
+    Reading in place skips the copy that gathering is (the larger part of decode attention), and
+    computes the same bits: a request's keys and values then have the same layout and padded
+    length as in a gathered batched call; the padding slots hold other blocks' (finite) contents
+    instead of block 0's, masked either way."""
+    needed = -(-chunk.seq_len // block_size)
+    blocks = chunk.block_ids
+    first = blocks[0]
+    if first + padded_key_blocks(chunk.seq_len, block_size) > num_blocks or blocks[needed - 1] != first + needed - 1:
+        return None
+    if blocks[:needed] != list(range(first, first + needed)):
+        return None
+    return first * block_size
 
 
 def build_attention_metadata(
@@ -57,8 +84,10 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
+    num_blocks: int | None = None,
 ) -> AttentionMetadata:
-    """Metadata for a step whose token rows are `chunks` in `order_for_attention` order.
+    """Metadata for a step whose token rows are `chunks` in `order_for_attention` order (with the
+    same `num_blocks`: the pool's size, or None to gather every request's keys).
 
     Builds the slot mapping on the host and moves everything to `device` once.
     """
@@ -78,8 +107,8 @@ def build_attention_metadata(
 
     query_groups: list[QueryGroup] = []
     row = 0
-    for start, end in _split_groups(chunks[:num_short], block_size):
-        group = _query_group(chunks[start:end], row, block_size, device)
+    for start, end, key_start in _split_groups(chunks[:num_short], block_size, num_blocks):
+        group = _query_group(chunks[start:end], row, block_size, device, key_start)
         query_groups.append(group)
         row = group.token_end
 
@@ -113,25 +142,33 @@ def padded_key_blocks(seq_len: int, block_size: int) -> int:
     return -(-slots // (granule_blocks * block_size)) * granule_blocks
 
 
-def _split_groups(chunks: list[SequenceChunk], block_size: int) -> list[tuple[int, int]]:
-    """Index ranges of batched groups over short chunks sorted by (length, sequence length): a
-    group holds the chunks of one length and one key-length class."""
-    groups: list[tuple[int, int]] = []
+def _split_groups(
+    chunks: list[SequenceChunk], block_size: int, num_blocks: int | None
+) -> list[tuple[int, int, int | None]]:
+    """(start, end, key_start) of the calls over short chunks in `order_for_attention` order: a
+    chunk whose keys are read in place (`key_run_start`) is a call of its own; the others are
+    batched, a call per query length and key-length class."""
+    groups: list[tuple[int, int, int | None]] = []
     start = 0
+    start_class = None
     for index, chunk in enumerate(chunks):
-        if index > start and (
-            chunk.num_new_tokens != chunks[start].num_new_tokens
-            or padded_key_blocks(chunk.seq_len, block_size) != padded_key_blocks(chunks[start].seq_len, block_size)
-        ):
-            groups.append((start, index))
+        key_start = None if num_blocks is None else key_run_start(chunk, block_size, num_blocks)
+        key_class = (chunk.num_new_tokens, padded_key_blocks(chunk.seq_len, block_size))
+        if index > start and (key_start is not None or key_class != start_class):
+            groups.append((start, index, None))
             start = index
-    if chunks:
-        groups.append((start, len(chunks)))
+        if key_start is not None:
+            groups.append((index, index + 1, key_start))
+            start = index + 1
+        elif start == index:
+            start_class = key_class
+    if start < len(chunks):
+        groups.append((start, len(chunks), None))
     return groups
 
 
 def _query_group(
-    chunks: list[SequenceChunk], token_start: int, block_size: int, device: torch.device | str
+    chunks: list[SequenceChunk], token_start: int, block_size: int, device: torch.device | str, key_start: int | None
 ) -> QueryGroup:
     needed = [-(-c.seq_len // block_size) for c in chunks]
     max_blocks = padded_key_blocks(chunks[0].seq_len, block_size)  # one class per group
@@ -143,6 +180,7 @@ def _query_group(
         query_len=query_len,
         block_tables=torch.tensor(tables, dtype=torch.long, device=device),
         seq_lens=torch.tensor([c.seq_len for c in chunks], dtype=torch.long, device=device),
+        key_start=key_start,
     )
 
 

@@ -44,7 +44,8 @@ class QueryGroup:
 
     The group's requests share one key-length class (`builder.padded_key_blocks`), the width of
     `block_tables` (0-padded): each request's keys are padded the same whatever else is in the
-    step, so its result is too.
+    step, so its result is too. With `key_start` set the group is one request whose padded keys
+    are the pool slots [key_start, key_start + width * block_size), read in place.
     """
 
     token_start: int
@@ -52,6 +53,7 @@ class QueryGroup:
     query_len: int
     block_tables: torch.Tensor  # [n, max_num_blocks] int64 (0-padded)
     seq_lens: torch.Tensor  # [n] int64: keys per request, its new tokens included
+    key_start: int | None = None
 
     @property
     def num_requests(self) -> int:

@@ -64,8 +64,9 @@ def paged_attention(
         if chunk.context_len == 0:
             k, v = key[rows], value[rows]  # [n, kv_heads, d]
         else:
-            k = key_cache[chunk.block_table].flatten(0, 1)[: chunk.seq_len]  # [seq_len, kv_heads, d]
-            v = value_cache[chunk.block_table].flatten(0, 1)[: chunk.seq_len]
+            kv_shape = (-1, num_kv_heads, head_dim)
+            k = gather_blocks(key_cache, chunk.block_table).view(kv_shape)[: chunk.seq_len]  # [seq_len, kv_heads, d]
+            v = gather_blocks(value_cache, chunk.block_table).view(kv_shape)[: chunk.seq_len]
         # 4-D [1, heads, len, d] operands: the CPU flash kernel only takes the 4-D form.
         k = _expand_kv_heads(k, group).transpose(0, 1)[None]  # [1, num_heads, seq_len, d]
         v = _expand_kv_heads(v, group).transpose(0, 1)[None]
@@ -97,11 +98,15 @@ def _batched_attention(
     gqa_group = num_heads // num_kv_heads
     n, q = query_group.num_requests, query_group.query_len
     tables = query_group.block_tables  # [n, max_blocks]
-    gathered_shape = (n, -1, num_kv_heads, head_dim)
-    # index_select on a flat table is much cheaper than advanced indexing with a 2-D index.
-    # [n * max_blocks, block_size, kv_heads, d] -> [n, S, kv_heads, d] -> [n, kv_heads, S, d]
-    k = key_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
-    v = value_cache.index_select(0, tables.view(-1)).view(gathered_shape).transpose(1, 2)
+    if query_group.key_start is None:
+        gathered_shape = (n, -1, num_kv_heads, head_dim)
+        # [n * max_blocks, block_size, kv_heads, d] -> [n, S, kv_heads, d] -> [n, kv_heads, S, d]
+        k = gather_blocks(key_cache, tables.view(-1)).view(gathered_shape).transpose(1, 2)
+        v = gather_blocks(value_cache, tables.view(-1)).view(gathered_shape).transpose(1, 2)
+    else:  # one request whose keys lie in one run of the pool: views, the same layout as gathered
+        slots = slice(query_group.key_start, query_group.key_start + tables.shape[1] * key_cache.shape[1])
+        k = key_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1)[None]  # [1, kv_heads, S, d]
+        v = value_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1)[None]
     mask = metadata.group_mask(group_index, sliding_window, gqa_group)  # [n, 1, g * q or 1, S]
     if q == 1:
         rows = query.view(n, num_kv_heads, gqa_group, head_dim)
@@ -113,6 +118,18 @@ def _batched_attention(
         return o.reshape(num_rows, num_heads, head_dim)
     o = o.view(n, num_kv_heads, gqa_group, q, head_dim).permute(0, 3, 1, 2, 4)  # [n, q, kv_heads, g, d]
     return o.reshape(num_rows, num_heads, head_dim)
+
+
+def gather_blocks(
+    cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    block_ids: torch.Tensor,  # [m] int64
+) -> torch.Tensor:  # [m, block_size * kv_heads * head_dim]
+    """Copy the listed blocks out of a cache, in order.
+
+    `index_select` over blocks seen as flat rows: on CPU a memcpy per block. Over the 4-D cache it
+    walks elements with strides instead: the same speed when the blocks come from memory, 2.2x
+    slower when they are in cache (512 blocks of 16 x 4 x 64 float32: 718 us vs 324 us)."""
+    return cache.view(cache.shape[0], -1).index_select(0, block_ids)
 
 
 def _expand_kv_heads(x: torch.Tensor, group: int) -> torch.Tensor:
