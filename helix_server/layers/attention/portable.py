@@ -7,7 +7,9 @@ the keys each query may see through the block tables and runs `scaled_dot_produc
   with the same query length and key-length class (each padded to its class, so its result does
   not depend on the rest of the batch; see `builder.padded_key_blocks`). GQA
   without copying K/V: the g query heads that share a KV head (times the request's q tokens) are
-  stacked as query rows of that head, q [n, kv_heads, g * q, d] against k [n, kv_heads, S, d];
+  stacked as query rows of that head, q [n, kv_heads, g * q, d] against k [n, kv_heads, S, d].
+  A request whose blocks form one run of the pool (`QueryGroup.key_start`) is a call of its own
+  on views of the pool instead: no copy, and the same layout and padding, so the same bits;
 * each long chunk (a prompt chunk) gets its own call with a causal mask offset by the tokens already cached
   (or plain `is_causal` when the chunk is the whole sequence so far). Here K/V are expanded to all
   query heads (a view plus one copy) so the fast causal kernel applies.
@@ -46,18 +48,27 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Causal attention of this step's queries over their cached and new keys."""
     write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-    num_tokens, num_heads, head_dim = query.shape
+    num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
+    # The pool as [slots, kv_heads, d]: requests whose keys are read in place take slices of it.
+    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
 
-    groups = metadata.query_groups
-    if len(groups) == 1 and groups[0].token_end == num_tokens:
-        # One batched group covers the whole step (pure decoding): no copy into `out`.
-        return _batched_attention(query, key_cache, value_cache, metadata, 0, scale, sliding_window)
-    for index, query_group in enumerate(groups):
-        rows = slice(query_group.token_start, query_group.token_end)
-        out[rows] = _batched_attention(query[rows], key_cache, value_cache, metadata, index, scale, sliding_window)
+    parts = []  # outputs in row order: the query groups', then the prompt chunks'
+    for index, query_group in enumerate(metadata.query_groups):
+        rows = query[query_group.token_start : query_group.token_end]
+        mask = metadata.group_mask(index, sliding_window, group)  # [n, 1, g * q or 1, S]
+        if query_group.key_start is None:
+            # [n * max_blocks, block_size, kv_heads, d] -> [n, S, kv_heads, d] -> [n, kv_heads, S, d]
+            gathered_shape = (query_group.num_requests, -1, num_kv_heads, head_dim)
+            k = gather_blocks(key_cache, query_group.block_tables.view(-1)).view(gathered_shape).transpose(1, 2)
+            v = gather_blocks(value_cache, query_group.block_tables.view(-1)).view(gathered_shape).transpose(1, 2)
+        else:  # one request whose keys lie in one run of the pool: views, the layout gathering gives
+            slots = slice(query_group.key_start, query_group.key_start + query_group.num_key_slots)
+            k = flat_keys[slots].transpose(0, 1)[None]  # [1, kv_heads, S, d]
+            v = flat_values[slots].transpose(0, 1)[None]
+        parts.append(_grouped_query_attention(rows, k, v, mask, query_group.query_len, scale))
 
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
@@ -73,47 +84,34 @@ def paged_attention(
         q = query[rows].transpose(0, 1)[None]  # [1, num_heads, n, d]
         mask = metadata.prefill_mask(index, sliding_window)  # [n, seq_len] additive, or None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-        out[rows] = o[0].transpose(0, 1)
-    return out
+        parts.append(o[0].transpose(0, 1))  # [n, num_heads, d]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _batched_attention(
+def _grouped_query_attention(
     query: torch.Tensor,  # [n * q, num_heads, head_dim]: q consecutive rows per request
-    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
-    value_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    group_index: int,
+    key: torch.Tensor,  # [n, kv_heads, S, head_dim]
+    value: torch.Tensor,  # [n, kv_heads, S, head_dim]
+    mask: torch.Tensor,  # [n, 1, g * q or 1, S] additive
+    query_len: int,
     scale: float,
-    sliding_window: int | None,
 ) -> torch.Tensor:  # [n * q, num_heads, head_dim]
-    """One query group in one call, reading K/V through the block tables.
+    """One call for n requests with q query tokens each, over their (padded) keys.
 
     GQA without copying K/V: the g query heads that share a KV head, and the q query tokens of a
     request, become g * q query rows of that KV head: q [n, kv_heads, g * q, d] against
     k [n, kv_heads, S, d], with a mask that is causal within the request's q tokens.
     """
-    query_group = metadata.query_groups[group_index]
     num_rows, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
+    n, num_kv_heads = key.shape[0], key.shape[1]
     gqa_group = num_heads // num_kv_heads
-    n, q = query_group.num_requests, query_group.query_len
-    tables = query_group.block_tables  # [n, max_blocks]
-    if query_group.key_start is None:
-        gathered_shape = (n, -1, num_kv_heads, head_dim)
-        # [n * max_blocks, block_size, kv_heads, d] -> [n, S, kv_heads, d] -> [n, kv_heads, S, d]
-        k = gather_blocks(key_cache, tables.view(-1)).view(gathered_shape).transpose(1, 2)
-        v = gather_blocks(value_cache, tables.view(-1)).view(gathered_shape).transpose(1, 2)
-    else:  # one request whose keys lie in one run of the pool: views, the same layout as gathered
-        slots = slice(query_group.key_start, query_group.key_start + tables.shape[1] * key_cache.shape[1])
-        k = key_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1)[None]  # [1, kv_heads, S, d]
-        v = value_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(0, 1)[None]
-    mask = metadata.group_mask(group_index, sliding_window, gqa_group)  # [n, 1, g * q or 1, S]
+    q = query_len
     if q == 1:
         rows = query.view(n, num_kv_heads, gqa_group, head_dim)
     else:  # [n, q, kv_heads, g, d] -> [n, kv_heads, g, q, d] -> [n, kv_heads, g * q, d]
         rows = query.view(n, q, num_kv_heads, gqa_group, head_dim).permute(0, 2, 3, 1, 4)
         rows = rows.reshape(n, num_kv_heads, gqa_group * q, head_dim)
-    o = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)  # [n, kv_heads, g * q, d]
+    o = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scale)  # [n, kv_heads, g * q, d]
     if q == 1:
         return o.reshape(num_rows, num_heads, head_dim)
     o = o.view(n, num_kv_heads, gqa_group, q, head_dim).permute(0, 3, 1, 2, 4)  # [n, q, kv_heads, g, d]
