@@ -1,6 +1,8 @@
 """BlockPool: ref counts, all-or-nothing allocation, the free queues, the cache index, invariant checks."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helix_server.scheduler.block_pool import BlockPool
 from helix_server.scheduler.prefix_cache import BlockHash
@@ -194,4 +196,35 @@ def test_allocate_run_never_takes_cached_blocks_out_of_order():
     pool.free([blocks[5]])  # nothing findable in it
     assert ids(pool.allocate_run(2, after=blocks[1])) == [5, 4]  # not 2-3: they are cached
     assert pool.cached_block(bytes([4])) is None and pool.cached_block(bytes([2])) is blocks[2]
+    pool.check_invariants()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    held=st.lists(st.booleans(), min_size=1, max_size=40),
+    n=st.integers(min_value=1, max_value=12),
+    extend=st.booleans(),
+)
+def test_allocate_run_gives_a_run_whenever_one_fits(held, n, extend):
+    """Whatever the pool's layout: `n` distinct blocks that were free, all or nothing; consecutive
+    when a long enough run of free blocks exists (right after `after` when extending)."""
+    pool = BlockPool(len(held))
+    blocks = pool.allocate(len(held))
+    pool.free([b for b, h in zip(blocks, held) if not h])
+    free_before = set(pool.free_block_ids())
+    after = next((b for b, h in zip(blocks, held) if h), None) if extend else None
+    if n > len(free_before):
+        with pytest.raises(ValueError):
+            pool.allocate_run(n, after)
+        assert set(pool.free_block_ids()) == free_before
+        return
+    got = ids(pool.allocate_run(n, after))
+    assert len(set(got)) == n and set(got) <= free_before
+    if after is not None:
+        wanted = list(range(after.block_id + 1, after.block_id + 1 + n))
+        assert (got == wanted) == (set(wanted) <= free_before)
+    else:
+        flags = "".join("1" if i in free_before else "0" for i in range(len(held)))
+        if "1" * n in flags:
+            assert got == list(range(got[0], got[0] + n))
     pool.check_invariants()
