@@ -95,3 +95,38 @@ def test_outputs_identical_alone_and_batched_with_long_contexts_and_a_wide_mlp(m
     together = [tokens_and_logprobs(r) for r in llm.generate([prompt for prompt, _ in workload], params)]
     for i, (alone, batched) in enumerate(zip(solo, together)):
         assert batched == alone, f"request {i} changed when batched"
+
+
+def test_keys_read_in_place_or_gathered_give_the_same_logprobs(make_model_dir, monkeypatch):
+    """The allocator keeps each table in one run of blocks, so attention reads decoding requests'
+    keys in place; with that turned off (every table's keys gathered) every sampled token's
+    logprob is bitwise the same, at contexts past the CPU attention kernel's 512-key split."""
+    from helix_server.layers.attention import builder
+    from helix_server.runner import model_runner
+
+    model_dir = make_model_dir("llama", max_position_embeddings=2048)
+    rng = random.Random(9)
+    workload = [([rng.randrange(3, 500) for _ in range(rng.randint(200, 900))], rng.randint(8, 24)) for _ in range(8)]
+    llm = LLM(model=str(model_dir), dtype="float32", num_kv_blocks=1024, max_num_seqs=16, enable_prefix_caching=False)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for _, n in workload]
+
+    def run() -> list[list[tuple[int, float]]]:
+        results = llm.generate([prompt for prompt, _ in workload], params)
+        return [[(t.token_id, t.logprob) for t in r.outputs[0].logprobs] for r in results]
+
+    calls = {"in place": 0, "gathered": 0}
+    build = model_runner.build_attention_metadata
+
+    def counting_build(*args, **kwargs):
+        metadata = build(*args, **kwargs)
+        for group in metadata.query_groups:
+            calls["gathered" if group.key_start is None else "in place"] += group.num_requests
+        return metadata
+
+    monkeypatch.setattr(model_runner, "build_attention_metadata", counting_build)
+    in_place = run()
+    assert calls["in place"] > 0 and calls["gathered"] == 0, calls
+    monkeypatch.setattr(builder, "key_run_start", lambda *args: None)
+    gathered = run()
+    assert calls["gathered"] > 0
+    assert gathered == in_place
