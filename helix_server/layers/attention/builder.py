@@ -41,17 +41,21 @@ MIN_KEYS_GRANULE = 32
 MAX_KEYS_GRANULE = 256
 
 
-def order_for_attention(chunks: list[SequenceChunk], block_size: int = 1, num_blocks: int | None = None) -> list[int]:
-    """The batch order the attention backend expects: short chunks first, by length, key-length
-    class, then those whose keys are read in place (see `key_run_start`; needs `block_size` and
-    the pool's `num_blocks`) last in their class, then by sequence length (so chunks that can share
-    a padded batched call sit together); then the rest.
+def order_for_attention(
+    chunks: list[SequenceChunk], block_size: int = 0, num_blocks: int | None = None
+) -> list[int]:
+    """The batch order the attention backend expects: short chunks first, by length then by
+    sequence length (so chunks that can share a padded batched call sit together), then the rest.
+    Given the pool's `num_blocks` (and `block_size`), the chunks whose keys are read in place (see
+    `key_run_start`) come last within their key-length class, so they do not split a batched call.
 
     Returns indices into `chunks` (stable among equals)."""
 
-    def key(i: int) -> tuple[int, int, bool, int]:
+    def key(i: int) -> tuple[int, ...]:
         chunk = chunks[i]
-        in_place = num_blocks is not None and key_run_start(chunk, block_size, num_blocks) is not None
+        if num_blocks is None:
+            return chunk.num_new_tokens, chunk.seq_len
+        in_place = key_run_start(chunk, block_size, num_blocks) is not None
         return chunk.num_new_tokens, padded_key_blocks(chunk.seq_len, block_size), in_place, chunk.seq_len
 
     short = [i for i, c in enumerate(chunks) if c.num_new_tokens <= MAX_BATCHED_QUERY_LEN]
