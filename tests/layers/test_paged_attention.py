@@ -214,3 +214,36 @@ def test_key_run_start_needs_consecutive_blocks_and_a_padded_window_inside_the_p
     # The padded window must end inside the pool (its slots past the keys are read, then masked).
     assert key_run_start(SequenceChunk(39, 1, [7, 8, 9]), block_size, num_blocks=7 + padded) == 7 * block_size
     assert key_run_start(SequenceChunk(39, 1, [7, 8, 9]), block_size, num_blocks=7 + padded - 1) is None
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["gathered", "in-place"])
+def test_a_request_whose_kv_overflowed_does_not_poison_its_neighbours(in_place):
+    """A decode's padded key window covers the next request's blocks (read in place) or block 0
+    (gathered); that request's K/V held inf and NaN. The decode's output must not change."""
+    gen = torch.Generator().manual_seed(3)
+    block_size, num_heads, num_kv_heads = 16, 4, 2
+    key_cache = torch.randn(64, block_size, num_kv_heads, HEAD_DIM, generator=gen)
+    value_cache = torch.randn(64, block_size, num_kv_heads, HEAD_DIM, generator=gen)
+    # 40 keys in blocks 1-3, padded to a 64-key class: the window is blocks 1-4 (or 1-3 and 0).
+    decode = SequenceChunk(39, 1, [1, 2, 3])
+    assert padded_key_blocks(40, block_size) == 4
+    q = torch.randn(1, num_heads, HEAD_DIM, generator=gen)
+    k_new = torch.randn(1, num_kv_heads, HEAD_DIM, generator=gen)
+    v_new = torch.randn(1, num_kv_heads, HEAD_DIM, generator=gen)
+
+    def decode_output() -> torch.Tensor:
+        num_blocks = 64 if in_place else None
+        metadata = build_attention_metadata([decode], block_size, "cpu", num_blocks=num_blocks)
+        assert (metadata.query_groups[0].key_start is not None) == in_place
+        return paged_attention(q, k_new, v_new, key_cache, value_cache, metadata, HEAD_DIM**-0.5)
+
+    clean = decode_output()
+    # Another request's prompt overflowed; its K/V go into the blocks the window pads with.
+    poison = torch.full((2 * block_size, num_kv_heads, HEAD_DIM), float("inf"))
+    poison[::3] = float("nan")
+    poison[1::3] = float("-inf")
+    slots = torch.cat([torch.arange(4 * block_size, 5 * block_size), torch.arange(block_size)])
+    write_kv_cache(poison, poison, key_cache, value_cache, slots)
+    after = decode_output()
+    assert torch.isfinite(after).all()
+    assert torch.equal(after, clean)

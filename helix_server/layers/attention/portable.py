@@ -30,8 +30,16 @@ def write_kv_cache(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64
 ) -> None:
-    """Store each new token's K/V at its physical slot."""
+    """Store each new token's K/V at its physical slot, non-finite values as 0.
+
+    Padded attention calls read slots past a request's own keys (other requests' blocks) and mask
+    them: a masked slot's weight is exactly 0, which leaves the result bitwise unchanged only if
+    the slot is finite (inf - inf and 0 * NaN are NaN). So a request whose K/V overflowed must not
+    leave inf or NaN in the pool, or it would poison its neighbours' outputs; its own are garbage
+    either way. Finite values are stored unchanged."""
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    key = torch.nan_to_num(key, nan=0.0, posinf=0.0, neginf=0.0)
+    value = torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
