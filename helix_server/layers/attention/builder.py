@@ -182,7 +182,6 @@ def _query_group(
         token_start=token_start,
         token_end=token_start + query_len * len(chunks),
         query_len=query_len,
-        block_size=block_size,
         block_tables=torch.tensor(tables, dtype=torch.long, device=device),
         seq_lens=torch.tensor([c.seq_len for c in chunks], dtype=torch.long, device=device),
         key_start=key_start,

@@ -51,7 +51,6 @@ class QueryGroup:
     token_start: int
     token_end: int
     query_len: int
-    block_size: int
     block_tables: torch.Tensor  # [n, max_num_blocks] int64 (0-padded)
     seq_lens: torch.Tensor  # [n] int64: keys per request, its new tokens included
     key_start: int | None = None
@@ -59,11 +58,6 @@ class QueryGroup:
     @property
     def num_requests(self) -> int:
         return self.block_tables.shape[0]
-
-    @property
-    def num_key_slots(self) -> int:
-        """S: the padded key length of every request in the group (its key-length class)."""
-        return self.block_tables.shape[1] * self.block_size
 
 
 @dataclass
@@ -92,7 +86,7 @@ class AttentionMetadata:
         mask = self._masks.get(key)
         if mask is None:
             group = self.query_groups[index]
-            num_slots = group.num_key_slots
+            num_slots = group.block_tables.shape[1] * self.block_size
             device = group.seq_lens.device
             j = torch.arange(num_slots, device=device)[None, None, :]  # [1, 1, S]
             # Token t of a request sits at position seq_len - query_len + t.

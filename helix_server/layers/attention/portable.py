@@ -73,7 +73,7 @@ def paged_attention(
             k = gather_blocks(key_cache, query_group.block_tables.view(-1)).view(gathered_shape).transpose(1, 2)
             v = gather_blocks(value_cache, query_group.block_tables.view(-1)).view(gathered_shape).transpose(1, 2)
         else:  # one request whose keys lie in one run of the pool: views, the layout gathering gives
-            slots = slice(query_group.key_start, query_group.key_start + query_group.num_key_slots)
+            slots = slice(query_group.key_start, query_group.key_start + mask.shape[-1])  # S padded slots
             k = flat_keys[slots].transpose(0, 1)[None]  # [1, kv_heads, S, d]
             v = flat_values[slots].transpose(0, 1)[None]
         parts.append(_grouped_query_attention(rows, k, v, mask, query_group.query_len, scale))
