@@ -19,7 +19,7 @@ from torch import nn
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention, ForwardContext
-from helix_server.layers.linear import PackedLinear, pack_linear_layers
+from helix_server.layers.linear import Linear, PackedLinear, pack_linear_layers
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.rotary import RotaryEmbedding
 from helix_server.models.hf_config import ArchConfig
@@ -45,8 +45,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = arch.q_size
         self.kv_size = arch.kv_size
-        self.qkv_proj = nn.Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(arch.q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        self.qkv_proj = Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=arch.o_proj_bias)
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, eps=arch.rms_norm_eps)
@@ -68,7 +68,7 @@ class LlamaAttention(nn.Module):
         ctx: ForwardContext,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        qkv = self.qkv_proj(hidden, ctx.bulk_start)  # [T, q_size + 2 * kv_size]
         v = qkv[:, self.q_size + self.kv_size :]  # [T, kv_size] (view)
         if self.qk_norm:
             q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim))
@@ -84,7 +84,7 @@ class LlamaAttention(nn.Module):
             q = qkv[:, : self.q_size]
             k = qkv[:, self.q_size : self.q_size + self.kv_size]
         out = self.attn(q, k, v, ctx)  # [T, q_size]
-        return self.o_proj(out)
+        return self.o_proj(out, ctx.bulk_start)
 
 
 class LlamaMLP(nn.Module):
@@ -92,12 +92,14 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # via [T, 2I] -> [T, I]
+    def forward(self, x: torch.Tensor, bulk_start: int | None = None) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        """`bulk_start`: the first row of long prompt chunks, if any (see `ForwardContext`)."""
+        gate_up = self.gate_up_proj(x, bulk_start)  # [T, 2I]
+        return self.down_proj(self.act_fn(gate_up), bulk_start)  # via [T, I]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -125,7 +127,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, ctx)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, ctx.bulk_start), residual
 
 
 class LlamaModel(nn.Module):
@@ -152,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(arch, self.rotary)
         # Tied embeddings: no lm_head parameter at all, logits use the embedding matrix.
         self.lm_head = (
-            None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, bias=False)
         )
         self._layers = list(self.model.layers)  # plain list: slicing it per step costs nothing
 
@@ -216,12 +218,13 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
-    def pack_for_cpu(self) -> None:
-        """Switch every projection (and the LM head, tied or not) to pre-packed oneDNN weights.
+    def pack_for_cpu(self, bulk_in_float32: bool = False) -> None:
+        """Switch every projection (and the LM head, tied or not) to pre-packed oneDNN weights;
+        with `bulk_in_float32` (bfloat16 weights) long prompt chunks are computed in float32.
 
         Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
         packed copy of the embedding matrix (the embedding lookup keeps the original)."""
-        pack_linear_layers(self)
+        pack_linear_layers(self, bulk_in_float32)
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.model.embed_tokens.weight, None)
 

@@ -1,6 +1,7 @@
 """Device detection and capabilities: CUDA, DirectML, CPU; dtype choice; memory info."""
 
 from helix_server.platform.device import (
+    cpu_has_amx,
     cpu_has_fast_half,
     device_description,
     free_device_memory,
@@ -10,6 +11,7 @@ from helix_server.platform.device import (
 )
 
 __all__ = [
+    "cpu_has_amx",
     "cpu_has_fast_half",
     "device_description",
     "free_device_memory",

@@ -100,17 +100,24 @@ def cpu_has_fast_half(dtype: torch.dtype) -> bool:
 
     bfloat16: Intel AMX tiles, or AVX512-BF16 with torch's oneDNN (mkldnn) backend, which the CPU
     linear fast path (pre-packed oneDNN weights) uses. Measured on an AVX512-BF16 CPU without AMX:
-    a bfloat16 decode step was 1.4x faster than float32 (half the weight bytes to stream), prefill
-    about 2x slower; decode dominates generation. float16: AMX-FP16 only. Probes missing from older
-    torch builds, or CPU flags that can't be read, count as "no".
+    a bfloat16 decode step was 1.4x faster than float32 (half the weight bytes to stream), while
+    oneDNN's bfloat16 kernel computes prompts about 1.5x slower than its float32 one, which the
+    linear layers avoid by computing long prompt chunks in float32 there (see
+    `helix_server.layers.linear`). float16: AMX-FP16 only. Probes missing from older torch builds,
+    or CPU flags that can't be read, count as "no".
     """
     if dtype == torch.bfloat16:
-        if _probe("_is_amx_tile_supported"):
+        if cpu_has_amx():
             return True
         return "avx512_bf16" in cpu_flags() and torch.backends.mkldnn.is_available()
     if dtype == torch.float16:
         return _probe("_is_amx_fp16_supported")
     return False
+
+
+def cpu_has_amx() -> bool:
+    """Whether torch sees Intel AMX tiles (then its bfloat16 matmuls outrun float32 at any size)."""
+    return _probe("_is_amx_tile_supported")
 
 
 def cpu_flags() -> frozenset[str]:

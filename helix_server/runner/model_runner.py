@@ -11,6 +11,7 @@ import torch
 
 from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
 from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.layers.linear import bulk_row_start
 from helix_server.runner.generators import RequestGenerators
 from helix_server.runner.output import ModelRunnerOutput, TokenLogprob
 from helix_server.runner.sampler import Sampler, SamplingRow
@@ -76,7 +77,8 @@ class ModelRunner:
         metadata = build_attention_metadata(
             [chunks[i] for i in order], self.block_size, self.device, key_cache.dtype, num_blocks
         )
-        ctx = ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches)
+        bulk_start = bulk_row_start([scheduled.num_new_tokens for scheduled in batch])
+        ctx = ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches, bulk_start=bulk_start)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

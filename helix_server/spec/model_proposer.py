@@ -17,6 +17,7 @@ from torch import nn
 
 from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
 from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.layers.linear import bulk_row_start
 from helix_server.spec.proposer import DraftChooser, Proposal, ProposalRequest
 
 
@@ -125,7 +126,11 @@ class ModelProposer:
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
-            ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches),
+            ForwardContext(
+                attn_metadata=metadata,
+                kv_caches=self.kv_caches,
+                bulk_start=bulk_row_start([seq_chunks[i].num_new_tokens for i in order]),
+            ),
             num_layers=self.num_layers,
         )  # [num_tokens, hidden]
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)

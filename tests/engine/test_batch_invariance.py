@@ -130,3 +130,54 @@ def test_keys_read_in_place_or_gathered_give_the_same_logprobs(make_model_dir, m
     gathered = run()
     assert calls["gathered"] > 0
     assert gathered == in_place
+
+
+def test_a_long_prompt_in_the_step_changes_no_other_requests_bits(make_model_dir, monkeypatch):
+    """bfloat16 prompt chunks of at least `BULK_CHUNK_TOKENS` tokens are computed in float32 (on
+    CPUs without AMX; forced here): requests decoding in a step with such chunks keep the bfloat16
+    kernel's bits, and each long prompt gets the same bits as alone. Every sampled token's logprob
+    is compared, bitwise; the model is wide enough (512 / 2,048) for the two kernels' last bits to
+    differ somewhere in most decode steps."""
+    from helix_server.layers.linear import BULK_CHUNK_TOKENS, PackedLinear
+    from helix_server.runner import model_runner
+
+    model_dir = make_model_dir(
+        "llama", hidden_size=512, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048,
+        max_position_embeddings=1024,
+    )
+    llm = LLM(model=str(model_dir), dtype="bfloat16", num_kv_blocks=512, enable_prefix_caching=False)
+    packed = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    if not packed:
+        pytest.skip("no packed bfloat16 oneDNN linear in this torch build")
+    for layer in packed:
+        layer.bulk_in_float32 = True
+    rng = random.Random(4)
+    prompts = {f"short{i}": [rng.randrange(3, 500) for _ in range(rng.randint(10, 60))] for i in range(3)}
+    joining = {3: "long0", 5: "long1", 7: "long2"}  # step -> the long prompt that joins then
+    for name, length in zip(joining.values(), (BULK_CHUNK_TOKENS, BULK_CHUNK_TOKENS + 300, 500)):
+        prompts[name] = [rng.randrange(3, 500) for _ in range(length)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+
+    def logprobs(output) -> list[tuple[int, float]]:
+        return [(t.token_id, t.logprob) for t in output.outputs[0].logprobs]
+
+    alone = {name: logprobs(llm.generate([prompt], params)[0]) for name, prompt in prompts.items()}
+
+    bulk_starts: list[int | None] = []
+    row_start = model_runner.bulk_row_start
+    monkeypatch.setattr(
+        model_runner, "bulk_row_start", lambda lengths: bulk_starts.append(row_start(lengths)) or bulk_starts[-1]
+    )
+    engine = llm.engine
+    for name in ("short0", "short1", "short2"):
+        engine.add_request(name, prompts[name], params)
+    results: dict[str, list] = {name: [] for name in prompts}
+    for step in range(200):
+        if step in joining:
+            engine.add_request(joining[step], prompts[joining[step]], params)
+        for output in engine.step():
+            results[output.request_id].extend((t.token_id, t.logprob) for t in output.outputs[0].logprobs)
+        if step > max(joining) and not engine.has_unfinished_requests():
+            break
+    assert sum(1 for start in bulk_starts if start) == 3, "each long prompt was meant to join decoding requests"
+    assert results == alone

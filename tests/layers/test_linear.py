@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from helix_server.layers.linear import PackedLinear, cpu_packing_supported, pack_linear_layers
+from helix_server.layers.linear import (
+    BULK_CHUNK_TOKENS,
+    Linear,
+    PackedLinear,
+    bulk_float32_supported,
+    bulk_row_start,
+    cpu_packing_supported,
+    pack_linear_layers,
+)
 from helix_server.models import load_model
 from tests.fixtures.tiny_models import make_tiny_model
 
@@ -61,3 +69,72 @@ def test_packed_model_computes_the_same_logits(tmp_path, arch):
     assert not any(isinstance(m, PackedLinear) for m in plain.modules())
     hidden = torch.randn(4, 64)
     torch.testing.assert_close(packed.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
+
+
+def test_bulk_row_start_is_the_first_row_of_the_long_chunks_at_the_end():
+    long = BULK_CHUNK_TOKENS
+    assert bulk_row_start([]) is None
+    assert bulk_row_start([1, 1, 3, long - 1]) is None
+    assert bulk_row_start([1, 1, 20, long, long + 500]) == 22
+    assert bulk_row_start([long]) == 0
+    with pytest.raises(ValueError, match="last"):
+        bulk_row_start([1, long, 20])
+
+
+def test_plain_linear_takes_and_ignores_bulk_start():
+    layer = Linear(8, 4)
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x, 1), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+needs_bulk_route = pytest.mark.skipif(
+    not cpu_packing_supported(torch.device("cpu"), torch.bfloat16) or not bulk_float32_supported(),
+    reason="no packed bfloat16 oneDNN linear with a float32 route in this torch build",
+)
+
+
+@needs_bulk_route
+@pytest.mark.parametrize("shape", [(1280, 768), (768, 2048)])  # 2,048 inputs: where kernels vary most
+@pytest.mark.parametrize("bias", [False, True])
+def test_bulk_rows_are_computed_in_float32_and_the_other_rows_keep_their_bits(shape, bias):
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(*shape, generator=generator) * 0.05).to(torch.bfloat16)
+    b = (torch.randn(shape[0], generator=generator) * 0.05).to(torch.bfloat16) if bias else None
+    routed = PackedLinear(weight, b, bulk_in_float32=True)
+    plain = PackedLinear(weight, b)
+    x = torch.randn(900, shape[1], generator=generator).to(torch.bfloat16)
+    start = 20
+    with torch.inference_mode():
+        out = routed(x, bulk_start=start)
+        # The head rows: exactly what the bfloat16 kernel gives (as if there were no bulk rows).
+        assert torch.equal(out[:start], plain(x[:start]))
+        # The bulk rows: float32 sums rounded once to bfloat16 (within half an ulp, 2^-8 relative,
+        # of the float32 result, up to summation order near 0), other bits than the bf16 kernel's.
+        reference = nn.functional.linear(x[start:].float(), weight.float(), None if b is None else b.float())
+        torch.testing.assert_close(out[start:].float(), reference, atol=1e-5, rtol=2**-8)
+        assert not torch.equal(out[start:], plain(x[start:])), "the float32 route was not taken"
+        # A bulk row's bits do not depend on the other rows of the call (chunks sharing the step).
+        for rows in (slice(start, start + BULK_CHUNK_TOKENS), slice(400, 900), slice(start + 1, 700)):
+            assert torch.equal(routed(x[rows], bulk_start=0), out[rows])
+        # Without a bulk start every row takes the bfloat16 kernel.
+        assert torch.equal(routed(x), plain(x))
+
+
+@needs_bulk_route
+def test_float32_weights_never_take_the_bulk_route():
+    weight = torch.randn(16, 32)
+    layer = PackedLinear(weight, None, bulk_in_float32=True)
+    assert not layer.bulk_in_float32
+    x = torch.randn(300, 32)
+    with torch.inference_mode():
+        assert torch.equal(layer(x, bulk_start=0), PackedLinear(weight, None)(x))
+
+
+@needs_bulk_route
+def test_a_bfloat16_model_takes_the_bulk_route_on_cpus_without_amx(tmp_path):
+    from helix_server.platform import cpu_has_amx
+
+    model_dir = make_tiny_model(tmp_path, "llama")
+    for dtype, expected in ((torch.bfloat16, not cpu_has_amx()), (torch.float32, False)):
+        layers = [m for m in load_model(model_dir, dtype, "cpu").modules() if isinstance(m, PackedLinear)]
+        assert layers and all(layer.bulk_in_float32 == expected for layer in layers)

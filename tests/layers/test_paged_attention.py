@@ -202,6 +202,16 @@ def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype):
         assert torch.equal(rows, together[i]), f"request {BATCH_MATES[i]} changed when its keys were gathered"
 
 
+def test_order_puts_short_chunks_first_then_long_ones_by_length():
+    # (context_len, num_new_tokens): two prompt chunks (longest first in scheduler order), decodes
+    # of two lengths, a 16-token draft verification (short) and a 17-token chunk (long).
+    chunks = [SequenceChunk(c, n, list(range(64))) for c, n in [(0, 600), (90, 1), (0, 300), (10, 1), (40, 16), (0, 17)]]
+    order = order_for_attention(chunks)
+    assert order == [3, 1, 4, 5, 2, 0]
+    # Long chunks sorted by length keep the longest (linear layers' bulk rows) at the end.
+    assert [chunks[i].num_new_tokens for i in order[3:]] == [17, 300, 600]
+
+
 def test_key_run_start_needs_consecutive_blocks_and_a_padded_window_inside_the_pool():
     block_size = 16
     # 40 keys: 3 blocks, padded to its key-length class.

@@ -45,7 +45,9 @@ def order_for_attention(
     chunks: list[SequenceChunk], block_size: int = 0, num_blocks: int | None = None
 ) -> list[int]:
     """The batch order the attention backend expects: short chunks first, by length then by
-    sequence length (so chunks that can share a padded batched call sit together), then the rest.
+    sequence length (so chunks that can share a padded batched call sit together), then the rest
+    by length (so the longest, which linear layers may compute as bulk rows, sit last; see
+    `helix_server.layers.linear.bulk_row_start`).
     Given the pool's `num_blocks` (and `block_size`), the chunks whose keys are read in place (see
     `key_run_start`) come last within their key-length class, so they do not split a batched call.
 
@@ -61,6 +63,7 @@ def order_for_attention(
     short = [i for i, c in enumerate(chunks) if c.num_new_tokens <= MAX_BATCHED_QUERY_LEN]
     short.sort(key=key)
     long = [i for i, c in enumerate(chunks) if c.num_new_tokens > MAX_BATCHED_QUERY_LEN]
+    long.sort(key=lambda i: chunks[i].num_new_tokens)
     return short + long
 
 

@@ -130,7 +130,12 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @dataclass
 class ForwardContext:
     """What a model forward needs besides token ids and positions: this step's metadata and the
-    per-layer KV cache tensors `(key_cache, value_cache)`, each [num_blocks, block_size, kv_heads, head_dim]."""
+    per-layer KV cache tensors `(key_cache, value_cache)`, each [num_blocks, block_size, kv_heads, head_dim].
+
+    `bulk_start`: the first row of the step's long prompt chunks (they come last), which linear
+    layers may compute with a throughput kernel (`helix_server.layers.linear.bulk_row_start`);
+    None when there are none."""
 
     attn_metadata: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    bulk_start: int | None = None
