@@ -21,6 +21,7 @@ def test_rms_norm_is_bitwise_transformers(dtype, hidden):
     residual = torch.randn(37, hidden, generator=generator).to(dtype)
     with torch.inference_mode():
         assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(ours(x[5:6]), ours(x)[5:6]), "a row's result must not depend on the others"
         summed = residual + x
         normed, new_residual = ours(x, residual.clone())
         assert torch.equal(new_residual, summed)
