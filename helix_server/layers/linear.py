@@ -41,8 +41,10 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 # A prompt chunk of at least this many tokens is a bulk chunk: its rows come last in the step
 # (`order_for_attention`) and may be computed by a throughput kernel (see the module docstring).
-# Measured break-even of the float32 route against the bfloat16 kernel: ~128 rows.
-BULK_CHUNK_TOKENS = 192
+# 128: where the float32 route breaks even for a chunk alone (it pays the unpacking); in a step
+# with other bulk chunks it wins more. Per chunk, not per step: a chunk's kernel, hence its bits,
+# depends on its own length only, never on what else the step holds.
+BULK_CHUNK_TOKENS = 128
 
 
 def bulk_row_start(chunk_lengths: list[int]) -> int | None:
