@@ -138,7 +138,7 @@ def test_a_long_prompt_in_the_step_changes_no_other_requests_bits(make_model_dir
     kernel's bits, and each long prompt gets the same bits as alone. Every sampled token's logprob
     is compared, bitwise; the model is wide enough (512 / 2,048) for the two kernels' last bits to
     differ somewhere in most decode steps."""
-    from helix_server.layers.linear import BULK_CHUNK_TOKENS, PackedLinear
+    from helix_server.layers.linear import BULK_CHUNK_TOKENS, PackedLinear, bulk_float32_supported
     from helix_server.runner import model_runner
 
     model_dir = make_model_dir(
@@ -147,8 +147,8 @@ def test_a_long_prompt_in_the_step_changes_no_other_requests_bits(make_model_dir
     )
     llm = LLM(model=str(model_dir), dtype="bfloat16", num_kv_blocks=512, enable_prefix_caching=False)
     packed = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
-    if not packed:
-        pytest.skip("no packed bfloat16 oneDNN linear in this torch build")
+    if not packed or not bulk_float32_supported():
+        pytest.skip("no packed bfloat16 oneDNN linear with a float32 route in this torch build")
     for layer in packed:
         layer.bulk_in_float32 = True
     rng = random.Random(4)
