@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
-from helix_server.layers.attention.metadata import ForwardContext
-from helix_server.layers.linear import bulk_row_start
+from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
 from helix_server.runner.generators import RequestGenerators
 from helix_server.runner.output import ModelRunnerOutput, TokenLogprob
 from helix_server.runner.sampler import Sampler, SamplingRow
@@ -61,8 +59,7 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return output
 
-        key_cache = self.kv_caches[0][0]
-        num_blocks = key_cache.shape[0]
+        num_blocks = self.kv_caches[0][0].shape[0]
         chunks = [SequenceChunk(s.start_position, s.num_new_tokens, s.block_ids) for s in scheduler_output.scheduled]
         order = order_for_attention(chunks, self.block_size, num_blocks)
         batch = [scheduler_output.scheduled[i] for i in order]
@@ -74,11 +71,7 @@ class ModelRunner:
             positions.extend(range(scheduled.start_position, scheduled.start_position + scheduled.num_new_tokens))
             last_rows.append(len(input_ids) - 1)
 
-        metadata = build_attention_metadata(
-            [chunks[i] for i in order], self.block_size, self.device, key_cache.dtype, num_blocks
-        )
-        bulk_start = bulk_row_start([scheduled.num_new_tokens for scheduled in batch])
-        ctx = ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches, bulk_start=bulk_start)
+        ctx = build_forward_context([chunks[i] for i in order], self.block_size, self.device, self.kv_caches)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -15,9 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from helix_server.layers.attention.builder import SequenceChunk, build_attention_metadata, order_for_attention
-from helix_server.layers.attention.metadata import ForwardContext
-from helix_server.layers.linear import bulk_row_start
+from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
 from helix_server.spec.proposer import DraftChooser, Proposal, ProposalRequest
 
 
@@ -110,8 +108,7 @@ class ModelProposer:
         """One forward over per-request chunks (token ids, start position, block ids); returns the
         logits of each request's last token, in input order: [R, V] float32."""
         seq_chunks = [SequenceChunk(start, len(ids), blocks) for ids, start, blocks in chunks]
-        key_cache = self.kv_caches[0][0]
-        order = order_for_attention(seq_chunks, self.block_size, key_cache.shape[0])
+        order = order_for_attention(seq_chunks, self.block_size, self.kv_caches[0][0].shape[0])
         input_ids: list[int] = []
         positions: list[int] = []
         last_rows = [0] * len(chunks)
@@ -120,17 +117,11 @@ class ModelProposer:
             input_ids.extend(ids)
             positions.extend(range(start, start + len(ids)))
             last_rows[i] = len(input_ids) - 1
-        metadata = build_attention_metadata(
-            [seq_chunks[i] for i in order], self.block_size, self.device, key_cache.dtype, key_cache.shape[0]
-        )
+        ctx = build_forward_context([seq_chunks[i] for i in order], self.block_size, self.device, self.kv_caches)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
-            ForwardContext(
-                attn_metadata=metadata,
-                kv_caches=self.kv_caches,
-                bulk_start=bulk_row_start([seq_chunks[i].num_new_tokens for i in order]),
-            ),
+            ctx,
             num_layers=self.num_layers,
         )  # [num_tokens, hidden]
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)

@@ -102,7 +102,6 @@ def test_keys_read_in_place_or_gathered_give_the_same_logprobs(make_model_dir, m
     keys in place; with that turned off (every table's keys gathered) every sampled token's
     logprob is bitwise the same, at contexts past the CPU attention kernel's 512-key split."""
     from helix_server.layers.attention import builder
-    from helix_server.runner import model_runner
 
     model_dir = make_model_dir("llama", max_position_embeddings=2048)
     rng = random.Random(9)
@@ -115,7 +114,7 @@ def test_keys_read_in_place_or_gathered_give_the_same_logprobs(make_model_dir, m
         return [[(t.token_id, t.logprob) for t in r.outputs[0].logprobs] for r in results]
 
     calls = {"in place": 0, "gathered": 0}
-    build = model_runner.build_attention_metadata
+    build = builder.build_attention_metadata
 
     def counting_build(*args, **kwargs):
         metadata = build(*args, **kwargs)
@@ -123,7 +122,7 @@ def test_keys_read_in_place_or_gathered_give_the_same_logprobs(make_model_dir, m
             calls["gathered" if group.key_start is None else "in place"] += group.num_requests
         return metadata
 
-    monkeypatch.setattr(model_runner, "build_attention_metadata", counting_build)
+    monkeypatch.setattr(builder, "build_attention_metadata", counting_build)
     in_place = run()
     assert calls["in place"] > 0 and calls["gathered"] == 0, calls
     monkeypatch.setattr(builder, "key_run_start", lambda *args: None)
@@ -138,8 +137,8 @@ def test_a_long_prompt_in_the_step_changes_no_other_requests_bits(make_model_dir
     kernel's bits, and each long prompt gets the same bits as alone. Every sampled token's logprob
     is compared, bitwise; the model is wide enough (512 / 2,048) for the two kernels' last bits to
     differ somewhere in most decode steps."""
+    from helix_server.layers.attention import builder
     from helix_server.layers.linear import BULK_CHUNK_TOKENS, PackedLinear, bulk_float32_supported
-    from helix_server.runner import model_runner
 
     model_dir = make_model_dir(
         "llama", hidden_size=512, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048,
@@ -164,9 +163,9 @@ def test_a_long_prompt_in_the_step_changes_no_other_requests_bits(make_model_dir
     alone = {name: logprobs(llm.generate([prompt], params)[0]) for name, prompt in prompts.items()}
 
     bulk_starts: list[int | None] = []
-    row_start = model_runner.bulk_row_start
+    row_start = builder.bulk_row_start
     monkeypatch.setattr(
-        model_runner, "bulk_row_start", lambda lengths: bulk_starts.append(row_start(lengths)) or bulk_starts[-1]
+        builder, "bulk_row_start", lambda lengths: bulk_starts.append(row_start(lengths)) or bulk_starts[-1]
     )
     engine = llm.engine
     for name in ("short0", "short1", "short2"):

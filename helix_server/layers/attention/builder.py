@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from helix_server.layers.attention.metadata import AttentionMetadata, PrefillChunk, QueryGroup
+from helix_server.layers.attention.metadata import AttentionMetadata, ForwardContext, PrefillChunk, QueryGroup
+from helix_server.layers.linear import bulk_row_start
 
 
 @dataclass
@@ -139,6 +140,21 @@ def build_attention_metadata(
         prefills=prefills,
         dtype=dtype,
     )
+
+
+def build_forward_context(
+    chunks: list[SequenceChunk],
+    block_size: int,
+    device: torch.device | str,
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> ForwardContext:
+    """The `ForwardContext` of a step whose token rows are `chunks` in `order_for_attention` order
+    (called with the pool's size): attention metadata reading in place where it can, the cache
+    tensors, and the first row of the bulk chunks the linear layers may batch."""
+    key_cache = kv_caches[0][0]  # [num_blocks, block_size, kv_heads, head_dim]
+    metadata = build_attention_metadata(chunks, block_size, device, key_cache.dtype, key_cache.shape[0])
+    bulk_start = bulk_row_start([chunk.num_new_tokens for chunk in chunks])
+    return ForwardContext(attn_metadata=metadata, kv_caches=kv_caches, bulk_start=bulk_start)
 
 
 def padded_key_blocks(seq_len: int, block_size: int) -> int:
