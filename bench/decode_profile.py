@@ -1,0 +1,198 @@
+"""Where a decode step's time goes, and how far the linear layers are from the memory-bandwidth floor.
+
+Runs the throughput benchmark's model (seeded random weights, ~100M Llama shape) through helix's
+`LLM` with B requests decoding together (B = 1 and 16 by default) and times, in the engine itself,
+the model runner's part of every decode step (forward and sampling; prompt steps are left out;
+the scheduler and detokenizer add ~0.15 ms a step at batch 1), split into
+
+  * linear layers: every projection and the LM head, each call timed where it runs;
+  * attention: the attention layers (K/V writes into the paged cache, attention over it);
+  * the rest: norms, RoPE, activations, embedding, sampling, metadata and Python between them.
+
+It also measures this machine's read bandwidth (one pass over a tensor as large as the weights the
+linear layers stream each step) and, unless `--no-hf`, transformers' batch-1 decode time per token
+on the same model, then prints the bound that follows: the batch-1 speed-up over transformers helix
+would reach if its linear layers streamed their weights at that bandwidth and nothing else changed.
+
+    python bench/decode_profile.py [--dtype float32] [--batches 1,16] [--steps 64] [--repeats 3] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_models import bench_model_dir  # noqa: E402
+from throughput import make_workload  # noqa: E402
+
+from helix_server import LLM, SamplingParams  # noqa: E402
+from helix_server.layers.attention.layer import Attention  # noqa: E402
+from helix_server.layers.linear import Linear, PackedLinear  # noqa: E402
+
+
+class StepTimer:
+    """Accumulates, per decode step with exactly `batch` requests, the time of the step and of the
+    calls made inside it to the wrapped modules (by kind)."""
+
+    def __init__(self) -> None:
+        self.batch = 0
+        self.current: dict[str, float] = {}
+        self.steps: list[dict[str, float]] = []
+
+    def wrap(self, module: torch.nn.Module, kind: str) -> None:
+        forward = module.forward
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            self.current[kind] = self.current.get(kind, 0.0) + time.perf_counter() - start
+            return out
+
+        module.forward = timed  # an instance attribute: nn.Module.__call__ finds it first
+
+    def wrap_step(self, execute_model: Callable) -> Callable:
+        def timed(scheduler_output):
+            self.current = {}
+            start = time.perf_counter()
+            out = execute_model(scheduler_output)
+            elapsed = time.perf_counter() - start
+            scheduled = scheduler_output.scheduled
+            if len(scheduled) == self.batch and all(s.num_new_tokens == 1 for s in scheduled):
+                self.steps.append({"step": elapsed, **self.current})
+            return out
+
+        return timed
+
+
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weight every decode step streams through the linear layers (LM head included)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            weight = module.packed_weight
+            total += module.out_features * module.in_features * weight.element_size()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def read_seconds(data: torch.Tensor) -> float:
+    """Seconds of one summing pass over `data` (float32: summing bfloat16 is bound by its
+    conversions, not by memory)."""
+    start = time.perf_counter()
+    data.sum()
+    return time.perf_counter() - start
+
+
+class HfDecode:
+    """transformers' batch-1 decode time per token on one prompt: generating 1 + n tokens minus
+    generating 1 (the prompt's forward), divided by n."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, prompt: list[int]) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.pad_token_id = 0
+        self.input_ids = torch.tensor([prompt])
+        self.generate(2)  # warm-up
+
+    def generate(self, new_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(self.input_ids, attention_mask=torch.ones_like(self.input_ids),
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return time.perf_counter() - start
+
+    def decode_ms(self, steps: int) -> float:
+        return 1000 * (self.generate(1 + steps) - self.generate(1)) / steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batches", default="1,16", help="comma-separated numbers of requests decoding together")
+    parser.add_argument("--steps", type=int, default=64, help="tokens each request generates")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each measurement (medians)")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' decode time")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_profile.json"))
+    args = parser.parse_args()
+
+    model_dir = bench_model_dir()
+    dtype = getattr(torch, args.dtype)
+    llm = LLM(model=str(model_dir), dtype=args.dtype, max_num_seqs=64, seed=0, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    timer = StepTimer()
+    for module in runner.model.modules():
+        if isinstance(module, (Linear, PackedLinear)):
+            timer.wrap(module, "linear")
+        elif isinstance(module, Attention):
+            timer.wrap(module, "attention")
+    runner.execute_model = timer.wrap_step(runner.execute_model)
+    workload = make_workload(64, runner.model.vocab_size, seed=0)
+    weight_bytes = linear_weight_bytes(runner.model)
+    weights_sized = torch.ones(weight_bytes // 4, dtype=torch.float32)
+    hf = None if args.no_hf else HfDecode(model_dir, dtype, workload[0][0])
+    print(f"model: {model_dir} ({args.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"linear layers stream {weight_bytes / 1e6:.0f} MB per step")
+    gc.collect()
+    gc.freeze()
+
+    # Interleaved, so that a slower or faster spell of a shared machine hits every measurement alike.
+    params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    steps: dict[int, list[dict[str, float]]] = {batch: [] for batch in batches}
+    read_times, hf_times = [], []
+    for batch in batches:  # warm-up, not recorded
+        timer.batch = 0
+        llm.generate([prompt for prompt, _ in workload[:batch]], params)
+    for _ in range(args.repeats):
+        for batch in batches:
+            timer.batch, timer.steps = batch, []
+            llm.generate([prompt for prompt, _ in workload[:batch]], params)
+            steps[batch] += timer.steps
+        read_times += [read_seconds(weights_sized) for _ in range(3)]
+        if hf is not None:
+            hf_times.append(hf.decode_ms(args.steps))
+
+    results: dict = {"dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "linear_weight_bytes": weight_bytes, "batches": {}}
+    for batch in batches:
+        medians = {key: 1000 * statistics.median(s.get(key, 0.0) for s in steps[batch])
+                   for key in ("step", "linear", "attention")}
+        medians["rest"] = medians["step"] - medians["linear"] - medians["attention"]
+        results["batches"][batch] = {"decode_steps": len(steps[batch]), **{f"{k}_ms": v for k, v in medians.items()}}
+        print(f"batch {batch:>2}: decode step {medians['step']:.1f} ms (median of {len(steps[batch])}) = "
+              f"linear layers {medians['linear']:.1f} + attention {medians['attention']:.1f} + rest {medians['rest']:.1f}")
+
+    bandwidth = weight_bytes / min(read_times)
+    floor_ms = 1000 * weight_bytes / bandwidth
+    results |= {"read_bandwidth_gb_s": bandwidth / 1e9, "linear_floor_ms": floor_ms}
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (best pass): the linear layers' weights take >= {floor_ms:.1f} ms")
+    if hf_times and 1 in results["batches"]:
+        hf_ms = statistics.median(hf_times)
+        one = results["batches"][1]
+        best_ms = one["step_ms"] - one["linear_ms"] + floor_ms
+        results |= {"hf_batch1_decode_ms": hf_ms, "batch1_over_hf": hf_ms / one["step_ms"],
+                    "batch1_over_hf_at_linear_floor": hf_ms / best_ms}
+        print(f"transformers batch 1: {hf_ms:.1f} ms per decode token; helix {hf_ms / one['step_ms']:.2f}x now, "
+              f"{hf_ms / best_ms:.2f}x if its linear layers ran at the bandwidth floor")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
