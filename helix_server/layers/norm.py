@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-# torch >= 2.4; the unfused steps below serve older builds.
-_fused_rms_norm = getattr(F, "rms_norm", None)
 
 
 class RMSNorm(nn.Module):
@@ -29,16 +25,15 @@ class RMSNorm(nn.Module):
         normalises the sum, returning (normed, residual) for the next residual connection."""
         if residual is not None:
             x = residual.add_(x)
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _fused_rms_norm is not None:
-            # The casts below are no-ops in float32: torch's fused kernel gives the same bits (checked
-            # in tests), 15 us instead of 35 for 16 rows of 768.
-            out = _fused_rms_norm(x, self.weight.shape, self.weight, self.eps)
-        else:
-            input_dtype = x.dtype
-            x32 = x.to(torch.float32)
-            variance = x32.pow(2).mean(-1, keepdim=True)  # [..., 1]
-            normed = (x32 * torch.rsqrt(variance.add_(self.eps))).to(input_dtype)
-            out = self.weight * normed
+        # Not `F.rms_norm` in float32, though it gives the same bits and is faster alone (15 us
+        # against 35 for 16 rows of 768): on the CPU it is a composite of ten kernels to these
+        # seven, and in the engine it measured no faster (batch-1 decode 1.835 s against 1.779 s
+        # for 64 tokens, the same at 16 requests; medians of 8 alternations).
+        input_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        variance = x32.pow(2).mean(-1, keepdim=True)  # [..., 1]
+        normed = (x32 * torch.rsqrt(variance.add_(self.eps))).to(input_dtype)
+        out = self.weight * normed
         if residual is None:
             return out
         return out, residual
