@@ -38,6 +38,7 @@ from throughput import make_workload  # noqa: E402
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.layers.attention.layer import Attention  # noqa: E402
 from helix_server.layers.linear import Linear, PackedLinear  # noqa: E402
+from helix_server.layers.panel_linear import PanelLinear  # noqa: E402
 
 
 class StepTimer:
@@ -78,8 +79,8 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weight every decode step streams through the linear layers (LM head included)."""
     total = 0
     for module in model.modules():
-        if isinstance(module, PackedLinear):
-            weight = module.packed_weight
+        if isinstance(module, (PackedLinear, PanelLinear)):
+            weight = module.packed_weight if isinstance(module, PackedLinear) else module.panels
             total += module.out_features * module.in_features * weight.element_size()
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
@@ -134,7 +135,7 @@ def main() -> int:
     runner = llm.engine.runner
     timer = StepTimer()
     for module in runner.model.modules():
-        if isinstance(module, (Linear, PackedLinear)):
+        if isinstance(module, (Linear, PackedLinear, PanelLinear)):
             timer.wrap(module, "linear")
         elif isinstance(module, Attention):
             timer.wrap(module, "attention")

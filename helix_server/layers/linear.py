@@ -9,7 +9,9 @@ single row with a different kernel, whose last bits differ. Each `PackedLinear` 
 once and, where a lone row would differ, runs it as two identical rows (1.5% of a one-request decode
 step of the 125M benchmark model, where only down_proj needs it; ~3.5% if every layer did).
 
-`pack_linear_layers` swaps every `nn.Linear` of a loaded model for a `PackedLinear`. It is used only
+`pack_linear_layers` swaps every `nn.Linear` of a loaded model for a `PackedLinear`, or, for
+float32 where helix's own AVX-512 kernel builds, a `PanelLinear` (`helix_server.layers.panel_linear`:
+faster at every decode batch size, rows independent of the batch by construction). It is used only
 when the platform supports it (a CPU torch build with mkldnn, float32/bfloat16) and after a numeric
 self-check; everything else (DirectML, CUDA, torch builds without it) keeps `nn.Linear`.
 
@@ -34,6 +36,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from helix_server.layers.panel_linear import PanelLinear
 
 logger = logging.getLogger("helix_server")
 
@@ -171,13 +175,23 @@ def bulk_float32_supported() -> bool:
         return False
 
 
-def pack_linear_layers(module: nn.Module, bulk_in_float32: bool = False) -> int:
-    """Replace every `nn.Linear` under `module` by a `PackedLinear`; returns how many."""
+def cpu_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, bulk_in_float32: bool = False, use_panels: bool = False
+) -> nn.Module:
+    """The CPU fast-path layer for one weight: helix's own float32 kernel (`PanelLinear`, see
+    `helix_server.layers.panel_linear`) with `use_panels`, else oneDNN's `PackedLinear`."""
+    if use_panels:
+        return PanelLinear(weight, bias)
+    return PackedLinear(weight, bias, bulk_in_float32)
+
+
+def pack_linear_layers(module: nn.Module, bulk_in_float32: bool = False, use_panels: bool = False) -> int:
+    """Replace every `nn.Linear` under `module` by its `cpu_linear`; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child.weight, child.bias, bulk_in_float32))
+            setattr(module, name, cpu_linear(child.weight, child.bias, bulk_in_float32, use_panels))
             count += 1
         else:
-            count += pack_linear_layers(child, bulk_in_float32)
+            count += pack_linear_layers(child, bulk_in_float32, use_panels)
     return count

@@ -19,6 +19,7 @@ from torch import nn
 
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.linear import bulk_float32_supported, cpu_packing_supported
+from helix_server.layers.panel_linear import panel_linear_supported
 from helix_server.models.hf_config import arch_config_from_hf
 from helix_server.models.registry import resolve_architecture
 from helix_server.platform.device import cpu_has_amx
@@ -91,8 +92,9 @@ def load_model(
     `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
     gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
-    are switched to pre-packed oneDNN weights (see `helix_server.layers.linear`); a bfloat16 model
-    on a CPU without AMX then computes its long prompt chunks in float32 (faster there).
+    are switched to pre-packed weights: float32 ones to helix's own AVX-512 kernel where it builds
+    (see `helix_server.layers.panel_linear`), the others to oneDNN (see `helix_server.layers.linear`);
+    a bfloat16 model on a CPU without AMX then computes its long prompt chunks in float32 (faster there).
     """
     hf_config = load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)
@@ -111,7 +113,9 @@ def load_model(
     callback = None if progress is None else (lambda loaded: progress(loaded, total))
     model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
     model.build_rope_cache(device, dtype, max_model_len)
-    if pack_for_cpu and cpu_packing_supported(torch.device(device), dtype):
-        bulk_in_float32 = dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
-        model.pack_for_cpu(bulk_in_float32=bulk_in_float32)
+    if pack_for_cpu:
+        use_panels = panel_linear_supported(torch.device(device), dtype)
+        if use_panels or cpu_packing_supported(torch.device(device), dtype):
+            bulk_in_float32 = dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
+            model.pack_for_cpu(bulk_in_float32=bulk_in_float32, use_panels=use_panels)
     return model

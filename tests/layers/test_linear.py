@@ -15,6 +15,7 @@ from helix_server.layers.linear import (
     cpu_packing_supported,
     pack_linear_layers,
 )
+from helix_server.layers.panel_linear import PanelLinear, panel_linear_supported
 from helix_server.models import load_model
 from tests.fixtures.tiny_models import make_tiny_model
 
@@ -65,8 +66,11 @@ def test_packed_model_computes_the_same_logits(tmp_path, arch):
     model_dir = make_tiny_model(tmp_path, arch)
     packed = load_model(model_dir, torch.float32, "cpu")
     plain = load_model(model_dir, torch.float32, "cpu", pack_for_cpu=False)
-    assert isinstance(packed.lm_head, PackedLinear)
-    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    # float32: helix's own kernel where it builds, else oneDNN's.
+    kind = PanelLinear if panel_linear_supported(torch.device("cpu"), torch.float32) else PackedLinear
+    assert isinstance(packed.lm_head, kind)
+    assert not any(isinstance(m, nn.Linear) for m in packed.modules())
+    assert not any(isinstance(m, (PackedLinear, PanelLinear)) for m in plain.modules())
     hidden = torch.randn(4, 64)
     torch.testing.assert_close(packed.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
 
@@ -135,6 +139,8 @@ def test_a_bfloat16_model_takes_the_bulk_route_on_cpus_without_amx(tmp_path):
     from helix_server.platform import cpu_has_amx
 
     model_dir = make_tiny_model(tmp_path, "llama")
-    for dtype, expected in ((torch.bfloat16, not cpu_has_amx()), (torch.float32, False)):
-        layers = [m for m in load_model(model_dir, dtype, "cpu").modules() if isinstance(m, PackedLinear)]
-        assert layers and all(layer.bulk_in_float32 == expected for layer in layers)
+    layers = [m for m in load_model(model_dir, torch.bfloat16, "cpu").modules() if isinstance(m, PackedLinear)]
+    assert layers and all(layer.bulk_in_float32 == (not cpu_has_amx()) for layer in layers)
+    # float32 weights: no route (on oneDNN's kernel, or helix's own, which has none).
+    model = load_model(model_dir, torch.float32, "cpu")
+    assert not any(isinstance(m, PackedLinear) and m.bulk_in_float32 for m in model.modules())

@@ -1,0 +1,145 @@
+"""helix's own float32 CPU kernel (`helix::panel_linear`) and the `PanelLinear` layer on it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from helix_server.layers import cpu_kernels
+from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
+from helix_server.layers.panel_linear import PANEL_WIDTH, PanelLinear, pack_panels, panel_linear_supported
+from helix_server.models import load_model
+from tests.fixtures.tiny_models import make_tiny_model
+
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels_supported(), reason="helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler"
+)
+
+
+def test_the_kernels_build_wherever_the_platform_supports_them():
+    # Not a skip: on a machine that should run them, a broken build must fail the suite.
+    assert load_cpu_kernels() == cpu_kernels_supported()
+    assert panel_linear_supported(torch.device("cpu"), torch.float32) == cpu_kernels_supported()
+    assert not panel_linear_supported(torch.device("cpu"), torch.bfloat16)
+
+
+def test_pack_panels_puts_16_outputs_of_one_input_side_by_side():
+    weight = torch.arange(35 * 3, dtype=torch.float32).view(35, 3)  # 35 outputs: 3 panels, the last 3 wide
+    panels = pack_panels(weight)
+    assert panels.shape == (3, 3, PANEL_WIDTH) and panels.is_contiguous()
+    for n in range(35):
+        for k in range(3):
+            assert panels[n // PANEL_WIDTH, k, n % PANEL_WIDTH] == weight[n, k]
+    assert not panels[2, :, 3:].any()  # padding outputs are zero
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+# (out, in): a partial last panel; every panel-group remainder of the tile shapes; the benchmark
+# model's widest reduction.
+@pytest.mark.parametrize("shape", [(35, 24), (16 * 13 + 5, 96), (768, 2048)])
+def test_panel_linear_matches_a_float64_reference_for_every_tile_shape(shape, bias):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=generator)
+    b = torch.randn(shape[0], generator=generator) if bias else None
+    layer = PanelLinear(weight, b)
+    x = torch.randn(64, shape[1], generator=generator)
+    reference = nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    # A float32 sum's error bound scales with the sum of the magnitudes it adds: allow 16 ulps of it
+    # (observed: a few ulps; a wrong weight or input is off by whole products).
+    tolerance = 16 * 2**-23 * (x.abs().double() @ weight.abs().double().T + (0 if b is None else b.abs().double()))
+    with torch.inference_mode():
+        # 1-8 rows: one tile of that many rows; 9-24: tiles of 12; more: tiles of 6 (and remainders).
+        for rows in [*range(1, 27), 37, 64]:
+            got = layer(x[:rows])
+            assert got.shape == (rows, shape[0]) and got.dtype == torch.float32
+            assert ((got.double() - reference[:rows]).abs() <= tolerance[:rows]).all(), rows
+
+
+@needs_kernels
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(min_value=1, max_value=80),
+    start=st.integers(min_value=0, max_value=79),
+    out_features=st.sampled_from([16, 50, 200]),
+    in_features=st.sampled_from([8, 300, 1100]),
+)
+def test_a_rows_bits_do_not_depend_on_the_other_rows_of_the_call(rows, start, out_features, in_features):
+    generator = torch.Generator().manual_seed(rows * 1000 + start)
+    layer = PanelLinear(torch.randn(out_features, in_features, generator=generator), None)
+    x = torch.randn(80, in_features, generator=generator)
+    start = min(start, 80 - rows)
+    with torch.inference_mode():
+        batch = layer(x)
+        assert torch.equal(layer(x[start : start + rows]), batch[start : start + rows])
+        assert torch.equal(layer(x[start : start + 1]), batch[start : start + 1])
+
+
+@needs_kernels
+def test_one_row_gets_the_same_bits_whatever_the_thread_count():
+    generator = torch.Generator().manual_seed(2)
+    layer = PanelLinear(torch.randn(1000, 256, generator=generator), torch.randn(1000, generator=generator))
+    x = torch.randn(20, 256, generator=generator)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        expected = layer(x)
+        try:
+            torch.set_num_threads(1)
+            single = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(single, expected)
+
+
+@needs_kernels
+def test_bad_operands_are_refused_with_a_message():
+    layer = PanelLinear(torch.randn(32, 8), None)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="x has 9 features, W 8"):
+            layer(torch.randn(2, 9))
+        with pytest.raises(RuntimeError, match="float32"):
+            layer(torch.randn(2, 8, dtype=torch.float64))
+        assert layer(torch.randn(0, 8)).shape == (0, 32)
+        # Non-contiguous rows (a transposed view) are copied, not misread.
+        x = torch.randn(8, 3).t()
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, pack_panels_inverse(layer)))
+
+
+def pack_panels_inverse(layer: PanelLinear) -> torch.Tensor:  # [panels, in, 16] -> [out, in]
+    return layer.panels.transpose(1, 2).reshape(-1, layer.in_features)[: layer.out_features]
+
+
+@needs_kernels
+def test_a_float32_model_on_the_cpu_runs_its_projections_on_the_panel_kernel(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "qwen2")  # q/k/v biases
+    model = load_model(model_dir, torch.float32, "cpu")
+    plain = load_model(model_dir, torch.float32, "cpu", pack_for_cpu=False)
+    layers = [m for m in model.modules() if isinstance(m, PanelLinear)]
+    assert len(layers) == sum(isinstance(m, nn.Linear) for m in plain.modules())
+    assert any(layer.bias is not None for layer in layers)
+    hidden = torch.randn(3, 64)
+    torch.testing.assert_close(model.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
+    bf16 = load_model(model_dir, torch.bfloat16, "cpu")
+    assert not any(isinstance(m, PanelLinear) for m in bf16.modules())
+
+
+def test_helix_cpu_kernels_0_turns_them_off(monkeypatch):
+    monkeypatch.setenv("HELIX_CPU_KERNELS", "0")
+    assert not cpu_kernels_supported()
+
+
+@needs_kernels
+def test_a_failed_build_falls_back_with_the_compilers_message(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setenv("HELIX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (broken,))
+    with caplog.at_level(logging.WARNING, logger="helix_server"):
+        assert cpu_kernels.load_cpu_kernels.__wrapped__() is False
+    assert "build or load failed" in caplog.text and "broken.cpp" in caplog.text
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written is kept
