@@ -19,6 +19,7 @@ from torch import nn
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention, ForwardContext
+from helix_server.layers.fused_cpu import use_fused_cpu_ops
 from helix_server.layers.linear import Linear, cpu_linear, pack_linear_layers
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.rotary import RotaryEmbedding
@@ -218,16 +219,20 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
-    def pack_for_cpu(self, bulk_in_float32: bool = False, use_panels: bool = False) -> None:
+    def pack_for_cpu(self, bulk_in_float32: bool = False, helix_kernels: bool = False) -> None:
         """Switch every projection (and the LM head, tied or not) to pre-packed weights for the
-        CPU: helix's float32 panel kernel with `use_panels`, else oneDNN; with `bulk_in_float32`
-        (bfloat16 weights) long prompt chunks are computed in float32.
+        CPU: oneDNN's, or with `helix_kernels` (float32) helix's own panel kernel, and then also
+        the norms, activations, RoPE and K/V stores to helix's fused kernels (see
+        `helix_server.layers.fused_cpu`). With `bulk_in_float32` (bfloat16 weights) long prompt
+        chunks are computed in float32.
 
         Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
         packed copy of the embedding matrix (the embedding lookup keeps the original)."""
-        pack_linear_layers(self, bulk_in_float32, use_panels)
+        pack_linear_layers(self, bulk_in_float32, use_panels=helix_kernels)
         if self.lm_head is None:
-            self.lm_head = cpu_linear(self.model.embed_tokens.weight, None, use_panels=use_panels)
+            self.lm_head = cpu_linear(self.model.embed_tokens.weight, None, use_panels=helix_kernels)
+        if helix_kernels:
+            use_fused_cpu_ops(self)
 
     def load_weights(
         self,

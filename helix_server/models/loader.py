@@ -92,8 +92,10 @@ def load_model(
     `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
     gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
-    are switched to pre-packed weights: float32 ones to helix's own AVX-512 kernel where it builds
-    (see `helix_server.layers.panel_linear`), the others to oneDNN (see `helix_server.layers.linear`);
+    are switched to pre-packed weights: float32 ones to helix's own AVX-512 kernels where they build
+    (see `helix_server.layers.panel_linear`; the norms, activations, RoPE and K/V stores then run
+    fused kernels too, see `helix_server.layers.fused_cpu`), the others to oneDNN (see
+    `helix_server.layers.linear`);
     a bfloat16 model on a CPU without AMX then computes its long prompt chunks in float32 (faster there).
     """
     hf_config = load_hf_config(model_dir)
@@ -114,8 +116,8 @@ def load_model(
     model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
     model.build_rope_cache(device, dtype, max_model_len)
     if pack_for_cpu:
-        use_panels = panel_linear_supported(torch.device(device), dtype)
-        if use_panels or cpu_packing_supported(torch.device(device), dtype):
+        helix_kernels = panel_linear_supported(torch.device(device), dtype)
+        if helix_kernels or cpu_packing_supported(torch.device(device), dtype):
             bulk_in_float32 = dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
-            model.pack_for_cpu(bulk_in_float32=bulk_in_float32, use_panels=use_panels)
+            model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels)
     return model

@@ -17,6 +17,8 @@ the keys each query may see through the block tables and runs `scaled_dot_produc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -53,9 +55,11 @@ def paged_attention(
     metadata: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    write_kv: Callable[..., None] | None = None,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    """Causal attention of this step's queries over their cached and new keys."""
-    write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+    """Causal attention of this step's queries over their cached and new keys. `write_kv` stores
+    the new K/V first (default `write_kv_cache`; same arguments)."""
+    (write_kv or write_kv_cache)(key, value, key_cache, value_cache, metadata.slot_mapping)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads

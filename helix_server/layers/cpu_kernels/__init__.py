@@ -28,7 +28,7 @@ from helix_server.platform.device import cpu_flags
 
 logger = logging.getLogger("helix_server")
 
-SOURCES = (Path(__file__).with_name("panel_gemm.cpp"),)
+SOURCES = (Path(__file__).with_name("panel_gemm.cpp"), Path(__file__).with_name("fused_ops.cpp"))
 
 
 def cache_dir() -> Path:
@@ -74,6 +74,9 @@ def _build() -> Path:
     torch_dir = Path(torch.__file__).parent
     flags = [
         "-O3", "-std=c++20", "-shared", "-fPIC", "-mavx512f", "-mfma",
+        # Every product and sum rounded on its own, as torch's separate ops do (fused multiply-adds
+        # only where a kernel asks for them).
+        "-ffp-contract=off",
         # at::parallel_for runs on torch's OpenMP threads only when compiled with OpenMP; the
         # library then uses the libgomp torch already loaded (same soname).
         "-fopenmp",

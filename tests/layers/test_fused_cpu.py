@@ -1,0 +1,151 @@
+"""helix's fused float32 CPU kernels against the torch code they replace (`layers.fused_cpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helix_server.layers.activation import SiluAndMul
+from helix_server.layers.attention import Attention
+from helix_server.layers.attention.portable import write_kv_cache
+from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
+from helix_server.layers.fused_cpu import (
+    FusedRMSNorm,
+    FusedRotaryEmbedding,
+    FusedSiluAndMul,
+    store_kv,
+    use_fused_cpu_ops,
+)
+from helix_server.layers.norm import RMSNorm
+from helix_server.layers.rotary import RopeConfig, RotaryEmbedding
+from helix_server.models import load_model
+from tests.fixtures.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels_supported(), reason="helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert load_cpu_kernels()
+
+
+def make_norm(hidden: int, generator: torch.Generator) -> tuple[RMSNorm, FusedRMSNorm]:
+    reference = RMSNorm(hidden, eps=1e-5)
+    reference.weight.data = torch.randn(hidden, generator=generator)
+    fused = FusedRMSNorm(hidden, eps=1e-5)
+    fused.weight = reference.weight
+    return reference, fused
+
+
+@pytest.mark.parametrize("hidden", [8, 37, 768])  # under one vector, a partial last vector, the bench width
+def test_rms_norm_and_the_residual_add_match_torchs(hidden):
+    generator = torch.Generator().manual_seed(0)
+    reference, fused = make_norm(hidden, generator)
+    x = torch.randn(20, hidden, generator=generator) * 3
+    residual = torch.randn(20, hidden, generator=generator)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), reference(x), rtol=2e-6, atol=1e-6)
+        expected, expected_residual = reference(x, residual.clone())
+        got, got_residual = fused(x, residual.clone())
+    assert torch.equal(got_residual, expected_residual)  # the add: one rounding either way
+    # Another summation order for the mean of squares: within a few ulps.
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+def test_a_norm_rows_bits_do_not_depend_on_the_other_rows():
+    generator = torch.Generator().manual_seed(1)
+    _, fused = make_norm(768, generator)
+    x = torch.randn(300, 768, generator=generator)  # more rows than one thread's share
+    residual = torch.randn(300, 768, generator=generator)
+    with torch.inference_mode():
+        batch = fused(x)
+        batch_add, _ = fused(x, residual.clone())
+        for rows in (slice(0, 1), slice(7, 8), slice(5, 70), slice(299, 300)):
+            assert torch.equal(fused(x[rows]), batch[rows])
+            assert torch.equal(fused(x[rows], residual[rows].clone())[0], batch_add[rows])
+
+
+def test_three_dimensional_inputs_take_torchs_path():
+    generator = torch.Generator().manual_seed(2)
+    reference, fused = make_norm(16, generator)
+    x = torch.randn(3, 4, 16, generator=generator)  # q/k norm over heads
+    with torch.inference_mode():
+        assert torch.equal(fused(x), reference(x))
+
+
+def test_silu_and_mul_matches_torchs_including_extremes():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(33, 2 * 200, generator=generator) * 4
+    extremes = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e4, -1e4])
+    x[0, : len(extremes)] = extremes
+    x[1, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    with torch.inference_mode():
+        expected = SiluAndMul()(x)
+        got = FusedSiluAndMul()(x)
+    # Its own exp: within 2 ulp; non-finite results where torch's are.
+    torch.testing.assert_close(got, expected, rtol=4e-7, atol=1e-30, equal_nan=True)
+    assert torch.equal(got.isnan(), expected.isnan())
+    rows = slice(10, 11)
+    with torch.inference_mode():
+        assert torch.equal(FusedSiluAndMul()(x[rows]), got[rows])
+
+
+def test_rotary_gives_torchs_bits_on_a_strided_view():
+    rope = RotaryEmbedding(RopeConfig(), head_dim=64, max_position_embeddings=512)
+    rope.build_cache("cpu", torch.float32)
+    fused = FusedRotaryEmbedding(RopeConfig(), head_dim=64, max_position_embeddings=512)
+    fused.cos_sin_cache = rope.cos_sin_cache
+    generator = torch.Generator().manual_seed(4)
+    qkv = torch.randn(9, (6 + 2 + 2) * 64, generator=generator)  # q, k, v heads side by side
+    positions = torch.tensor([0, 1, 2, 100, 101, 300, 301, 302, 511])
+    cos, sin = rope.lookup(positions)
+    expected, got = qkv.clone(), qkv.clone()
+    with torch.inference_mode():
+        rope.rotate_(expected[:, : 8 * 64].view(9, 8, 64), cos, sin)
+        fused.rotate_(got[:, : 8 * 64].view(9, 8, 64), cos, sin)
+    assert torch.equal(got, expected)  # rotated q/k identical, v untouched
+
+
+def test_store_kv_writes_what_write_kv_cache_writes():
+    generator = torch.Generator().manual_seed(5)
+    caches = [torch.randn(6, 4, 2, 8, generator=generator) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    key = torch.randn(5, 2, 8, generator=generator)
+    value = torch.randn(5, 2, 8, generator=generator)
+    key[1, 0, 3], value[2, 1, 0], value[4, 0, 7] = float("inf"), float("nan"), float("-inf")
+    slots = torch.tensor([3, 0, 23, 10, 17])
+    with torch.inference_mode():
+        write_kv_cache(key, value, *expected, slots)
+        store_kv(key, value, *caches, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    with pytest.raises(RuntimeError, match="slot 24 out of range"):
+        store_kv(key, value, *caches, torch.tensor([0, 1, 2, 3, 24]))
+
+
+def test_a_float32_model_runs_the_fused_ops_and_computes_the_same_logits(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "llama")
+    model = load_model(model_dir, torch.float32, "cpu")
+    plain = load_model(model_dir, torch.float32, "cpu", pack_for_cpu=False)
+    kinds = {type(m) for m in model.modules()}
+    assert {FusedRMSNorm, FusedSiluAndMul} <= kinds and not {RMSNorm, SiluAndMul} & kinds
+    assert isinstance(model.rotary, FusedRotaryEmbedding)
+    assert all(layer.self_attn.rotary is model.rotary for layer in model.model.layers)
+    assert all(m.write_kv is store_kv for m in model.modules() if isinstance(m, Attention))
+    assert use_fused_cpu_ops(model) == 0  # nothing left to swap
+    embed = model.model.embed_tokens.weight
+    hidden = torch.randn(5, embed.shape[1])
+    with torch.inference_mode():
+        torch.testing.assert_close(model.model.norm(hidden), plain.model.norm(hidden), rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(model.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
+    bf16 = load_model(model_dir, torch.bfloat16, "cpu")
+    assert not any(isinstance(m, (FusedRMSNorm, FusedSiluAndMul)) for m in bf16.modules())
+    assert type(bf16.rotary) is RotaryEmbedding
+
+
+def test_use_fused_cpu_ops_leaves_other_modules_alone():
+    model = nn.Sequential(nn.Linear(4, 4), RMSNorm(4), SiluAndMul())
+    assert use_fused_cpu_ops(model) == 2
+    assert isinstance(model[0], nn.Linear) and isinstance(model[1], FusedRMSNorm)
