@@ -9,7 +9,9 @@ float32 model for versions that run one fused kernel each:
   heads keep torch's ops);
 * `SiluAndMul` -> `FusedSiluAndMul`;
 * `RotaryEmbedding` -> `FusedRotaryEmbedding` (same bits as the torch ops);
-* `Attention.write_kv` -> `store_kv` (same bits as `write_kv_cache`).
+* `Attention` -> `FusedAttention`: the K/V store in one kernel (same bits as `write_kv_cache`)
+  and the short queries' attention in one kernel per query group, reading the paged cache in
+  place (`paged_attention.cpp`; rows independent of the batch and of the query length).
 
 The norm and the activation round differently in the last bit (another summation order, another
 exp); every row's result still depends on that row alone. Measured on the ~100M benchmark Llama
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 from helix_server.layers.activation import SiluAndMul
-from helix_server.layers.attention import Attention
+from helix_server.layers.attention import Attention, ForwardContext
+from helix_server.layers.attention.portable import prefill_attention
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.rotary import RotaryEmbedding
 
@@ -68,6 +71,38 @@ def store_kv(
     torch.ops.helix.store_kv_(key_cache, value_cache, key, value, slot_mapping)
 
 
+class FusedAttention(Attention):
+    """`Attention` whose K/V store is one kernel and whose short queries (decodes, verification
+    of drafts) attend the paged cache in place with `helix::paged_query_attention`, one call per
+    query group; prompt chunks keep the portable SDPA path."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads * head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads * head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads * head_dim]
+        ctx: ForwardContext,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        num_tokens = query.shape[0]
+        key_cache, value_cache = ctx.kv_caches[self.layer_idx]
+        metadata = ctx.attn_metadata
+        q = query.view(num_tokens, self.num_heads, self.head_dim)
+        k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
+        window = self.sliding_window or 0
+        parts = [
+            torch.ops.helix.paged_query_attention(
+                q[group.token_start : group.token_end], key_cache, value_cache, group.block_tables,
+                group.seq_lens, group.query_len, self.scale, window,
+            )  # [rows, heads, d]
+            for group in metadata.query_groups
+        ]
+        parts += prefill_attention(q, k, v, key_cache, value_cache, metadata, self.scale, self.sliding_window)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+
 def use_fused_cpu_ops(model: nn.Module) -> int:
     """Swap `model`'s norms, activations, RoPE and K/V stores for the fused CPU kernels, in place
     (float32 CPU models, after `load_cpu_kernels()` returned True); returns how many were swapped."""
@@ -83,9 +118,12 @@ def use_fused_cpu_ops(model: nn.Module) -> int:
             elif type(child) is SiluAndMul:
                 setattr(module, name, FusedSiluAndMul())
                 count += 1
-        if isinstance(module, Attention) and module.write_kv is not store_kv:
-            module.write_kv = store_kv
-            count += 1
+            elif type(child) is Attention:
+                setattr(module, name, FusedAttention(
+                    child.num_heads, child.num_kv_heads, child.head_dim, child.layer_idx, child.scale,
+                    child.sliding_window,
+                ))
+                count += 1
         rotary = getattr(module, "rotary", None)
         if type(rotary) is RotaryEmbedding:
             if id(rotary) not in fused_rotary:

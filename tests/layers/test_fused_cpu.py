@@ -11,6 +11,7 @@ from helix_server.layers.attention import Attention
 from helix_server.layers.attention.portable import write_kv_cache
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
 from helix_server.layers.fused_cpu import (
+    FusedAttention,
     FusedRMSNorm,
     FusedRotaryEmbedding,
     FusedSiluAndMul,
@@ -133,7 +134,7 @@ def test_a_float32_model_runs_the_fused_ops_and_computes_the_same_logits(tmp_pat
     assert {FusedRMSNorm, FusedSiluAndMul} <= kinds and not {RMSNorm, SiluAndMul} & kinds
     assert isinstance(model.rotary, FusedRotaryEmbedding)
     assert all(layer.self_attn.rotary is model.rotary for layer in model.model.layers)
-    assert all(m.write_kv is store_kv for m in model.modules() if isinstance(m, Attention))
+    assert all(isinstance(m, FusedAttention) for m in model.modules() if isinstance(m, Attention))
     assert use_fused_cpu_ops(model) == 0  # nothing left to swap
     embed = model.model.embed_tokens.weight
     hidden = torch.randn(5, embed.shape[1])
@@ -149,3 +150,76 @@ def test_use_fused_cpu_ops_leaves_other_modules_alone():
     model = nn.Sequential(nn.Linear(4, 4), RMSNorm(4), SiluAndMul())
     assert use_fused_cpu_ops(model) == 2
     assert isinstance(model[0], nn.Linear) and isinstance(model[1], FusedRMSNorm)
+
+
+def paged_case(head_dim: int, seq_lens: list[int], generator: torch.Generator, block_size: int = 16, kv_heads: int = 2):
+    """Random caches (finite garbage outside the requests' keys) and shuffled block tables."""
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 5
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    free = torch.randperm(num_blocks, generator=generator).tolist()
+    width = max(-(-n // block_size) for n in seq_lens) + 1  # padded like a query group's tables
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return key_cache, value_cache, tables, block_tables
+
+
+def attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window=0):
+    with torch.inference_mode():
+        return torch.ops.helix.paged_query_attention(
+            query, key_cache, value_cache, block_tables, torch.tensor(seq_lens), query_len, 0.3, window
+        )
+
+
+@pytest.mark.parametrize("head_dim", [24, 64, 128])  # a partial vector, one pass, two passes over the values
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_query_attention_matches_a_dense_reference(head_dim, window):
+    generator = torch.Generator().manual_seed(head_dim + window)
+    seq_lens, query_len, heads = [3, 40, 17], 3, 6
+    key_cache, value_cache, tables, block_tables = paged_case(head_dim, seq_lens, generator)
+    query = torch.randn(len(seq_lens) * query_len, heads, head_dim, generator=generator)
+    out = attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window)
+    for r, (seq_len, table) in enumerate(zip(seq_lens, tables)):
+        slots = torch.tensor([table[j // 16] * 16 + j % 16 for j in range(seq_len)])
+        k = key_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // 3]  # [L, heads, d]
+        v = value_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // 3]
+        for t in range(query_len):
+            position = seq_len - query_len + t
+            allowed = torch.arange(seq_len) <= position
+            if window:
+                allowed &= torch.arange(seq_len) > position - window
+            q = query[r * query_len + t].double()  # [heads, d]
+            scores = torch.einsum("hd,lhd->hl", q, k) * 0.3
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            expected = torch.einsum("hl,lhd->hd", weights, v)
+            torch.testing.assert_close(out[r * query_len + t].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_query_rows_bits_depend_on_its_keys_only():
+    """The same position gives the same bits as a decode, as a draft being verified, alone or
+    among other requests."""
+    generator = torch.Generator().manual_seed(9)
+    seq_lens = [50, 7, 33]
+    key_cache, value_cache, _, block_tables = paged_case(64, seq_lens, generator)
+    query = torch.randn(9, 6, 64, generator=generator)
+    batch = attention_op(query, key_cache, value_cache, block_tables, seq_lens, 3)  # 3 requests x 3 tokens
+    for r, seq_len in enumerate(seq_lens):
+        for t in range(3):
+            row = r * 3 + t
+            alone = attention_op(query[row : row + 1], key_cache, value_cache, block_tables[r : r + 1],
+                                 [seq_len - 2 + t], 1)  # a decode at the same position
+            assert torch.equal(alone, batch[row : row + 1]), (r, t)
+    alone = attention_op(query[3:6], key_cache, value_cache, block_tables[1:2], [7], 3)
+    assert torch.equal(alone, batch[3:6])
+
+
+def test_paged_query_attention_refuses_inconsistent_metadata():
+    generator = torch.Generator().manual_seed(10)
+    key_cache, value_cache, _, block_tables = paged_case(16, [20], generator)
+    query = torch.randn(1, 4, 16, generator=generator)
+    with pytest.raises(RuntimeError, match="has 60 keys"):
+        attention_op(query, key_cache, value_cache, block_tables, [60], 1)  # more keys than 3 blocks hold
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        attention_op(query, key_cache, value_cache, torch.tensor([[999, 0, 0]]), [20], 1)
+    with pytest.raises(RuntimeError, match="query has 1 rows"):
+        attention_op(query, key_cache, value_cache, block_tables, [20], 2)

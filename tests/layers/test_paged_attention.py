@@ -21,7 +21,9 @@ from helix_server.layers.attention.builder import (
     order_for_attention,
     padded_key_blocks,
 )
+from helix_server.layers.attention.metadata import ForwardContext
 from helix_server.layers.attention.portable import paged_attention, write_kv_cache
+from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
 
 HEAD_DIM = 16
 NUM_BLOCKS = 840
@@ -54,9 +56,13 @@ def _dense_reference(q, k, v, q_positions, scale, sliding_window):
 @pytest.mark.parametrize("sliding_window", [None, 6])
 @pytest.mark.parametrize("sequences", [SEQUENCES, WIDE_SEQUENCES], ids=["close", "wide"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["shuffled", "runs"])
-def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window, sequences, in_place):
+@pytest.mark.parametrize("backend", ["portable", "fused_cpu"])
+def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window, sequences, in_place, backend):
     """With `in_place`, every other request's blocks are one run of consecutive ids (the pool size
-    is passed, so short queries over such runs read their keys in place); the rest shuffled."""
+    is passed, so short queries over such runs read their keys in place); the rest shuffled.
+    `fused_cpu`: the same step through `FusedAttention` (helix's CPU kernels)."""
+    if backend == "fused_cpu" and not cpu_kernels_supported():
+        pytest.skip("helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler")
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads * 10 + num_kv_heads)
     scale = 1 / math.sqrt(HEAD_DIM)
 
@@ -103,7 +109,10 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
     key = torch.cat([full_k[i][chunks[i].context_len :] for i in order])  # [T, kvH, d]
     value = torch.cat([full_v[i][chunks[i].context_len :] for i in order])
 
-    out = paged_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window)
+    if backend == "portable":
+        out = paged_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window)
+    else:
+        out = fused_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window)
 
     assert out.shape == query.shape
     row = 0
@@ -117,6 +126,19 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
         # The step's K/V landed in the request's blocks.
         gathered = key_cache[torch.tensor(chunk.block_ids)].flatten(0, 1)[: chunk.seq_len]
         torch.testing.assert_close(gathered, full_k[i], atol=0, rtol=0)
+
+
+def fused_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window):
+    """`paged_attention`'s arguments through `FusedAttention` (layer 0 of a one-layer cache)."""
+    from helix_server.layers.fused_cpu import FusedAttention
+
+    assert load_cpu_kernels()
+    num_tokens, num_heads, head_dim = query.shape
+    layer = FusedAttention(num_heads, key.shape[1], head_dim, 0, scale, sliding_window)
+    ctx = ForwardContext(attn_metadata=metadata, kv_caches=[(key_cache, value_cache)])
+    with torch.inference_mode():
+        out = layer(query.reshape(num_tokens, -1), key.reshape(num_tokens, -1), value.reshape(num_tokens, -1), ctx)
+    return out.view(num_tokens, num_heads, head_dim)
 
 
 def test_decode_only_and_prefill_only_steps():

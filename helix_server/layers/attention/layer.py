@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from helix_server.layers.attention.metadata import ForwardContext
-from helix_server.layers.attention.portable import paged_attention, write_kv_cache
+from helix_server.layers.attention.portable import paged_attention
 
 
 class Attention(nn.Module):
@@ -34,9 +34,6 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
-        # Stores the step's new K/V into the paged cache (a fused CPU kernel may replace it, see
-        # `helix_server.layers.fused_cpu`).
-        self.write_kv = write_kv_cache
 
     def forward(
         self,
@@ -56,6 +53,5 @@ class Attention(nn.Module):
             ctx.attn_metadata,
             self.scale,
             self.sliding_window,
-            self.write_kv,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -17,8 +17,6 @@ the keys each query may see through the block tables and runs `scaled_dot_produc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -55,19 +53,29 @@ def paged_attention(
     metadata: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
-    write_kv: Callable[..., None] | None = None,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    """Causal attention of this step's queries over their cached and new keys. `write_kv` stores
-    the new K/V first (default `write_kv_cache`; same arguments)."""
-    (write_kv or write_kv_cache)(key, value, key_cache, value_cache, metadata.slot_mapping)
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = key.shape[1]
-    group = num_heads // num_kv_heads
+    """Causal attention of this step's queries over their cached and new keys."""
+    write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+    parts = query_group_attention(query, key_cache, value_cache, metadata, scale, sliding_window)
+    parts += prefill_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def query_group_attention(
+    query: torch.Tensor,  # [T, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim], this step's K/V stored
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> list[torch.Tensor]:  # per query group, [its rows, num_heads, head_dim]
+    """The short queries' outputs, one batched SDPA call per query group, in row order."""
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    group = query.shape[1] // num_kv_heads
     # The pool as [slots, kv_heads, d]: requests whose keys are read in place take slices of it.
     flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
     flat_values = value_cache.view(-1, num_kv_heads, head_dim)
-
-    parts = []  # outputs in row order: the query groups', then the prompt chunks'
+    parts = []
     for index, query_group in enumerate(metadata.query_groups):
         rows = query[query_group.token_start : query_group.token_end]
         mask = metadata.group_mask(index, sliding_window, group)  # [n, 1, g * q or 1, S]
@@ -81,7 +89,23 @@ def paged_attention(
             k = flat_keys[slots].transpose(0, 1)[None]  # [1, kv_heads, S, d]
             v = flat_values[slots].transpose(0, 1)[None]
         parts.append(_grouped_query_attention(rows, k, v, mask, query_group.query_len, scale))
+    return parts
 
+
+def prefill_attention(
+    query: torch.Tensor,  # [T, num_heads, head_dim]
+    key: torch.Tensor,  # [T, kv_heads, head_dim]
+    value: torch.Tensor,  # [T, kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim], this step's K/V stored
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> list[torch.Tensor]:  # per prompt chunk, [its rows, num_heads, head_dim]
+    """The long chunks' outputs, one SDPA call each, in row order."""
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    group = query.shape[1] // num_kv_heads
+    parts = []
     for index, chunk in enumerate(metadata.prefills):
         rows = slice(chunk.token_start, chunk.token_end)
         if chunk.context_len == 0:
@@ -97,7 +121,7 @@ def paged_attention(
         mask = metadata.prefill_mask(index, sliding_window)  # [n, seq_len] additive, or None
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         parts.append(o[0].transpose(0, 1))  # [n, num_heads, d]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return parts
 
 
 def _grouped_query_attention(

@@ -28,7 +28,9 @@ from helix_server.platform.device import cpu_flags
 
 logger = logging.getLogger("helix_server")
 
-SOURCES = (Path(__file__).with_name("panel_gemm.cpp"), Path(__file__).with_name("fused_ops.cpp"))
+_HERE = Path(__file__).parent
+SOURCES = tuple(_HERE / name for name in ("panel_gemm.cpp", "fused_ops.cpp", "paged_attention.cpp"))
+HEADERS = (_HERE / "vec_math.h",)
 
 
 def cache_dir() -> Path:
@@ -88,7 +90,7 @@ def _build() -> Path:
     digest = hashlib.sha256()
     for part in (torch.__version__, str(torch_dir), compiler, *flags, *libs):
         digest.update(part.encode() + b"\0")
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     target = cache_dir() / f"helix_cpu_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
