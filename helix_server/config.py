@@ -24,6 +24,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_model_len: int | None = None
     # Seeds the sampler's shared generator (requests without their own `seed`).
     seed: int = 0
+    # float32 on an AVX-512 CPU: helix's own kernels (compiled on first use); False: torch's.
+    cpu_kernels: bool = True
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -114,6 +114,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_model_len", "model", int, "Longest sequence (prompt + completion) in tokens "
             "(default: the model's max_position_embeddings)."),
     Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
+    Setting("cpu_kernels", "model", boolean, "float32 on an AVX-512 CPU: run helix's own kernels, compiled "
+            "on first use (--no-cpu-kernels: torch's only)."),
     Setting("block_size", "cache", int, "Tokens per KV cache block."),
     Setting("num_kv_blocks", "cache", int, "Exact number of KV cache blocks (overrides --kv-cache-memory)."),
     Setting("kv_cache_memory", "cache", float, "GiB for the KV cache pool on CPU / DirectML (capped at what "

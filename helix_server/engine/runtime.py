@@ -83,13 +83,17 @@ def load_components(
     hf_config = load_hf_config(model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
-    model = load_model(model_dir, dtype, device, progress=progress, max_model_len=max_model_len)
+    model = load_model(
+        model_dir, dtype, device, progress=progress, max_model_len=max_model_len, cpu_kernels=config.model.cpu_kernels
+    )
     tokenizer = load_tokenizer(Path(config.model.tokenizer) if config.model.tokenizer else model_dir)
 
     validate_speculative_config(config.speculative, model.num_layers)
     draft_model = None
     if config.speculative.method == "draft":
-        draft_model = _load_draft_model(config.speculative, model, dtype, device, max_model_len)
+        draft_model = _load_draft_model(
+            config.speculative, model, dtype, device, max_model_len, config.model.cpu_kernels
+        )
 
     block_size = config.cache.block_size
     bytes_per_block = sum(
@@ -175,10 +179,15 @@ def validate_speculative_config(spec: SpeculativeConfig, num_layers: int) -> Non
 
 
 def _load_draft_model(
-    spec: SpeculativeConfig, model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max_model_len: int
+    spec: SpeculativeConfig,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+    cpu_kernels: bool,
 ) -> torch.nn.Module:
     draft_dir = Path(spec.draft_model)
-    draft = load_model(draft_dir, dtype, device, max_model_len=max_model_len)
+    draft = load_model(draft_dir, dtype, device, max_model_len=max_model_len, cpu_kernels=cpu_kernels)
     if draft.vocab_size != model.vocab_size:
         raise ParameterError(
             f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from the model's "

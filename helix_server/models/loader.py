@@ -85,6 +85,7 @@ def load_model(
     progress: ProgressCallback | None = None,
     max_model_len: int | None = None,
     pack_for_cpu: bool = True,
+    cpu_kernels: bool = True,
 ) -> nn.Module:
     """Build the registered model for `model_dir` on `device` in `dtype` and load its weights.
 
@@ -93,9 +94,9 @@ def load_model(
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
     gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
     are switched to pre-packed weights: float32 ones to helix's own AVX-512 kernels where they build
-    (see `helix_server.layers.panel_linear`; the norms, activations, RoPE and K/V stores then run
-    fused kernels too, see `helix_server.layers.fused_cpu`), the others to oneDNN (see
-    `helix_server.layers.linear`);
+    and `cpu_kernels` is True (see `helix_server.layers.panel_linear`; the norms, activations, RoPE
+    and attention then run fused kernels too, see `helix_server.layers.fused_cpu`), the others to
+    oneDNN (see `helix_server.layers.linear`);
     a bfloat16 model on a CPU without AMX then computes its long prompt chunks in float32 (faster there).
     """
     hf_config = load_hf_config(model_dir)
@@ -116,7 +117,7 @@ def load_model(
     model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
     model.build_rope_cache(device, dtype, max_model_len)
     if pack_for_cpu:
-        helix_kernels = panel_linear_supported(torch.device(device), dtype)
+        helix_kernels = cpu_kernels and panel_linear_supported(torch.device(device), dtype)
         if helix_kernels or cpu_packing_supported(torch.device(device), dtype):
             bulk_in_float32 = dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
             model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels)

@@ -128,9 +128,25 @@ def test_a_float32_model_on_the_cpu_runs_its_projections_on_the_panel_kernel(tmp
     assert not any(isinstance(m, PanelLinear) for m in bf16.modules())
 
 
-def test_helix_cpu_kernels_0_turns_them_off(monkeypatch):
-    monkeypatch.setenv("HELIX_CPU_KERNELS", "0")
-    assert not cpu_kernels_supported()
+@needs_kernels
+def test_the_cpu_kernels_setting_turns_them_off(make_model_dir, monkeypatch):
+    from helix_server import LLM, SamplingParams
+    from helix_server.layers.fused_cpu import FusedRMSNorm
+    from helix_server.layers.linear import PackedLinear
+    from helix_server.settings import build_config
+
+    assert build_config(env={}).engine.model.cpu_kernels is True
+    assert build_config(env={"HELIX_CPU_KERNELS": "false"}).engine.model.cpu_kernels is False
+    model_dir = str(make_model_dir("llama"))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = []
+    for cpu_kernels in (True, False):
+        llm = LLM(model=model_dir, dtype="float32", cpu_kernels=cpu_kernels, num_kv_blocks=64)
+        modules = list(llm.engine.runner.model.modules())
+        assert any(isinstance(m, (PanelLinear, FusedRMSNorm)) for m in modules) == cpu_kernels
+        assert any(isinstance(m, PackedLinear) for m in modules) != cpu_kernels
+        outputs.append(llm.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids)
+    assert outputs[0] == outputs[1]  # the tiny model's greedy tokens do not hang on last bits
 
 
 @needs_kernels

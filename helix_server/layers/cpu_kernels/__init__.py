@@ -5,7 +5,7 @@
 them as torch ops (`torch.ops.helix.*`) and says whether that worked. They need x86-64 Linux, a CPU
 with AVX-512F and a GCC-compatible C++ compiler (`$CXX`, else `c++` or `g++`). Anywhere else, or
 when the build fails (logged once, with the compiler's message), it returns False and the callers
-keep torch's own kernels; `HELIX_CPU_KERNELS=0` turns them off.
+keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-kernels`).
 
 Ops: `helix::panel_linear` (`panel_gemm.cpp`, used by `helix_server.layers.panel_linear`).
 """
@@ -41,8 +41,6 @@ def cache_dir() -> Path:
 
 def cpu_kernels_supported() -> bool:
     """Whether this platform can run the kernels at all (before trying to build them)."""
-    if os.environ.get("HELIX_CPU_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
-        return False
     return (
         sys.platform.startswith("linux")
         and platform.machine().lower() in ("x86_64", "amd64")

@@ -25,17 +25,19 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <utility>
 
+#include "vec_math.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;                // floats per zmm register: outputs per panel
-constexpr int64_t kPrefetchFloats = 512;      // how far ahead of each panel stream to prefetch (2 KB)
+using helix_vec::kLanes;  // floats per zmm register: outputs per panel
+using helix_vec::tail_mask;
+
+constexpr int64_t kPrefetchFloats = 512;  // how far ahead of each panel stream to prefetch (2 KB)
 
 // acc[r][p] lane j accumulates y[row0 + r, n0 + 16 p + j] = sum_k x[row0 + r, k] * W[n0 + 16 p + j, k].
 template <int Rows, int Panels>
@@ -59,8 +61,7 @@ void tile(const float* x, int64_t k_len, const float* panels, float* y, int64_t 
   }
   for (int p = 0; p < Panels; ++p) {
     const int64_t n = n0 + p * kLanes;
-    const int64_t valid = std::min<int64_t>(kLanes, n_len - n);  // the last panel may be padding
-    const __mmask16 mask = static_cast<__mmask16>(valid >= kLanes ? 0xFFFFu : (1u << valid) - 1u);
+    const __mmask16 mask = tail_mask(n_len - n);  // the last panel may be padding
     const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
     for (int r = 0; r < Rows; ++r) _mm512_mask_storeu_ps(y + r * n_len + n, mask, _mm512_add_ps(acc[r][p], b));
   }
