@@ -1,4 +1,4 @@
-"""Where a decode step's time goes, and how far the linear layers are from the memory-bandwidth floor.
+"""Where a decode step's time goes, and how fast the linear layers stream their weights.
 
 Runs the throughput benchmark's model (seeded random weights, ~100M Llama shape) through helix's
 `LLM` with B requests decoding together (B = 1 and 16 by default) and times, in the engine itself,
@@ -9,10 +9,14 @@ the scheduler and detokenizer add ~0.15 ms a step at batch 1), split into
   * attention: the attention layers (K/V writes into the paged cache, attention over it);
   * the rest: norms, RoPE, activations, embedding, sampling, metadata and Python between them.
 
-It also measures this machine's read bandwidth (one pass over a tensor as large as the weights the
-linear layers stream each step) and, unless `--no-hf`, transformers' batch-1 decode time per token
-on the same model, then prints the bound that follows: the batch-1 speed-up over transformers helix
-would reach if its linear layers streamed their weights at that bandwidth and nothing else changed.
+(helix's own float32 CPU kernels count the same way: `PanelLinear` as linear layers, `FusedAttention`
+as attention.)
+
+It also measures the rate at which torch's `sum` reads a tensor as large as the weights the linear
+layers stream each step (a reference, not a hard floor: helix's float32 kernel, with software
+prefetch, streams faster), the rate the batch-1 linear layers reached, and, unless `--no-hf`,
+transformers' batch-1 decode time per token on the same model, then prints the batch-1 speed-up
+over transformers now and if the linear layers ran at least at the summing pass's rate.
 
     python bench/decode_profile.py [--dtype float32] [--batches 1,16] [--steps 64] [--repeats 3] [--no-hf]
 """
@@ -179,15 +183,21 @@ def main() -> int:
     bandwidth = weight_bytes / min(read_times)
     floor_ms = 1000 * weight_bytes / bandwidth
     results |= {"read_bandwidth_gb_s": bandwidth / 1e9, "linear_floor_ms": floor_ms}
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (best pass): the linear layers' weights take >= {floor_ms:.1f} ms")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (torch's sum, best pass): the linear layers' weights "
+          f"take {floor_ms:.1f} ms at that rate")
+    if 1 in results["batches"]:
+        streamed = weight_bytes / results["batches"][1]["linear_ms"] / 1e6
+        results["batch1_linear_gb_s"] = streamed
+        print(f"batch-1 linear layers streamed {streamed:.1f} GB/s")
     if hf_times and 1 in results["batches"]:
         hf_ms = statistics.median(hf_times)
         one = results["batches"][1]
-        best_ms = one["step_ms"] - one["linear_ms"] + floor_ms
+        # Linear layers already faster than the summing pass keep their own time.
+        best_ms = one["step_ms"] - one["linear_ms"] + min(one["linear_ms"], floor_ms)
         results |= {"hf_batch1_decode_ms": hf_ms, "batch1_over_hf": hf_ms / one["step_ms"],
                     "batch1_over_hf_at_linear_floor": hf_ms / best_ms}
         print(f"transformers batch 1: {hf_ms:.1f} ms per decode token; helix {hf_ms / one['step_ms']:.2f}x now, "
-              f"{hf_ms / best_ms:.2f}x if its linear layers ran at the bandwidth floor")
+              f"{hf_ms / best_ms:.2f}x if its linear layers ran at least at the summing pass's rate")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -16,8 +16,8 @@ float32 model for versions that run one fused kernel each:
 The norm and the activation round differently in the last bit (another summation order, another
 exp); every row's result still depends on that row alone. Measured on the ~100M benchmark Llama
 (`bench/decode_profile.py`, 2-core AVX-512 CPU, helix's panel kernel for the linear layers): a
-batch-1 decode step 16.5-16.7 ms against 18.4-18.6 ms with torch's ops, 16 requests 36.3-37.1
-against 39.4-40.6 ms.
+batch-1 decode step 18.4-18.6 ms with torch's ops, 16.5-16.7 ms with the fused element-wise ops,
+16.4-16.7 ms with the attention kernel too; 16 requests 39.4-40.6, 36.3-37.1 and 33.8-34.5 ms.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class FusedAttention(Attention):
 
 
 def use_fused_cpu_ops(model: nn.Module) -> int:
-    """Swap `model`'s norms, activations, RoPE and K/V stores for the fused CPU kernels, in place
-    (float32 CPU models, after `load_cpu_kernels()` returned True); returns how many were swapped."""
+    """Swap `model`'s norms, activations, RoPE and attention layers for the fused CPU kernels, in
+    place (float32 CPU models, after `load_cpu_kernels()` returned True); returns how many were
+    swapped."""
     count = 0
     fused_rotary: dict[int, FusedRotaryEmbedding] = {}  # id of a shared RotaryEmbedding -> its swap
     for module in list(model.modules()):
@@ -119,16 +120,18 @@ def use_fused_cpu_ops(model: nn.Module) -> int:
                 setattr(module, name, FusedSiluAndMul())
                 count += 1
             elif type(child) is Attention:
-                setattr(module, name, FusedAttention(
+                fused = FusedAttention(
                     child.num_heads, child.num_kv_heads, child.head_dim, child.layer_idx, child.scale,
                     child.sliding_window,
-                ))
+                )
+                setattr(module, name, fused)
                 count += 1
         rotary = getattr(module, "rotary", None)
         if type(rotary) is RotaryEmbedding:
             if id(rotary) not in fused_rotary:
-                fused_rotary[id(rotary)] = FusedRotaryEmbedding(rotary.rope, rotary.head_dim, rotary.max_position_embeddings)
-                fused_rotary[id(rotary)].cos_sin_cache = rotary.cos_sin_cache
+                fused = FusedRotaryEmbedding(rotary.rope, rotary.head_dim, rotary.max_position_embeddings)
+                fused.cos_sin_cache = rotary.cos_sin_cache  # the table is shared, not copied
+                fused_rotary[id(rotary)] = fused
                 count += 1
             module.rotary = fused_rotary[id(rotary)]
     return count

@@ -129,7 +129,7 @@ def test_a_float32_model_on_the_cpu_runs_its_projections_on_the_panel_kernel(tmp
 
 
 @needs_kernels
-def test_the_cpu_kernels_setting_turns_them_off(make_model_dir, monkeypatch):
+def test_the_cpu_kernels_setting_turns_them_off(make_model_dir):
     from helix_server import LLM, SamplingParams
     from helix_server.layers.fused_cpu import FusedRMSNorm
     from helix_server.layers.linear import PackedLinear
@@ -140,11 +140,11 @@ def test_the_cpu_kernels_setting_turns_them_off(make_model_dir, monkeypatch):
     model_dir = str(make_model_dir("llama"))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = []
-    for cpu_kernels in (True, False):
-        llm = LLM(model=model_dir, dtype="float32", cpu_kernels=cpu_kernels, num_kv_blocks=64)
+    for enabled in (True, False):
+        llm = LLM(model=model_dir, dtype="float32", cpu_kernels=enabled, num_kv_blocks=64)
         modules = list(llm.engine.runner.model.modules())
-        assert any(isinstance(m, (PanelLinear, FusedRMSNorm)) for m in modules) == cpu_kernels
-        assert any(isinstance(m, PackedLinear) for m in modules) != cpu_kernels
+        assert any(isinstance(m, (PanelLinear, FusedRMSNorm)) for m in modules) == enabled
+        assert any(isinstance(m, PackedLinear) for m in modules) != enabled
         outputs.append(llm.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids)
     assert outputs[0] == outputs[1]  # the tiny model's greedy tokens do not hang on last bits
 

@@ -7,7 +7,9 @@ with AVX-512F and a GCC-compatible C++ compiler (`$CXX`, else `c++` or `g++`). A
 when the build fails (logged once, with the compiler's message), it returns False and the callers
 keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-kernels`).
 
-Ops: `helix::panel_linear` (`panel_gemm.cpp`, used by `helix_server.layers.panel_linear`).
+Ops: `helix::panel_linear` (`panel_gemm.cpp`, used by `helix_server.layers.panel_linear`);
+`rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `store_kv_` (`fused_ops.cpp`) and
+`paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`.
 """
 
 from __future__ import annotations
