@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from helix_server.layers.panel_linear import panel_linear_supported
 from helix_server.models.hf_config import arch_config_from_hf
 from helix_server.models.registry import resolve_architecture
 from helix_server.platform.device import cpu_has_amx
+
+logger = logging.getLogger("helix_server")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,4 +124,6 @@ def load_model(
         if helix_kernels or cpu_packing_supported(torch.device(device), dtype):
             bulk_in_float32 = dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
             model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels)
+            kernels = "helix's own (float32)" if helix_kernels else "oneDNN's pre-packed linear layers"
+            logger.info("%s on the CPU: %s", Path(model_dir).name, kernels)
     return model
