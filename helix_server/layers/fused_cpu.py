@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from helix_server.layers.activation import SiluAndMul
-from helix_server.layers.attention import Attention, ForwardContext
+from helix_server.layers.attention import Attention, AttentionMetadata
 from helix_server.layers.attention.portable import prefill_attention
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.rotary import RotaryEmbedding
@@ -76,31 +76,28 @@ class FusedAttention(Attention):
     of drafts) attend the paged cache in place with `helix::paged_query_attention`, one call per
     query group; prompt chunks keep the portable SDPA path."""
 
-    def forward(
+    def attend(
         self,
-        query: torch.Tensor,  # [T, num_heads * head_dim]
-        key: torch.Tensor,  # [T, num_kv_heads * head_dim]
-        value: torch.Tensor,  # [T, num_kv_heads * head_dim]
-        ctx: ForwardContext,
-    ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        num_tokens = query.shape[0]
-        key_cache, value_cache = ctx.kv_caches[self.layer_idx]
-        metadata = ctx.attn_metadata
-        q = query.view(num_tokens, self.num_heads, self.head_dim)
-        k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         window = self.sliding_window or 0
         parts = [
             torch.ops.helix.paged_query_attention(
-                q[group.token_start : group.token_end], key_cache, value_cache, group.block_tables,
+                query[group.token_start : group.token_end], key_cache, value_cache, group.block_tables,
                 group.seq_lens, group.query_len, self.scale, window,
             )  # [rows, heads, d]
             for group in metadata.query_groups
         ]
-        parts += prefill_attention(q, k, v, key_cache, value_cache, metadata, self.scale, self.sliding_window)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+        parts += prefill_attention(
+            query, key, value, key_cache, value_cache, metadata, self.scale, self.sliding_window
+        )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def use_fused_cpu_ops(model: nn.Module) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.layers.attention.metadata import AttentionMetadata, ForwardContext
 from helix_server.layers.attention.portable import paged_attention
 
 
@@ -44,14 +44,26 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         num_tokens = query.shape[0]
         key_cache, value_cache = ctx.kv_caches[self.layer_idx]
-        out = paged_attention(
+        out = self.attend(
             query.view(num_tokens, self.num_heads, self.head_dim),
             key.view(num_tokens, self.num_kv_heads, self.head_dim),
             value.view(num_tokens, self.num_kv_heads, self.head_dim),
             key_cache,
             value_cache,
             ctx.attn_metadata,
-            self.scale,
-            self.sliding_window,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Store the step's K/V and attend: the portable backend (a CPU subclass overrides it)."""
+        return paged_attention(
+            query, key, value, key_cache, value_cache, metadata, self.scale, self.sliding_window
+        )
