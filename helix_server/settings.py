@@ -114,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_model_len", "model", int, "Longest sequence (prompt + completion) in tokens "
             "(default: the model's max_position_embeddings)."),
     Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
-    Setting("cpu_kernels", "model", boolean, "float32 on an AVX-512 CPU: run helix's own kernels, compiled "
+    Setting("cpu_kernels", "model", boolean, "float32/bfloat16 on an AVX-512 CPU: run helix's own kernels, compiled "
             "on first use (--no-cpu-kernels: torch's only)."),
     Setting("block_size", "cache", int, "Tokens per KV cache block."),
     Setting("num_kv_blocks", "cache", int, "Exact number of KV cache blocks (overrides --kv-cache-memory)."),

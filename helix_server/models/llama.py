@@ -219,19 +219,21 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
-    def pack_for_cpu(self, bulk_in_float32: bool = False, helix_kernels: bool = False) -> None:
+    def pack_for_cpu(
+        self, bulk_in_float32: bool = False, helix_kernels: bool = False, fused_ops: bool = False
+    ) -> None:
         """Switch every projection (and the LM head, tied or not) to pre-packed weights for the
-        CPU: oneDNN's, or with `helix_kernels` (float32) helix's own panel kernel, and then also
-        the norms, activations, RoPE and K/V stores to helix's fused kernels (see
-        `helix_server.layers.fused_cpu`). With `bulk_in_float32` (bfloat16 weights) long prompt
-        chunks are computed in float32.
+        CPU: oneDNN's, or with `helix_kernels` (float32, bfloat16) helix's own panel kernel. With
+        `fused_ops` (float32 only) the norms, activations, RoPE, K/V stores and attention switch
+        to helix's fused kernels too (see `helix_server.layers.fused_cpu`). With `bulk_in_float32`
+        (bfloat16 weights on oneDNN) long prompt chunks are computed in float32.
 
         Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
         packed copy of the embedding matrix (the embedding lookup keeps the original)."""
         pack_linear_layers(self, bulk_in_float32, use_panels=helix_kernels)
         if self.lm_head is None:
             self.lm_head = cpu_linear(self.model.embed_tokens.weight, None, use_panels=helix_kernels)
-        if helix_kernels:
+        if fused_ops:
             use_fused_cpu_ops(self)
 
     def load_weights(

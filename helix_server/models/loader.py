@@ -96,11 +96,11 @@ def load_model(
     `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
     gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
-    are switched to pre-packed weights: float32 ones to helix's own AVX-512 kernels where they build
-    and `cpu_kernels` is True (see `helix_server.layers.panel_linear`; the norms, activations, RoPE
-    and attention then run fused kernels too, see `helix_server.layers.fused_cpu`), the others to
-    oneDNN (see `helix_server.layers.linear`);
-    a bfloat16 model on a CPU without AMX then computes its long prompt chunks in float32 (faster there).
+    are switched to pre-packed weights: float32 and bfloat16 ones to helix's own AVX-512 kernel where
+    it builds and `cpu_kernels` is True (see `helix_server.layers.panel_linear`; in float32 the
+    norms, activations, RoPE and attention then run fused kernels too, see
+    `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
+    a bfloat16 model on a CPU without AMX computes its long prompt chunks in float32 (faster there).
     """
     hf_config = load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)
@@ -122,8 +122,16 @@ def load_model(
     if pack_for_cpu:
         helix_kernels = cpu_kernels and panel_linear_supported(torch.device(device), dtype)
         if helix_kernels or cpu_packing_supported(torch.device(device), dtype):
-            bulk_in_float32 = dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
-            model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels)
-            kernels = "helix's own (float32)" if helix_kernels else "oneDNN's pre-packed linear layers"
+            bulk_in_float32 = (
+                not helix_kernels and dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
+            )
+            fused_ops = helix_kernels and dtype == torch.float32
+            model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels, fused_ops=fused_ops)
+            if fused_ops:
+                kernels = "helix's own (linear layers, norms, activations, RoPE, attention)"
+            elif helix_kernels:
+                kernels = "helix's own linear layers, torch's other ops"
+            else:
+                kernels = "oneDNN's pre-packed linear layers"
             logger.info("%s on the CPU: %s", Path(model_dir).name, kernels)
     return model

@@ -1,4 +1,4 @@
-"""helix's own float32 CPU kernel (`helix::panel_linear`) and the `PanelLinear` layer on it."""
+"""helix's own float32 / bfloat16 CPU kernel (`helix::panel_linear`) and the `PanelLinear` layer on it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def test_the_kernels_build_wherever_the_platform_supports_them():
     # Not a skip: on a machine that should run them, a broken build must fail the suite.
     assert load_cpu_kernels() == cpu_kernels_supported()
     assert panel_linear_supported(torch.device("cpu"), torch.float32) == cpu_kernels_supported()
-    assert not panel_linear_supported(torch.device("cpu"), torch.bfloat16)
+    assert panel_linear_supported(torch.device("cpu"), torch.bfloat16) == cpu_kernels_supported()
+    assert not panel_linear_supported(torch.device("cpu"), torch.float16)
 
 
 def test_pack_panels_puts_16_outputs_of_one_input_side_by_side():
@@ -102,8 +103,10 @@ def test_bad_operands_are_refused_with_a_message():
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="x has 9 features, W 8"):
             layer(torch.randn(2, 9))
-        with pytest.raises(RuntimeError, match="float32"):
+        with pytest.raises(RuntimeError, match="of W's dtype"):
             layer(torch.randn(2, 8, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="of W's dtype"):
+            layer(torch.randn(2, 8, dtype=torch.bfloat16))
         assert layer(torch.randn(0, 8)).shape == (0, 32)
         # Non-contiguous rows (a transposed view) are copied, not misread.
         x = torch.randn(8, 3).t()
@@ -124,8 +127,53 @@ def test_a_float32_model_on_the_cpu_runs_its_projections_on_the_panel_kernel(tmp
     assert any(layer.bias is not None for layer in layers)
     hidden = torch.randn(3, 64)
     torch.testing.assert_close(model.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
+    # bfloat16: the same layers on the kernel's bfloat16 panels; the fused element-wise kernels
+    # are float32 only.
+    from helix_server.layers.fused_cpu import FusedRMSNorm
+
     bf16 = load_model(model_dir, torch.bfloat16, "cpu")
-    assert not any(isinstance(m, PanelLinear) for m in bf16.modules())
+    bf16_layers = [m for m in bf16.modules() if isinstance(m, PanelLinear)]
+    assert len(bf16_layers) == len(layers) and all(m.panels.dtype == torch.bfloat16 for m in bf16_layers)
+    assert not any(isinstance(m, FusedRMSNorm) for m in bf16.modules())
+    plain_bf16 = load_model(model_dir, torch.bfloat16, "cpu", pack_for_cpu=False)
+    hidden = torch.randn(3, 64).bfloat16()
+    torch.testing.assert_close(
+        bf16.compute_logits(hidden).float(), plain_bf16.compute_logits(hidden).float(), atol=2e-2, rtol=2e-2
+    )
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_panels_sum_in_float32_and_round_once(bias):
+    """Each bfloat16 output is the float32 sum of exact products, in input order, rounded to nearest
+    even once: bitwise the float32 kernel's result on the widened operands, rounded by torch."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(16 * 9 + 7, 300, generator=generator).bfloat16()
+    b = torch.randn(weight.shape[0], generator=generator).bfloat16() if bias else None
+    x = torch.randn(40, 300, generator=generator).bfloat16()
+    x[3, 5] = float("nan")  # a NaN row stays NaN (rounded to the quiet NaN), the others are untouched
+    with torch.inference_mode():
+        got = PanelLinear(weight, b)(x)
+        widened = PanelLinear(weight.float(), None if b is None else b.float())(x.float())
+    assert got.dtype == torch.bfloat16
+    finite = [row for row in range(x.shape[0]) if row != 3]
+    assert torch.equal(got[finite].view(torch.int16), widened[finite].to(torch.bfloat16).view(torch.int16))
+    assert got[3].isnan().all() and not got[finite].isnan().any()
+
+
+@needs_kernels
+def test_a_bfloat16_row_is_bitwise_the_same_in_any_batch():
+    """The reason for the bfloat16 kernel: oneDNN's bfloat16 rows change with the row count on CPUs
+    with AMX; these never do (2,048 inputs: the widest reduction of a wide MLP)."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(2)
+    layer = PanelLinear(torch.randn(512, 2048, generator=generator).bfloat16(), None)
+    x = torch.randn(48, 2048, generator=generator).bfloat16()
+    with torch.inference_mode():
+        together = layer(x)
+        for rows in (1, 2, 3, 5, 8, 12, 16, 24, 33):
+            assert torch.equal(layer(x[:rows]), together[:rows]), f"{rows} rows"
 
 
 @needs_kernels
