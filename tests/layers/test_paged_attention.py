@@ -22,6 +22,7 @@ from helix_server.layers.attention.builder import (
     padded_key_blocks,
 )
 from helix_server.layers.attention.metadata import ForwardContext
+from helix_server.layers.attention import portable
 from helix_server.layers.attention.portable import paged_attention, write_kv_cache
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
 
@@ -55,14 +56,20 @@ def _dense_reference(q, k, v, q_positions, scale, sliding_window):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (8, 2), (4, 4)], ids=["gqa2", "gqa4", "mha"])
 @pytest.mark.parametrize("sliding_window", [None, 6])
 @pytest.mark.parametrize("sequences", [SEQUENCES, WIDE_SEQUENCES], ids=["close", "wide"])
-@pytest.mark.parametrize("in_place", [False, True], ids=["shuffled", "runs"])
+@pytest.mark.parametrize("in_place", [False, True, "gather"], ids=["shuffled", "runs", "runs-gathered"])
 @pytest.mark.parametrize("backend", ["portable", "fused_cpu"])
-def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, sliding_window, sequences, in_place, backend):
+def test_paged_attention_matches_dense(
+    block_size, num_heads, num_kv_heads, sliding_window, sequences, in_place, backend, monkeypatch
+):
     """With `in_place`, every other request's blocks are one run of consecutive ids (the pool size
     is passed, so short queries over such runs read their keys in place); the rest shuffled.
+    "runs-gathered": as if this machine's SDPA gave views other bits than copies
+    (`in_place_matches_gathered` False), so such a request's call gathers its keys instead.
     `fused_cpu`: the same step through `FusedAttention` (helix's CPU kernels)."""
     if backend == "fused_cpu" and not cpu_kernels_supported():
         pytest.skip("helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler")
+    if in_place == "gather":
+        monkeypatch.setattr(portable, "in_place_matches_gathered", lambda *args: False)
     gen = torch.Generator().manual_seed(block_size * 100 + num_heads * 10 + num_kv_heads)
     scale = 1 / math.sqrt(HEAD_DIM)
 
@@ -101,7 +108,7 @@ def test_paged_attention_matches_dense(block_size, num_heads, num_kv_heads, slid
     metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu", num_blocks=num_blocks)
     query_lens = [g.query_len for g in metadata.query_groups]
     assert {1, 4} <= set(query_lens)
-    assert any(g.key_start is not None for g in metadata.query_groups) == in_place
+    assert any(g.key_start is not None for g in metadata.query_groups) == bool(in_place)
     if sequences is WIDE_SEQUENCES:  # decodes too far apart in length for one padded call
         assert query_lens.count(1) > 1
     queries = {i: rand(chunks[i].num_new_tokens, num_heads, HEAD_DIM) for i in order}
@@ -168,10 +175,16 @@ BATCH_MATES = [(100, 1), (430, 1), (505, 1), (520, 1), (610, 1), (700, 1), (900,
                (90, 4), (600, 4), (780, 4), (1020, 4)]
 
 
+@pytest.mark.parametrize("in_place_exact", [None, False], ids=["as-measured", "views-differ"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype):
+def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(dtype, in_place_exact, monkeypatch):
     """Greedy batch invariance at the attention: a request's rows must not change with the other
-    requests sharing its padded batched call (lengths past the 512-key split included)."""
+    requests sharing its padded batched call (lengths past the 512-key split included), nor with
+    whether its keys lie in one run of the pool. "as-measured": whatever this machine's check
+    (`in_place_matches_gathered`) says at this thread count; "views-differ": as on a machine where
+    torch's kernel gives views of the pool other bits than copies (seen at 2 threads on some CPUs)."""
+    if in_place_exact is not None:
+        monkeypatch.setattr(portable, "in_place_matches_gathered", lambda *args: in_place_exact)
     gen = torch.Generator().manual_seed(11)
     block_size, num_heads, num_kv_heads, head_dim = 16, 12, 4, 64
     # Every other request's blocks are a run of consecutive ids, read in place when the pool size

@@ -9,13 +9,18 @@ the keys each query may see through the block tables and runs `scaled_dot_produc
   without copying K/V: the g query heads that share a KV head (times the request's q tokens) are
   stacked as query rows of that head, q [n, kv_heads, g * q, d] against k [n, kv_heads, S, d].
   A request whose blocks form one run of the pool (`QueryGroup.key_start`) is a call of its own
-  on views of the pool instead: no copy, and the same layout and padding, so the same bits;
+  on views of the pool instead: no copy, and the same layout and padding, so the same bits, which
+  `in_place_matches_gathered` checks once per shape, dtype and thread count on this machine (torch's
+  CPU kernel has been seen to give other bits for a view of the pool at 2 threads on some CPUs);
+  where it does not hold, that request's keys are gathered for its call of its own;
 * each long chunk (a prompt chunk) gets its own call with a causal mask offset by the tokens already cached
   (or plain `is_causal` when the chunk is the whole sequence so far). Here K/V are expanded to all
   query heads (a view plus one copy) so the fast causal kernel applies.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +89,60 @@ def query_group_attention(
             gathered_shape = (query_group.num_requests, -1, num_kv_heads, head_dim)
             k = gather_blocks(key_cache, query_group.block_tables.view(-1)).view(gathered_shape).transpose(1, 2)
             v = gather_blocks(value_cache, query_group.block_tables.view(-1)).view(gathered_shape).transpose(1, 2)
-        else:  # one request whose keys lie in one run of the pool: views, the layout gathering gives
+        elif _in_place_exact(query, key_cache, query_group.query_len):
+            # One request whose keys lie in one run of the pool: views, the layout gathering gives.
             slots = slice(query_group.key_start, query_group.key_start + mask.shape[-1])  # S padded slots
             k = flat_keys[slots].transpose(0, 1)[None]  # [1, kv_heads, S, d]
             v = flat_values[slots].transpose(0, 1)[None]
+        else:  # the same call of its own, on a gathered copy of the same padded slots
+            slots = torch.arange(query_group.key_start, query_group.key_start + mask.shape[-1], device=query.device)
+            k = flat_keys.index_select(0, slots).transpose(0, 1)[None]  # [1, kv_heads, S, d]
+            v = flat_values.index_select(0, slots).transpose(0, 1)[None]
         parts.append(_grouped_query_attention(rows, k, v, mask, query_group.query_len, scale))
     return parts
+
+
+def _in_place_exact(query: torch.Tensor, key_cache: torch.Tensor, query_len: int) -> bool:
+    num_heads, num_kv_heads, head_dim = query.shape[1], key_cache.shape[2], key_cache.shape[3]
+    return in_place_matches_gathered(
+        key_cache.dtype, key_cache.device.type, num_heads, num_kv_heads, head_dim, query_len, torch.get_num_threads()
+    )
+
+
+# Key lengths the check covers: short, around and past the CPU kernel's 512-key split, long.
+_CHECK_KEY_LENGTHS = (96, 500, 520, 700, 1300)
+
+
+@functools.cache
+def in_place_matches_gathered(
+    dtype: torch.dtype, device_type: str, num_heads: int, num_kv_heads: int, head_dim: int, query_len: int,
+    num_threads: int,
+) -> bool:
+    """Whether SDPA on this machine gives a request's rows the same bits for keys read in place
+    (views of the pool, at several offsets) as for the same keys gathered into a copy, for this
+    attention shape, dtype, query length and thread count (torch's kernel is ours to observe, not
+    to control). Checked once on seeded random data; a few SDPA calls."""
+    generator = torch.Generator().manual_seed(0)
+    group = num_heads // num_kv_heads
+    num_slots = 2 * max(_CHECK_KEY_LENGTHS) + 64
+    pool = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype=dtype, device=device_type)
+    values = torch.randn(num_slots, num_kv_heads, head_dim, generator=generator).to(dtype=dtype, device=device_type)
+    with torch.inference_mode():
+        for length, offset in zip(_CHECK_KEY_LENGTHS, (0, 16, 48, 200, 336)):
+            query = torch.randn(query_len, num_heads, head_dim, generator=generator).to(dtype=dtype, device=device_type)
+            allowed = torch.ones(1, 1, group * query_len, length, dtype=torch.bool, device=device_type)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device_type).masked_fill_(~allowed, float("-inf"))
+            window = slice(offset, offset + length)
+            in_place = _grouped_query_attention(
+                query, pool[window].transpose(0, 1)[None], values[window].transpose(0, 1)[None], mask, query_len, 1.0
+            )
+            gathered = _grouped_query_attention(
+                query, pool[window].clone().transpose(0, 1)[None], values[window].clone().transpose(0, 1)[None],
+                mask, query_len, 1.0,
+            )
+            if not torch.equal(in_place, gathered):
+                return False
+    return True
 
 
 def prefill_attention(
