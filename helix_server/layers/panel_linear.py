@@ -55,18 +55,24 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:  # [out, in] -> [ceil(out
 class PanelLinear(nn.Module):
     """y = x W^T + b with W in 16-output panels for `torch.ops.helix.panel_linear` (CPU, inference
     only, 2-D inputs in the weight's dtype: float32 or bfloat16; any other weight is held in
-    float32). The bias is held in float32 and added before the one rounding. Takes and ignores
-    `bulk_start`, like the other linear layers."""
+    float32). The bias is held in float32 and added before the one rounding. With `float_out`
+    (bfloat16 weights) the outputs are the float32 sums, unrounded: for logits, where bfloat16's
+    8 bits of mantissa would make ties of distinct tokens. Takes and ignores `bulk_start`, like the
+    other linear layers."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, float_out: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         dtype = weight.dtype if weight.dtype in PANEL_DTYPES else torch.float32
         self.panels = pack_panels(weight.detach().to(dtype))
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.float_out = float_out
 
     def forward(self, x: torch.Tensor, bulk_start: int | None = None) -> torch.Tensor:  # [T, in] -> [T, out]
-        return torch.ops.helix.panel_linear(x, self.panels, self.bias, self.out_features)
+        return torch.ops.helix.panel_linear(x, self.panels, self.bias, self.out_features, self.float_out)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"float_out={self.float_out}"
+        )

@@ -22,6 +22,7 @@ from helix_server.layers.attention import Attention, ForwardContext
 from helix_server.layers.fused_cpu import use_fused_cpu_ops
 from helix_server.layers.linear import Linear, cpu_linear, pack_linear_layers
 from helix_server.layers.norm import RMSNorm
+from helix_server.layers.panel_linear import PanelLinear
 from helix_server.layers.rotary import RotaryEmbedding
 from helix_server.models.hf_config import ArchConfig
 
@@ -214,27 +215,28 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        """Logits in the model dtype for the rows that need them."""
+        """Logits for the rows that need them: float32 from helix's CPU kernel (whatever the model
+        dtype), else in the model dtype."""
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
 
-    def pack_for_cpu(
-        self, bulk_in_float32: bool = False, helix_kernels: bool = False, fused_ops: bool = False
-    ) -> None:
+    def pack_for_cpu(self, bulk_in_float32: bool = False, helix_kernels: bool = False) -> None:
         """Switch every projection (and the LM head, tied or not) to pre-packed weights for the
-        CPU: oneDNN's, or with `helix_kernels` (float32, bfloat16) helix's own panel kernel. With
-        `fused_ops` (float32 only) the norms, activations, RoPE, K/V stores and attention switch
-        to helix's fused kernels too (see `helix_server.layers.fused_cpu`). With `bulk_in_float32`
-        (bfloat16 weights on oneDNN) long prompt chunks are computed in float32.
+        CPU: oneDNN's, or with `helix_kernels` (float32, bfloat16) helix's own panel kernel, and
+        then the attention to helix's kernel too, and in float32 the norms, activations, RoPE and
+        K/V stores (see `helix_server.layers.fused_cpu`). With `bulk_in_float32` (bfloat16
+        weights on oneDNN) long prompt chunks are computed in float32.
 
         Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
         packed copy of the embedding matrix (the embedding lookup keeps the original)."""
         pack_linear_layers(self, bulk_in_float32, use_panels=helix_kernels)
         if self.lm_head is None:
             self.lm_head = cpu_linear(self.model.embed_tokens.weight, None, use_panels=helix_kernels)
-        if fused_ops:
-            use_fused_cpu_ops(self)
+        if isinstance(self.lm_head, PanelLinear):
+            self.lm_head.float_out = True  # float32 logits (unrounded sums) in bfloat16 too
+        if helix_kernels:
+            use_fused_cpu_ops(self, self.model.embed_tokens.weight.dtype)
 
     def load_weights(
         self,

@@ -1,4 +1,5 @@
-"""helix's fused float32 CPU kernels against the torch code they replace (`layers.fused_cpu`)."""
+"""helix's fused CPU kernels against the torch code they replace (`layers.fused_cpu`): element-wise
+ones in float32, the paged attention in float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -141,9 +142,12 @@ def test_a_float32_model_runs_the_fused_ops_and_computes_the_same_logits(tmp_pat
     with torch.inference_mode():
         torch.testing.assert_close(model.model.norm(hidden), plain.model.norm(hidden), rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(model.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
+    # bfloat16: the attention kernel alone (the element-wise kernels are float32).
     bf16 = load_model(model_dir, torch.bfloat16, "cpu")
     assert not any(isinstance(m, (FusedRMSNorm, FusedSiluAndMul)) for m in bf16.modules())
     assert type(bf16.rotary) is RotaryEmbedding
+    assert all(isinstance(m, FusedAttention) for m in bf16.modules() if isinstance(m, Attention))
+    assert use_fused_cpu_ops(load_model(model_dir, torch.float16, "cpu"), torch.float16) == 0
 
 
 def test_use_fused_cpu_ops_leaves_other_modules_alone():
@@ -173,12 +177,18 @@ def attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_le
 
 @pytest.mark.parametrize("head_dim", [24, 64, 128])  # a partial vector, one pass, two passes over the values
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_query_attention_matches_a_dense_reference(head_dim, window):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_query_attention_matches_a_dense_reference(head_dim, window, dtype):
+    """bfloat16: the reference runs on the same bfloat16 values widened; the kernel computes in
+    float32 and rounds each output once, so it is within bfloat16's rounding of the reference."""
     generator = torch.Generator().manual_seed(head_dim + window)
     seq_lens, query_len, heads = [3, 40, 17], 3, 6
     key_cache, value_cache, tables, block_tables = paged_case(head_dim, seq_lens, generator)
     query = torch.randn(len(seq_lens) * query_len, heads, head_dim, generator=generator)
+    key_cache, value_cache, query = key_cache.to(dtype), value_cache.to(dtype), query.to(dtype)
     out = attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
     for r, (seq_len, table) in enumerate(zip(seq_lens, tables)):
         slots = torch.tensor([table[j // 16] * 16 + j % 16 for j in range(seq_len)])
         k = key_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // 3]  # [L, heads, d]
@@ -192,16 +202,18 @@ def test_paged_query_attention_matches_a_dense_reference(head_dim, window):
             scores = torch.einsum("hd,lhd->hl", q, k) * 0.3
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             expected = torch.einsum("hl,lhd->hd", weights, v)
-            torch.testing.assert_close(out[r * query_len + t].double(), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[r * query_len + t].double(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_a_query_rows_bits_depend_on_its_keys_only():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_rows_bits_depend_on_its_keys_only(dtype):
     """The same position gives the same bits as a decode, as a draft being verified, alone or
     among other requests."""
     generator = torch.Generator().manual_seed(9)
     seq_lens = [50, 7, 33]
     key_cache, value_cache, _, block_tables = paged_case(64, seq_lens, generator)
-    query = torch.randn(9, 6, 64, generator=generator)
+    key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
+    query = torch.randn(9, 6, 64, generator=generator).to(dtype)
     batch = attention_op(query, key_cache, value_cache, block_tables, seq_lens, 3)  # 3 requests x 3 tokens
     for r, seq_len in enumerate(seq_lens):
         for t in range(3):

@@ -1,5 +1,7 @@
 // helix::paged_query_attention: attention of short queries (decodes, verification of drafts) over
-// the paged KV cache in float32, reading keys and values in place through the block tables.
+// the paged KV cache in float32 or bfloat16, reading keys and values in place through the block
+// tables. bfloat16 queries, keys and values are widened to float32 exactly; every score, weight and
+// sum is float32, and each output is rounded to bfloat16 once.
 //
 // Each query row attends exactly the keys its position allows (causal, optionally a sliding
 // window): no padding, no gathered copy, one op per layer instead of a gather, a mask and SDPA.
@@ -22,25 +24,30 @@
 
 namespace {
 
+using helix_vec::bf16_bits;
 using helix_vec::exp_ps;
 using helix_vec::kLanes;
+using helix_vec::load_lanes;
+using helix_vec::store_lanes;
 using helix_vec::tail_mask;
+using helix_vec::to_float;
 
-// q . k for head_dim floats: 16-lane partial sums in order, then a fixed lane reduction.
-inline float dot(const float* q, const float* k, int64_t dim) {
+// q . k for head_dim values (q already float32): 16-lane partial sums in order, then a fixed lane
+// reduction.
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t dim) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < dim; i += kLanes) {
-    const __mmask16 mask = tail_mask(dim - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), _mm512_maskz_loadu_ps(mask, k + i), acc);
+    acc = _mm512_fmadd_ps(load_lanes(q + i, dim - i), load_lanes(k + i, dim - i), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
 
-// One query row over keys [first, last]: out = sum_j softmax(scale * q . k_j) v_j.
-// `slot(j)` is key j's flat slot in the cache; `row_stride` the floats between slots.
-template <typename SlotOf>
-void attend_row(const float* q, const float* key_cache, const float* value_cache, int64_t row_stride, int64_t dim,
-                int64_t first, int64_t last, float scale, const SlotOf& slot, std::vector<float>& scores, float* out) {
+// One query row (float32) over keys [first, last]: out = sum_j softmax(scale * q . k_j) v_j.
+// `slot(j)` is key j's flat slot in the cache; `row_stride` the values between slots.
+template <typename T, typename SlotOf>
+void attend_row(const float* q, const T* key_cache, const T* value_cache, int64_t row_stride, int64_t dim,
+                int64_t first, int64_t last, float scale, const SlotOf& slot, std::vector<float>& scores, T* out) {
   const int64_t count = last - first + 1;
   scores.resize(count);
   float max_score = -std::numeric_limits<float>::infinity();
@@ -62,31 +69,42 @@ void attend_row(const float* q, const float* key_cache, const float* value_cache
   for (int64_t i = 0; i < dim; i += 4 * kLanes) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __mmask16 masks[4];
-    for (int v = 0; v < 4; ++v) masks[v] = i + v * kLanes < dim ? tail_mask(dim - i - v * kLanes) : 0;
+    int64_t lanes[4];  // values of head_dim in each of the 4 vectors (0 past its end)
+    for (int v = 0; v < 4; ++v) {
+      lanes[v] = std::clamp<int64_t>(dim - i - v * kLanes, 0, kLanes);
+      masks[v] = tail_mask(lanes[v]);
+    }
     for (int64_t j = 0; j < count; ++j) {
-      const float* value = value_cache + slot(first + j) * row_stride + i;
+      const T* value = value_cache + slot(first + j) * row_stride + i;
       const __m512 weight = _mm512_set1_ps(scores[j]);
       for (int v = 0; v < 4; ++v)
-        acc[v] = _mm512_fmadd_ps(weight, _mm512_maskz_loadu_ps(masks[v], value + v * kLanes), acc[v]);
+        if (lanes[v] > 0) acc[v] = _mm512_fmadd_ps(weight, load_lanes(value + v * kLanes, lanes[v]), acc[v]);
     }
     const __m512 inv = _mm512_set1_ps(inv_sum);
-    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(out + i + v * kLanes, masks[v], _mm512_mul_ps(acc[v], inv));
+    for (int v = 0; v < 4; ++v)
+      if (lanes[v] > 0) store_lanes(out + i + v * kLanes, masks[v], _mm512_mul_ps(acc[v], inv));
   }
 }
 
 // query [n * q, heads, d] (q consecutive rows per request; rows may be strided), caches [blocks, block_size, kv_heads, d],
 // block_tables [n, max_blocks] int64, seq_lens [n] int64 (keys per request, its q new tokens
 // included, whose K/V are already stored) -> [n * q, heads, d].
+template <typename T>
+void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                const int64_t* tables, const int64_t* lens, int64_t max_blocks, int64_t query_len, float scale,
+                int64_t sliding_window, at::Tensor& out);
+
 at::Tensor paged_query_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t query_len,
                                  double scale, int64_t sliding_window) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 3 && query.stride(2) == 1 &&
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && query.dim() == 3 && query.stride(2) == 1 &&
                   query.stride(1) == query.size(2),
-              "paged_query_attention: query must be float32 [rows, heads, head_dim] with contiguous heads");
-  TORCH_CHECK(key_cache.scalar_type() == at::kFloat && key_cache.dim() == 4 && key_cache.is_contiguous() &&
-                  value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kFloat &&
+              "paged_query_attention: query must be float32 or bfloat16 [rows, heads, head_dim] with contiguous heads");
+  TORCH_CHECK(key_cache.scalar_type() == dtype && key_cache.dim() == 4 && key_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == dtype &&
                   value_cache.is_contiguous(),
-              "paged_query_attention: caches must be contiguous float32 [blocks, block_size, kv_heads, head_dim]");
+              "paged_query_attention: caches must be contiguous [blocks, block_size, kv_heads, head_dim] of the query's dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
                   seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() &&
                   seq_lens.numel() == block_tables.size(0),
@@ -108,35 +126,57 @@ at::Tensor paged_query_attention(const at::Tensor& query, const at::Tensor& key_
                   "paged_query_attention: block id out of range");
   }
   at::Tensor out = at::empty(query.sizes(), query.options());  // contiguous
-  const int64_t q_stride = query.stride(0);
-  const float* qp = query.data_ptr<float>();
-  const float* kp = key_cache.data_ptr<float>();
-  const float* vp = value_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = heads / kv_heads;
-  const int64_t row_stride = kv_heads * dim;  // floats between consecutive slots of one head
   const float scale_f = static_cast<float>(scale);
+  if (dtype == at::kFloat) {
+    attend_all<float>(query, key_cache, value_cache, tables, lens, max_blocks, query_len, scale_f, sliding_window, out);
+  } else {
+    attend_all<bf16_bits>(query, key_cache, value_cache, tables, lens, max_blocks, query_len, scale_f, sliding_window,
+                          out);
+  }
+  return out;
+}
+
+template <typename T>
+const T* values_of(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+
+template <typename T>
+void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                const int64_t* tables, const int64_t* lens, int64_t max_blocks, int64_t query_len, float scale,
+                int64_t sliding_window, at::Tensor& out) {
+  const int64_t num_requests = query.size(0) / query_len, heads = query.size(1), dim = query.size(2);
+  const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
+  const int64_t q_stride = query.stride(0);
+  const T* qp = values_of<T>(query);
+  const T* kp = values_of<T>(key_cache);
+  const T* vp = values_of<T>(value_cache);
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const int64_t group = heads / kv_heads;
+  const int64_t row_stride = kv_heads * dim;  // values between consecutive slots of one head
   // One task per (request, KV head): its query heads and tokens share the keys' cache lines.
   at::parallel_for(0, num_requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    std::vector<float> q_row(dim);  // the query row widened to float32
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, kv_head = task % kv_heads;
       const int64_t* table = tables + r * max_blocks;
       const auto slot = [&](int64_t j) { return table[j / block_size] * block_size + j % block_size; };
-      const float* k_head = kp + kv_head * dim;
-      const float* v_head = vp + kv_head * dim;
+      const T* k_head = kp + kv_head * dim;
+      const T* v_head = vp + kv_head * dim;
       for (int64_t t = 0; t < query_len; ++t) {
         const int64_t position = lens[r] - query_len + t;
         const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, position - sliding_window + 1) : 0;
         const int64_t row = r * query_len + t;
         for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-          attend_row(qp + row * q_stride + h * dim, k_head, v_head, row_stride, dim, first, position, scale_f, slot,
-                     scores, op + (row * heads + h) * dim);
+          const T* q = qp + row * q_stride + h * dim;
+          for (int64_t i = 0; i < dim; ++i) q_row[i] = to_float(q[i]);
+          attend_row(q_row.data(), k_head, v_head, row_stride, dim, first, position, scale, slot, scores,
+                     op + (row * heads + h) * dim);
         }
       }
     }
   });
-  return out;
 }
 
 }  // namespace

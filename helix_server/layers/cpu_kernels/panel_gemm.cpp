@@ -34,55 +34,24 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstring>
 #include <utility>
 
 #include "vec_math.h"
 
 namespace {
 
+using helix_vec::bf16_bits;
 using helix_vec::kLanes;  // floats per zmm register: outputs per panel
+using helix_vec::load_lanes;
+using helix_vec::store_lanes;
 using helix_vec::tail_mask;
+using helix_vec::to_float;
 
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead of each panel stream to prefetch
 
-using bf16_bits = uint16_t;  // a bfloat16 value: the high half of a float32
-
-inline float to_float(float v) { return v; }
-inline float to_float(bf16_bits v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// W[n0:n0 + 16, k] as float32 lanes.
-inline __m512 load_lanes(const float* src) { return _mm512_loadu_ps(src); }
-inline __m512 load_lanes(const bf16_bits* src) {
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-inline void store_lanes(float* dst, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(dst, mask, v); }
-// Rounded to nearest even (NaN to the quiet NaN 0x7FC0), bit for bit as c10::BFloat16 rounds.
-inline void store_lanes(bf16_bits* dst, __mmask16 mask, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  const __m256i halves = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-  if (mask == 0xFFFF) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), halves);
-    return;
-  }
-  alignas(32) bf16_bits lanes[kLanes];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), halves);
-  for (int j = 0; j < kLanes && (mask >> j) & 1; ++j) dst[j] = lanes[j];
-}
-
 // acc[r][p] lane j accumulates y[row0 + r, n0 + 16 p + j] = sum_k x[row0 + r, k] * W[n0 + 16 p + j, k].
-template <typename T, int Rows, int Panels>
-void tile(const T* x, int64_t k_len, const T* panels, T* y, int64_t n_len, const float* bias, int64_t n0,
+template <typename T, typename Out, int Rows, int Panels>
+void tile(const T* x, int64_t k_len, const T* panels, Out* y, int64_t n_len, const float* bias, int64_t n0,
           bool prefetch) {
   __m512 acc[Rows][Panels];
   for (int r = 0; r < Rows; ++r)
@@ -109,25 +78,26 @@ void tile(const T* x, int64_t k_len, const T* panels, T* y, int64_t n_len, const
   }
 }
 
-template <typename T>
-using TileFn = void (*)(const T*, int64_t, const T*, T*, int64_t, const float*, int64_t, bool);
+template <typename T, typename Out>
+using TileFn = void (*)(const T*, int64_t, const T*, Out*, int64_t, const float*, int64_t, bool);
 
 constexpr int kMaxRows = 12;
 constexpr int kMaxPanels = 8;
 
-template <typename T, int Rows, int... P>
-constexpr std::array<TileFn<T>, sizeof...(P)> panel_variants(std::integer_sequence<int, P...>) {
-  return {tile<T, Rows, P + 1>...};
+template <typename T, typename Out, int Rows, int... P>
+constexpr std::array<TileFn<T, Out>, sizeof...(P)> panel_variants(std::integer_sequence<int, P...>) {
+  return {tile<T, Out, Rows, P + 1>...};
 }
 
-// tile_table<T>()[rows - 1][panels - 1]
-template <typename T, int... R>
-constexpr std::array<std::array<TileFn<T>, kMaxPanels>, sizeof...(R)> tile_table(std::integer_sequence<int, R...>) {
-  return {panel_variants<T, R + 1>(std::make_integer_sequence<int, kMaxPanels>{})...};
+// kTiles<T, Out>[rows - 1][panels - 1]
+template <typename T, typename Out, int... R>
+constexpr std::array<std::array<TileFn<T, Out>, kMaxPanels>, sizeof...(R)> tile_table(
+    std::integer_sequence<int, R...>) {
+  return {panel_variants<T, Out, R + 1>(std::make_integer_sequence<int, kMaxPanels>{})...};
 }
 
-template <typename T>
-constexpr auto kTiles = tile_table<T>(std::make_integer_sequence<int, kMaxRows>{});
+template <typename T, typename Out>
+constexpr auto kTiles = tile_table<T, Out>(std::make_integer_sequence<int, kMaxRows>{});
 
 struct TileShape {
   int rows;
@@ -148,8 +118,8 @@ TileShape tile_shape(int64_t m) {
 
 // Threads split the panel groups; each walks its groups' rows tile by tile (the group's weights
 // stay in cache after the first tile streamed them).
-template <typename T>
-void run_tiles(const T* xp, const T* wp, const float* bp, T* yp, int64_t m, int64_t k_len, int64_t n_len,
+template <typename T, typename Out>
+void run_tiles(const T* xp, const T* wp, const float* bp, Out* yp, int64_t m, int64_t k_len, int64_t n_len,
                int64_t num_panels) {
   const TileShape shape = tile_shape(m);
   const int64_t groups = (num_panels + shape.panels - 1) / shape.panels;
@@ -159,15 +129,16 @@ void run_tiles(const T* xp, const T* wp, const float* bp, T* yp, int64_t m, int6
       const int panels_here = static_cast<int>(std::min<int64_t>(shape.panels, num_panels - p0));
       for (int64_t row0 = 0; row0 < m; row0 += shape.rows) {
         const int rows_here = static_cast<int>(std::min<int64_t>(shape.rows, m - row0));
-        kTiles<T>[rows_here - 1][panels_here - 1](xp + row0 * k_len, k_len, wp + p0 * k_len * kLanes,
-                                                  yp + row0 * n_len, n_len, bp, p0 * kLanes, row0 == 0);
+        kTiles<T, Out>[rows_here - 1][panels_here - 1](xp + row0 * k_len, k_len, wp + p0 * k_len * kLanes,
+                                                       yp + row0 * n_len, n_len, bp, p0 * kLanes, row0 == 0);
       }
     }
   });
 }
 
+// `float_out`: bfloat16 operands, float32 outputs (the sums unrounded; for logits).
 at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, const c10::optional<at::Tensor>& bias_in,
-                        int64_t n_len) {
+                        int64_t n_len, bool float_out) {
   const auto dtype = panels.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "panel_linear: W must be float32 or bfloat16");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == dtype, "panel_linear: x must be 2-D, of W's dtype");
@@ -183,15 +154,17 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, const 
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == n_len, "panel_linear: bias must be float32 [N]");
   }
   const int64_t m = x.size(0), k_len = x.size(1), num_panels = panels.size(0);
-  at::Tensor y = at::empty({m, n_len}, x.options());
+  at::Tensor y = at::empty({m, n_len}, x.options().dtype(float_out ? at::kFloat : dtype));
   if (m == 0 || n_len == 0) return y;
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<bf16_bits*>(t.data_ptr<at::BFloat16>()); };
   if (dtype == at::kFloat) {
-    run_tiles<float>(x.data_ptr<float>(), panels.data_ptr<float>(), bp, y.data_ptr<float>(), m, k_len, n_len,
-                     num_panels);
+    run_tiles<float, float>(x.data_ptr<float>(), panels.data_ptr<float>(), bp, y.data_ptr<float>(), m, k_len, n_len,
+                            num_panels);
+  } else if (float_out) {
+    run_tiles<bf16_bits, float>(bits(x), bits(panels), bp, y.data_ptr<float>(), m, k_len, n_len, num_panels);
   } else {
-    const auto bits = [](const at::Tensor& t) { return reinterpret_cast<bf16_bits*>(t.data_ptr<at::BFloat16>()); };
-    run_tiles<bf16_bits>(bits(x), bits(panels), bp, bits(y), m, k_len, n_len, num_panels);
+    run_tiles<bf16_bits, bf16_bits>(bits(x), bits(panels), bp, bits(y), m, k_len, n_len, num_panels);
   }
   return y;
 }
@@ -199,6 +172,6 @@ at::Tensor panel_linear(const at::Tensor& x_in, const at::Tensor& panels, const 
 }  // namespace
 
 TORCH_LIBRARY(helix, lib) {
-  lib.def("panel_linear(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
+  lib.def("panel_linear(Tensor x, Tensor panels, Tensor? bias, int out_features, bool float_out=False) -> Tensor");
   lib.impl("panel_linear", c10::DispatchKey::CPU, panel_linear);
 }

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace helix_vec {
 
@@ -29,6 +30,52 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// bfloat16 values are handled as their bits: the high half of a float32, so widening is exact.
+using bf16_bits = uint16_t;
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_bits v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// 16 consecutive values as float32 lanes.
+inline __m512 load_lanes(const float* src) { return _mm512_loadu_ps(src); }
+inline __m512 load_lanes(const bf16_bits* src) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// The first min(n, 16) values as float32 lanes, the others 0 (reads nothing past them).
+inline __m512 load_lanes(const float* src, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), src); }
+inline __m512 load_lanes(const bf16_bits* src, int64_t n) {
+  if (n >= kLanes) return load_lanes(src);
+  alignas(32) bf16_bits lanes[kLanes] = {};
+  std::memcpy(lanes, src, static_cast<size_t>(n) * sizeof(bf16_bits));
+  return load_lanes(lanes);
+}
+
+// Store the lanes `mask` selects; bfloat16 rounded to nearest even (NaN to the quiet NaN 0x7FC0),
+// bit for bit as c10::BFloat16 rounds a float.
+inline void store_lanes(float* dst, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(dst, mask, v); }
+inline void store_lanes(bf16_bits* dst, __mmask16 mask, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  const __m256i halves = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  if (mask == 0xFFFF) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), halves);
+    return;
+  }
+  alignas(32) bf16_bits lanes[kLanes];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), halves);
+  for (int j = 0; j < kLanes; ++j)
+    if ((mask >> j) & 1) dst[j] = lanes[j];
 }
 
 }  // namespace helix_vec
