@@ -112,7 +112,9 @@ def test_one_failing_request_does_not_stop_the_loop(tiny_model_dir):
         engine.start()
         try:
             params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-            bad = await engine.add_request(PROMPT, params, request_id="bad")
+            # Long enough that it cannot finish before its detokenizer is broken below.
+            long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+            bad = await engine.add_request(PROMPT, long, request_id="bad")
             await _wait_until(lambda: "bad" in engine.core._sequences)
 
             def explode(token_ids):
