@@ -47,7 +47,6 @@ class ModelRunner:
     def release_finished(self, scheduler_output: SchedulerOutput) -> None:
         """Drop the per-request state (generators, drafts, the drafter's KV bookkeeping) of requests
         that finished or were preempted; the engine calls this even for a step with nothing to run."""
-        self.generators.drop(scheduler_output.finished_request_ids)
         if self.spec is not None:
             self.spec.forget(scheduler_output.finished_request_ids)
             self.spec.forget(scheduler_output.preempted_request_ids)
@@ -137,7 +136,7 @@ class ModelRunner:
             params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
-            generator=self.generators.get(request),
+            generator=self.generators.get(request, request.num_tokens),  # the position being sampled
         )
 
     def _prompt_logprobs(

@@ -5,7 +5,9 @@ the target logits at s + 1 positions. Each position's logits go through the same
 ordinary sampling (penalties see the drafts before that position as output), giving p_1 .. p_{s+1};
 the q of each draft was stored when it was proposed. The rejection sampler turns (p, q, drafts) into
 the accepted drafts plus one token, distributed exactly as sampling from the model one token at a
-time would be.
+time would be. A seeded sampled request is verified like a greedy one against its noisy argmax at
+each position (`runner.generators`): the token plain sampling would draw there, so its text is the
+same with speculation on or off and at any depth.
 
 Proposal: for each request that just got new tokens the proposer drafts k tokens; a model-based
 proposer's logits are processed and sampled here (`_DraftChooser`), with the request's own rules and
@@ -80,18 +82,18 @@ class SpecDecoder:
         for s in scheduled:
             request = s.request
             drafts = request.spec_token_ids[: s.num_spec_tokens]
-            generator = self.generators.get(request)
             for i in range(s.num_spec_tokens + 1):
                 rows.append(
                     SamplingRow(
                         request.sampling_params,
                         request.prompt_token_ids,
                         request.output_token_ids + drafts[:i],
-                        generator,
+                        self.generators.get(request, request.num_tokens + i),  # position-keyed noise
                     )
                 )
         flat_logits = torch.cat(logits, dim=0)  # [sum(s + 1), V]
         flat_probs = self.sampler.probs(self.sampler.process_logits(flat_logits, rows), rows)
+        flat_probs = self._seeded_to_one_hot(flat_probs, rows)
         target_probs = torch.zeros((num_rows, max_drafts + 1, width), device=device)
         draft_probs = torch.zeros((num_rows, max_drafts, width), device=device)
         draft_ids = torch.zeros((num_rows, max_drafts), dtype=torch.long, device=device)
@@ -108,13 +110,15 @@ class SpecDecoder:
             else:  # a deterministic proposer: q is one-hot at each draft
                 draft_probs[r, torch.arange(count, device=device), draft_ids[r, :count]] = 1.0
 
+        # Seeded rows are one-hot at their noisy argmaxes: matched exactly, like greedy rows.
+        exact = [s.request.sampling_params.greedy or s.request.sampling_params.seed is not None for s in scheduled]
         tokens = rejection_sample(
             target_probs,
             draft_probs,
             draft_ids,
             num_drafts,
-            greedy=[s.request.sampling_params.greedy for s in scheduled],
-            generators=[self.generators.get(s.request) for s in scheduled],
+            greedy=exact,
+            generators=[None] * num_rows,  # only unseeded rows draw, from the shared stream
             shared_generator=self.sampler.generator,
         )
         results = [VerifiedTokens(t, n) for t, n in zip(tokens, num_drafts)]
@@ -125,6 +129,18 @@ class SpecDecoder:
                 raw = row_logits[: len(result.token_ids)]  # position i scored token i
                 result.logprobs = self.sampler.logprobs_of(raw, result.token_ids, num_top)
         return results
+
+    def _seeded_to_one_hot(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Rows with a generator (seeded, sampled) -> one-hot at the token plain sampling would draw
+        at that position (the exponential race with the position's noise); others unchanged."""
+        seeded = [i for i, row in enumerate(rows) if row.generator is not None]
+        if not seeded:
+            return probs
+        index = torch.tensor(seeded, device=probs.device)
+        tokens = self.sampler.sample_from_probs(probs.index_select(0, index), [rows[i] for i in seeded])  # [M]
+        one_hot = torch.zeros((len(seeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
+        one_hot.scatter_(1, tokens.unsqueeze(1), 1.0)
+        return probs.index_copy(0, index, one_hot)
 
     # ------------------------------------------------------------------ proposal
 
@@ -151,7 +167,8 @@ class _DraftChooser:
 
     Called once per drafting step with the logits of every request; keeps the drafts so far so the
     penalties of step j see drafts 1..j-1 as output. Greedy rows take the argmax (no randomness);
-    the others are sampled from the processed distribution with the request's generator.
+    the others are sampled from the processed distribution, seeded ones with the noise of the
+    position they draft (see `runner.generators`).
     """
 
     def __init__(
@@ -162,7 +179,7 @@ class _DraftChooser:
     ) -> None:
         self.sampler = sampler
         self.requests = requests
-        self.generators = [generators.get(r) for r in requests]
+        self.generators = generators
         self.drafts: list[list[int]] = [[] for _ in requests]
         self.greedy = [r.sampling_params.greedy for r in requests]
 
@@ -172,7 +189,8 @@ class _DraftChooser:
                 self.requests[r].sampling_params,
                 self.requests[r].prompt_token_ids,
                 self.requests[r].output_token_ids + self.drafts[r],
-                self.generators[r],
+                # The noise of the position drafted: the target's own there (Gumbel coupling).
+                self.generators.get(self.requests[r], self.requests[r].num_tokens + len(self.drafts[r])),
             )
             for r in active
         ]
