@@ -137,7 +137,9 @@ def test_completion_logprobs_and_echo(sdk):
     )
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(v <= 0 for v in lp.token_logprobs[1:])
-    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    # The two most likely tokens, plus the chosen (or echoed) token when it is not one of them.
+    assert all(len(t) <= 3 for t in lp.top_logprobs[1:])
+    assert all(t[tok] == v for tok, v, t in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]))
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
 
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from helix_server.api.protocol.common import UsageInfo
+from helix_server.api.protocol.common import PromptLogprobs, UsageInfo
 from helix_server.api.protocol.sampling import SamplingFields
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -42,6 +42,12 @@ class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    # vLLM's chat extensions: `echo` starts the reply with the last message's content when that
+    # message has the reply's role; `continue_final_message` (needs `add_generation_prompt: false`)
+    # leaves the last message open so the model continues it.
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     # Accepted when they ask for nothing we lack (no tools, text output); refused otherwise.
     tools: list[Any] | None = None
@@ -99,10 +105,11 @@ class ChatChoice(msgspec.Struct):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatCompletionResponse(msgspec.Struct):
-    """The non-streaming response."""
+    """The non-streaming response (vLLM's `prompt_logprobs` and `prompt_token_ids` when asked for)."""
 
     id: str
     created: int
@@ -111,6 +118,8 @@ class ChatCompletionResponse(msgspec.Struct):
     usage: UsageInfo
     object: str = "chat.completion"
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | msgspec.UnsetType = msgspec.UNSET
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatDelta(msgspec.Struct):
@@ -128,10 +137,12 @@ class ChatStreamChoice(msgspec.Struct):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatCompletionChunk(msgspec.Struct):
-    """One `data:` event of a streamed chat completion (`usage` only with `include_usage`)."""
+    """One `data:` event of a streamed chat completion (`usage` only with `include_usage`;
+    `prompt_token_ids` only in the first chunk, with `return_token_ids`)."""
 
     id: str
     created: int
@@ -140,3 +151,4 @@ class ChatCompletionChunk(msgspec.Struct):
     object: str = "chat.completion.chunk"
     system_fingerprint: str | None = None
     usage: UsageInfo | None | msgspec.UnsetType = msgspec.UNSET
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET

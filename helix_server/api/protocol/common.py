@@ -38,11 +38,27 @@ class UsageInfo(msgspec.Struct):
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
-    """`stream_options`: `include_usage` adds a last chunk with `choices: []` and `usage`."""
+    """`stream_options`: `include_usage` adds a last chunk with `choices: []` and `usage`; vLLM's
+    `continuous_usage_stats` also puts the usage so far on every chunk (and implies `include_usage`
+    when that is left out, as vLLM's default is true)."""
 
-    include_usage: bool = False
+    include_usage: bool | None = None
+    continuous_usage_stats: bool = False
     # OpenAI's obfuscation padding; it changes nothing here.
     include_obfuscation: bool | None = None
+
+
+class PromptLogprob(msgspec.Struct):
+    """vLLM's `Logprob` of one token at one prompt position (`prompt_logprobs` entries)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# vLLM's prompt logprobs: per prompt position, null for the first token, else token id -> logprob
+# (the prompt token itself plus the `prompt_logprobs` most likely ones).
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class ModelCard(msgspec.Struct):

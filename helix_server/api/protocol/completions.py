@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from helix_server.api.protocol.common import UsageInfo
+from helix_server.api.protocol.common import PromptLogprobs, UsageInfo
 from helix_server.api.protocol.sampling import SamplingFields
 
 
@@ -37,13 +37,20 @@ class CompletionLogprobs(msgspec.Struct):
 
 
 class CompletionChoice(msgspec.Struct):
-    """One completion; `stop_reason` is the stop string or token id that ended it."""
+    """One completion; `stop_reason` is the stop string or token id that ended it.
+
+    vLLM's extras, left out unless asked for: `prompt_logprobs`, and with `return_token_ids` the
+    `prompt_token_ids` (in a stream: in each choice's first chunk) and `token_ids` (a stream's delta).
+    """
 
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | msgspec.UnsetType = msgspec.UNSET
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class CompletionResponse(msgspec.Struct):

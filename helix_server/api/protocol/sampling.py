@@ -48,3 +48,7 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     speculation_depth: int | None = None
     # Prefix caching: only requests with the same salt share cached KV blocks (vLLM's extension).
     cache_salt: str | None = None
+    # vLLM's outputs: logprobs of the prompt's tokens (0-20 alternatives, not with `stream`), and
+    # the token ids of the prompt and of each choice.
+    prompt_logprobs: int | None = None
+    return_token_ids: bool | None = None

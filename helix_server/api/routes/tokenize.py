@@ -24,7 +24,7 @@ class TokenizeController(Controller):
 
     @post("/tokenize", status_code=200, operation_class=documented_body(TokenizeRequest))
     async def tokenize(self, request: Request) -> TokenizeResponse:
-        """`{prompt}` or `{messages}` -> `{tokens, count, max_model_len}`."""
+        """`{prompt}` or `{messages}` -> `{tokens, count, max_model_len}` (and `token_strs` when asked)."""
         body = await read_json(request, TokenizeRequest)
         state = get_state(request)
         state.check_model(body.model)
@@ -32,10 +32,19 @@ class TokenizeController(Controller):
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("Send exactly one of 'prompt' and 'messages'.", "prompt")
         if body.messages is not None:
-            tokens = chat_prompt(body.messages, tokenizer, body.add_generation_prompt).token_ids
+            prompt = chat_prompt(
+                body.messages, tokenizer, body.add_generation_prompt, body.continue_final_message
+            )
+            tokens = prompt.token_ids
         else:
+            if body.continue_final_message:
+                message = "continue_final_message applies to messages only."
+                raise bad_request(message, "continue_final_message")
             tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return TokenizeResponse(tokens, len(tokens), state.engine.core.max_sequence_len)
+        response = TokenizeResponse(tokens, len(tokens), state.engine.core.max_sequence_len)
+        if body.return_token_strs:
+            response.token_strs = [tokenizer.id_to_token(token_id) for token_id in tokens]
+        return response
 
     @post("/detokenize", status_code=200, operation_class=documented_body(DetokenizeRequest))
     async def detokenize(self, request: Request) -> DetokenizeResponse:

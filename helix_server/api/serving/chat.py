@@ -21,13 +21,15 @@ from helix_server.api.protocol.chat import (
 )
 from helix_server.api.serving.accumulate import ResultAccumulator
 from helix_server.api.serving.generation import Generation
-from helix_server.api.serving.logprobs import chat_logprobs
+from helix_server.api.serving.logprobs import chat_logprobs, prompt_logprobs
 from helix_server.api.serving.params import (
     build_sampling_params,
+    check_prompt_logprobs,
     check_stream_options,
+    continuous_usage,
     reject,
 )
-from helix_server.api.serving.prompts import chat_prompt
+from helix_server.api.serving.prompts import chat_prompt, echo_text, reply_role
 from helix_server.api.serving.respond import respond
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
@@ -76,6 +78,8 @@ class ChatService:
         self.state.check_model(body.model)
         check_chat_features(body)
         include_usage = check_stream_options(body)
+        self.continuous_usage = continuous_usage(body)
+        check_prompt_logprobs(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("logprobs must be true when top_logprobs is set.", "top_logprobs")
         self.top_n = (body.top_logprobs or 0) if body.logprobs else 0
@@ -87,6 +91,7 @@ class ChatService:
             body,
             max_tokens=max_tokens,
             logprobs=self.top_n if body.logprobs else None,
+            prompt_logprobs=body.prompt_logprobs,
             renames={"max_tokens": max_param, "logprobs": "top_logprobs"},
         )
         return params, include_usage
@@ -94,8 +99,13 @@ class ChatService:
     async def create(self, request: Request) -> Response:
         """Validate, render the chat template, queue, and answer (streamed when `stream` is true)."""
         params, include_usage = self._check()
-        prompt = chat_prompt(self.body.messages, self.tokenizer)
+        body = self.body
+        prompt = chat_prompt(
+            body.messages, self.tokenizer, body.add_generation_prompt, body.continue_final_message
+        )
         self.prompt_token_ids = prompt.token_ids
+        self.role = reply_role(body.messages, body.add_generation_prompt)
+        self.echo = echo_text(body.messages, self.role) if body.echo else ""
         self.n = params.n
 
         def start():
@@ -120,11 +130,11 @@ class ChatService:
         choices = []
         for choice_index, _, seq in results.choices():
             logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n) if self.body.logprobs else None
-            choices.append(
-                ChatChoice(
-                    choice_index, ChatResponseMessage(seq.text), logprobs, seq.finish_reason, seq.stop_reason
-                )
-            )
+            message = ChatResponseMessage(self.echo + seq.text, role=self.role)
+            choice = ChatChoice(choice_index, message, logprobs, seq.finish_reason, seq.stop_reason)
+            if self.body.return_token_ids:
+                choice.token_ids = list(seq.token_ids)
+            choices.append(choice)
         response = ChatCompletionResponse(
             id=self.request_id,
             created=self.created,
@@ -132,9 +142,17 @@ class ChatService:
             choices=choices,
             usage=results.usage(),
         )
+        if self.body.prompt_logprobs is not None:
+            response.prompt_logprobs = prompt_logprobs(
+                self.tokenizer, results.results[0].prompt_logprobs, self.body.prompt_logprobs
+            )
+        if self.body.return_token_ids:
+            response.prompt_token_ids = list(self.prompt_token_ids)
         return Response(content=response, status_code=200)
 
-    def _chunk(self, choices: list[ChatStreamChoice], include_usage: bool, usage=None) -> bytes:
+    def _chunk(
+        self, choices: list[ChatStreamChoice], include_usage: bool, usage=None, first: bool = False
+    ) -> bytes:
         chunk = ChatCompletionChunk(
             id=self.request_id,
             created=self.created,
@@ -142,14 +160,24 @@ class ChatService:
             choices=choices,
             usage=usage if usage is not None else (None if include_usage else msgspec.UNSET),
         )
+        if first and self.body.return_token_ids:
+            chunk.prompt_token_ids = list(self.prompt_token_ids)
         return sse_event(chunk)
 
     async def _events(self, generation: Generation, include_usage: bool) -> AsyncGenerator[bytes, None]:
         counter = UsageCounter([self.prompt_token_ids])
+
+        def usage():
+            return counter.usage() if self.continuous_usage else None
+
         try:
             for index in range(self.n):
-                role = ChatStreamChoice(index, ChatDelta(role="assistant", content=""))
-                yield self._chunk([role], include_usage)
+                role = ChatStreamChoice(index, ChatDelta(role=self.role, content=""))
+                yield self._chunk([role], include_usage, usage(), first=index == 0)
+            if self.echo:
+                for index in range(self.n):
+                    echoed = ChatStreamChoice(index, ChatDelta(content=self.echo))
+                    yield self._chunk([echoed], include_usage, usage())
             async for _, output in generation.outputs():
                 counter.add(output)
                 for seq in output.outputs:
@@ -160,14 +188,23 @@ class ChatService:
                     logprobs = None
                     if self.body.logprobs and seq.logprobs:
                         logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n)
-                    if seq.text or logprobs is not None:
-                        content = ChatStreamChoice(seq.index, ChatDelta(content=seq.text), logprobs)
-                        yield self._chunk([content], include_usage)
+                    token_ids = list(seq.token_ids) if self.body.return_token_ids else msgspec.UNSET
+                    if seq.text or logprobs is not None or (token_ids and seq.finish_reason is None):
+                        content = ChatStreamChoice(
+                            seq.index, ChatDelta(content=seq.text), logprobs, token_ids=token_ids
+                        )
+                        token_ids = [] if self.body.return_token_ids else msgspec.UNSET
+                        yield self._chunk([content], include_usage, usage())
                     if seq.finish_reason is not None:
                         finish = ChatStreamChoice(
-                            seq.index, ChatDelta(), None, seq.finish_reason, seq.stop_reason
+                            seq.index,
+                            ChatDelta(),
+                            None,
+                            seq.finish_reason,
+                            seq.stop_reason,
+                            token_ids=token_ids,
                         )
-                        yield self._chunk([finish], include_usage)
+                        yield self._chunk([finish], include_usage, usage())
             if include_usage:
                 yield self._chunk([], include_usage, usage=counter.usage())
         except Exception as exc:  # noqa: BLE001 - the engine's refusals, or a bug that stream_error logs

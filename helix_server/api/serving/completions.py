@@ -19,10 +19,12 @@ from helix_server.api.protocol.completions import (
 )
 from helix_server.api.serving.accumulate import ResultAccumulator
 from helix_server.api.serving.generation import Generation
-from helix_server.api.serving.logprobs import LegacyLogprobsBuilder, merge_legacy
+from helix_server.api.serving.logprobs import LegacyLogprobsBuilder, merge_legacy, prompt_logprobs
 from helix_server.api.serving.params import (
     build_sampling_params,
+    check_prompt_logprobs,
     check_stream_options,
+    continuous_usage,
     reject,
 )
 from helix_server.api.serving.prompts import Prompt, completion_prompts
@@ -51,9 +53,13 @@ class CompletionService:
         if body.best_of is not None and body.best_of > 1:
             reject("best_of", "best_of greater than 1")
         include_usage = check_stream_options(body)
-        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        self.continuous_usage = continuous_usage(body)
+        check_prompt_logprobs(body)
+        # The engine computes prompt logprobs once, for the echo's legacy logprobs and vLLM's field.
+        wanted = [body.prompt_logprobs, body.logprobs if body.echo else None]
+        engine_prompt_logprobs = max((n for n in wanted if n is not None), default=None)
         params = build_sampling_params(
-            body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
+            body, max_tokens=body.max_tokens, logprobs=body.logprobs, prompt_logprobs=engine_prompt_logprobs
         )
         return params, include_usage
 
@@ -81,12 +87,16 @@ class CompletionService:
     # ----------------------------------------------------------------- helpers
 
     def _prompt_text(self, prompt: Prompt) -> str:
-        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+        """The echoed prompt: the client's text, or every token of a token-id prompt (special ones
+        too, so the echoed tokens and their `text_offset`s match the text)."""
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
 
     def _logprobs_builder(self) -> LegacyLogprobsBuilder | None:
         if self.body.logprobs is None:
             return None
-        return LegacyLogprobsBuilder(self.tokenizer, self.body.logprobs)
+        return LegacyLogprobsBuilder(self.tokenizer, self.body.logprobs, self.body.skip_special_tokens)
 
     # ----------------------------------------------------------------- non-streaming
 
@@ -107,9 +117,17 @@ class CompletionService:
                 logprobs = CompletionLogprobs()
                 if self.body.echo:
                     prompt_lps = result.prompt_logprobs or [None] * len(prompt.token_ids)
-                    merge_legacy(logprobs, builder.build(prompt_lps, prompt.token_ids))
+                    merge_legacy(logprobs, builder.build(prompt_lps, prompt.token_ids, generated=False))
                 merge_legacy(logprobs, builder.build(seq.logprobs, seq.token_ids))
-            choices.append(CompletionChoice(choice_index, text, logprobs, seq.finish_reason, seq.stop_reason))
+            choice = CompletionChoice(choice_index, text, logprobs, seq.finish_reason, seq.stop_reason)
+            if self.body.prompt_logprobs is not None:
+                choice.prompt_logprobs = prompt_logprobs(
+                    self.tokenizer, result.prompt_logprobs, self.body.prompt_logprobs
+                )
+            if self.body.return_token_ids:
+                choice.prompt_token_ids = list(prompt.token_ids)
+                choice.token_ids = list(seq.token_ids)
+            choices.append(choice)
         response = CompletionResponse(
             id=self.request_id,
             created=self.created,
@@ -134,12 +152,13 @@ class CompletionService:
     async def _events(self, generation: Generation, include_usage: bool) -> AsyncGenerator[bytes, None]:
         counter = UsageCounter([p.token_ids for p in self.prompts])
         builders: dict[int, LegacyLogprobsBuilder | None] = {}
-        prompt_logprobs: dict[int, list] = {}
+        echo_logprobs: dict[int, list] = {}
+        sent_prompt_ids: set[int] = set()
         try:
             async for prompt_index, output in generation.outputs():
                 counter.add(output)
                 if output.prompt_logprobs is not None:
-                    prompt_logprobs[prompt_index] = output.prompt_logprobs
+                    echo_logprobs[prompt_index] = output.prompt_logprobs
                 for seq in output.outputs:
                     if seq.finish_reason == "error":
                         yield error_event(server_error(f"The request failed in the engine: {output.error}"))
@@ -157,8 +176,8 @@ class CompletionService:
                         prompt = self.prompts[prompt_index]
                         text = self._prompt_text(prompt) + text
                         if builder is not None:
-                            lps = prompt_logprobs.get(prompt_index) or [None] * len(prompt.token_ids)
-                            merge_legacy(logprobs, builder.build(lps, prompt.token_ids))
+                            lps = echo_logprobs.get(prompt_index) or [None] * len(prompt.token_ids)
+                            merge_legacy(logprobs, builder.build(lps, prompt.token_ids, generated=False))
                     if builder is not None:
                         merge_legacy(logprobs, builder.build(seq.logprobs or [], seq.token_ids))
                     if not text and not seq.token_ids and seq.finish_reason is None:
@@ -166,7 +185,13 @@ class CompletionService:
                     choice = CompletionChoice(
                         choice_index, text, logprobs, seq.finish_reason, seq.stop_reason
                     )
-                    yield self._chunk([choice], include_usage)
+                    if self.body.return_token_ids:
+                        choice.token_ids = list(seq.token_ids)
+                        if choice_index not in sent_prompt_ids:
+                            sent_prompt_ids.add(choice_index)
+                            choice.prompt_token_ids = list(self.prompts[prompt_index].token_ids)
+                    usage = counter.usage() if self.continuous_usage else None
+                    yield self._chunk([choice], include_usage, usage)
             if include_usage:
                 yield self._chunk([], include_usage, usage=counter.usage())
         except Exception as exc:  # noqa: BLE001 - the engine's refusals, or a bug that stream_error logs

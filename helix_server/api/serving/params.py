@@ -14,7 +14,11 @@ from typing import Any
 from helix_server.api.errors import bad_request
 from helix_server.api.protocol.sampling import SamplingFields
 from helix_server.errors import ParameterError
-from helix_server.sampling_params import SamplingParams
+from helix_server.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# vLLM's seed range (a torch long): wider seeds would be reduced and collide with seeds in it.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
 
 
 def build_sampling_params(
@@ -26,6 +30,7 @@ def build_sampling_params(
     renames: dict[str, str] | None = None,
 ) -> SamplingParams:
     """The `SamplingParams` of a request; a `ParameterError` names the parameter the client sent."""
+    check_seed(request.seed)
     values: dict[str, Any] = {
         "n": request.n,
         "max_tokens": max_tokens,
@@ -65,13 +70,40 @@ def relabel(exc: ParameterError, renames: dict[str, str]) -> ParameterError:
     return ParameterError(exc.message.replace(exc.param, new), new, exc.code)
 
 
+def check_seed(seed: int | None) -> None:
+    """400 naming `seed` for a seed outside vLLM's range [-2**63, 2**63 - 1]."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and not SEED_MIN <= seed <= SEED_MAX:
+        raise bad_request(f"seed must be between {SEED_MIN} and {SEED_MAX}, got {seed}.", "seed")
+
+
+def check_prompt_logprobs(request: SamplingFields) -> None:
+    """`prompt_logprobs` is 0-20 and not sent in streams (as vLLM): a 400 rather than silently none."""
+    value = request.prompt_logprobs
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        message = f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {value}."
+        raise bad_request(message, "prompt_logprobs")
+    if value is not None and request.stream:
+        raise bad_request("prompt_logprobs are not available when stream is true.", "prompt_logprobs")
+
+
+def continuous_usage(request: SamplingFields) -> bool:
+    """Whether every chunk carries the usage so far (`stream_options.continuous_usage_stats`)."""
+    return request.stream_options is not None and request.stream_options.continuous_usage_stats
+
+
 def check_stream_options(request: SamplingFields) -> bool:
     """Whether the stream ends with a usage chunk; `stream_options` without `stream` is a 400."""
     if request.stream_options is None:
         return False
     if not request.stream:
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
-    return request.stream_options.include_usage
+    options = request.stream_options
+    if options.continuous_usage_stats and options.include_usage is False:
+        raise bad_request(
+            "continuous_usage_stats needs include_usage (leave it out or set it to true).",
+            "stream_options.continuous_usage_stats",
+        )
+    return bool(options.include_usage) or options.continuous_usage_stats
 
 
 def reject(field: str, what: str | None = None) -> None:

@@ -113,12 +113,43 @@ def _content_text(message: ChatMessage, where: str) -> str | None:
     return "\n".join(texts)
 
 
+def reply_role(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The role of the reply (vLLM's): a new assistant message, or else the last message's role."""
+    return "assistant" if add_generation_prompt else messages[-1].role
+
+
+def echo_text(messages: list[ChatMessage], role: str) -> str:
+    """vLLM's chat `echo`: the last message's text when it has the reply's `role`, else ""."""
+    last = messages[-1]
+    if last.role != role:
+        return ""
+    return _content_text(last, f"messages[{len(messages) - 1}]") or ""
+
+
+def check_generation_prompt(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """vLLM's rule: a prompt either opens a new assistant message or continues the last one."""
+    if add_generation_prompt and continue_final_message:
+        raise bad_request(
+            "Cannot set both continue_final_message and add_generation_prompt to true "
+            "(set add_generation_prompt to false to continue the final message).",
+            "continue_final_message",
+        )
+
+
 def chat_prompt(
-    messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> Prompt:
-    """The token ids of `messages` rendered with the model's chat template."""
+    """The token ids of `messages` rendered with the model's chat template; with
+    `continue_final_message` the last message is left open (no end-of-turn) for the model to go on."""
+    check_generation_prompt(add_generation_prompt, continue_final_message)
     conversation = chat_template_messages(messages)
-    text = tokenizer.render_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    switches = {"continue_final_message": True} if continue_final_message else {}
+    text = tokenizer.render_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, **switches
+    )
     token_ids = tokenizer.encode(text, add_special_tokens=False)
     if not token_ids:
         raise bad_request("The rendered chat prompt has no tokens.", "messages")
