@@ -2,7 +2,8 @@
 
 msgspec rejects what JSON can't carry (`NaN`, `Infinity` literals) as malformed, never coerces types
 ("0.5" is not a number), and reports the path of a bad value (`$.messages[0].role`), which becomes
-the error's `param`.
+the error's `param`. A value nested deeper than the decoder's recursion limit (about 1,000 levels of
+arrays or objects) is a 400 too, not a `RecursionError`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def decode_json(raw: bytes, type_: type[T]) -> T:
         raise bad_request(f"The request body is not valid JSON ({exc}).") from None
     except UnicodeDecodeError:
         raise bad_request("The request body is not valid UTF-8.") from None
+    except RecursionError:
+        raise bad_request(
+            "The request body is nested too deeply (arrays or objects about 1,000 levels deep).",
+            code="nested_too_deeply",
+        ) from None
 
 
 def _validation_error(message: str) -> APIError:
