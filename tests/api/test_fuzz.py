@@ -29,11 +29,23 @@ SAMPLING_KEYS = [
     "ignore_eos",
     "stop_token_ids",
     "speculation_depth",
+    "prompt_logprobs",
+    "return_token_ids",
     "tools",
     "frobnicate",
 ]
 COMPLETION_KEYS = ["prompt", "max_tokens", "logprobs", "echo", "suffix", "best_of"]
-CHAT_KEYS = ["messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"]
+CHAT_KEYS = [
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "echo",
+    "add_generation_prompt",
+    "continue_final_message",
+]
 
 scalars = st.one_of(
     st.none(),

@@ -349,3 +349,31 @@ def test_tokenize_continue_final_message(client, tokenizer):
 
 def test_no_request_leaves_anything_behind(live_server):
     wait_until(lambda: engine_idle(live_server), timeout=10, what="engine idle with every KV block free")
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"role": "assistant", "content": ""},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "def"}, {"type": "text", "text": "f"}]},
+        {"role": "user", "content": "go on"},
+    ],
+)
+def test_continue_final_message_edge_cases_are_answered_or_refused(client, last):
+    body = {
+        "messages": [CONVERSATION[0], last],
+        "max_tokens": 2,
+        "echo": True,
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    if response.status_code != 200:
+        assert_error(response, 400, "messages")
+    else:
+        assert response.json()["choices"][0]["message"]["role"] == last["role"]
