@@ -377,3 +377,22 @@ def test_continue_final_message_edge_cases_are_answered_or_refused(client, last)
         assert_error(response, 400, "messages")
     else:
         assert response.json()["choices"][0]["message"]["role"] == last["role"]
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_text_offsets_of_generated_special_tokens_point_into_the_text(client, tokenizer, skip_special_tokens):
+    im_start = tokenizer.hf.convert_tokens_to_ids("<|im_start|>")
+    body = {
+        "prompt": "x = 1",
+        "max_tokens": 3,
+        "logprobs": 0,
+        "logit_bias": {str(im_start): 100},
+        "skip_special_tokens": skip_special_tokens,
+    }
+    choice = _post(client, "/v1/completions", body)["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["<|im_start|>"] * 3
+    if skip_special_tokens:  # left out of the text, they take no room in it
+        assert choice["text"] == "" and lp["text_offset"] == [0, 0, 0]
+    else:
+        assert choice["text"] == "<|im_start|>" * 3 and lp["text_offset"] == [0, 12, 24]
