@@ -1,14 +1,18 @@
-"""`/health` (liveness), `/ready` (readiness) and `/version`."""
+"""`/health` (liveness), `/ready` (readiness) and `/version`; each answers HEAD too (uptime checkers).
+
+HEAD runs the GET handler: the same status and headers, and the server sends no body.
+"""
 
 from __future__ import annotations
 
 import time
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Request, Response, route
 
 from helix_server import __version__
 from helix_server.api.errors import service_unavailable
 from helix_server.api.guards import PUBLIC
+from helix_server.api.routes.methods import GET_AND_HEAD
 from helix_server.api.state import ServerState, get_state
 
 
@@ -50,7 +54,7 @@ class HealthController(Controller):
 
     tags = ("Server",)
 
-    @get("/health", opt=PUBLIC, sync_to_thread=False)
+    @route("/health", http_method=GET_AND_HEAD, opt=PUBLIC, sync_to_thread=False)
     def health(self, request: Request) -> Response:
         """200 while the engine loop is alive and making progress; 503 when dead or stuck."""
         status, details = engine_health(get_state(request))
@@ -59,7 +63,7 @@ class HealthController(Controller):
         message = "The engine loop is not running." if status == "dead" else "The engine is stuck."
         return _unavailable(message, f"engine_{status}", {"status": status, **details})
 
-    @get("/ready", opt=PUBLIC, sync_to_thread=False)
+    @route("/ready", http_method=GET_AND_HEAD, opt=PUBLIC, sync_to_thread=False)
     def ready(self, request: Request) -> Response:
         """200 once the model is loaded and warmed up, and until shutdown begins."""
         state = get_state(request)
@@ -71,7 +75,7 @@ class HealthController(Controller):
             return _unavailable("The model is warming up.", "warming_up", {"status": "starting"})
         return Response(content={"status": "ready"}, status_code=200)
 
-    @get("/version", sync_to_thread=False)
+    @route("/version", http_method=GET_AND_HEAD, sync_to_thread=False)
     def version(self) -> dict:
         """The helix_server version."""
         return {"version": __version__}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, get, post, route
 
 from helix_server.api.body import read_json
 from helix_server.api.errors import model_not_found
@@ -10,6 +10,7 @@ from helix_server.api.openapi import documented_body
 from helix_server.api.protocol.chat import ChatCompletionRequest
 from helix_server.api.protocol.common import ModelCard, ModelList
 from helix_server.api.protocol.completions import CompletionRequest
+from helix_server.api.routes.methods import GET_AND_HEAD
 from helix_server.api.serving.chat import ChatService
 from helix_server.api.serving.completions import CompletionService
 from helix_server.api.state import ServerState, get_state
@@ -32,7 +33,7 @@ class ModelsController(Controller):
     path = "/v1/models"
     tags = ("OpenAI",)
 
-    @get("/", sync_to_thread=False)
+    @route("/", http_method=GET_AND_HEAD, sync_to_thread=False)
     def list_models(self, request: Request) -> ModelList:
         """The models this server serves (one)."""
         return ModelList(data=[model_card(get_state(request))])
