@@ -396,3 +396,17 @@ def test_text_offsets_of_generated_special_tokens_point_into_the_text(client, to
         assert choice["text"] == "" and lp["text_offset"] == [0, 0, 0]
     else:
         assert choice["text"] == "<|im_start|>" * 3 and lp["text_offset"] == [0, 12, 24]
+
+
+def test_each_prompt_of_a_batch_gets_its_own_prompt_logprobs_and_ids(client, tokenizer):
+    prompts = ["import os", "def f(x):\n    return"]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 2, "prompt_logprobs": 1, "return_token_ids": True}
+    choices = sorted(_post(client, "/v1/completions", body)["choices"], key=lambda c: c["index"])
+    assert len(choices) == 4
+    for choice in choices:
+        prompt_ids = tokenizer.encode(prompts[choice["index"] // 2])
+        assert choice["prompt_token_ids"] == prompt_ids
+        positions = choice["prompt_logprobs"]
+        assert len(positions) == len(prompt_ids) and positions[0] is None
+        assert all(str(t) in p for t, p in zip(prompt_ids[1:], positions[1:]))
+    assert choices[0]["prompt_logprobs"] == choices[1]["prompt_logprobs"]

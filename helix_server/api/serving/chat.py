@@ -188,6 +188,7 @@ class ChatService:
                     logprobs = None
                     if self.body.logprobs and seq.logprobs:
                         logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n)
+                    # With return_token_ids the delta's ids ride on its content chunk, else on the finish chunk.
                     token_ids = list(seq.token_ids) if self.body.return_token_ids else msgspec.UNSET
                     if seq.text or logprobs is not None or (token_ids and seq.finish_reason is None):
                         content = ChatStreamChoice(
