@@ -9,7 +9,8 @@ keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-ke
 
 Ops: `helix::panel_linear` (`panel_gemm.cpp`, used by `helix_server.layers.panel_linear`);
 `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `store_kv_` (`fused_ops.cpp`) and
-`paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`.
+`paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`; `quant_linear`
+(`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks), used by `helix_server.layers.quantized_linear`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from helix_server.platform.device import cpu_flags
 logger = logging.getLogger("helix_server")
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(_HERE / name for name in ("panel_gemm.cpp", "fused_ops.cpp", "paged_attention.cpp"))
+SOURCES = tuple(_HERE / name for name in ("panel_gemm.cpp", "fused_ops.cpp", "paged_attention.cpp", "quant_gemm.cpp"))
 HEADERS = (_HERE / "vec_math.h",)
 
 
