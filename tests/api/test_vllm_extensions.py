@@ -8,11 +8,21 @@ its tokens and offsets describe; seeds outside vLLM's 64-bit range are a 400; `p
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import httpx
 import openai
 import pytest
 
-from tests.api.conftest import MODEL_NAME, assert_error, engine_idle, sse_json, wait_until
+from tests.api.conftest import (
+    MODEL_NAME,
+    assert_error,
+    engine_idle,
+    sse_json,
+    start_live_server,
+    wait_until,
+)
 
 PROMPT = "def fibonacci(n):"
 CONVERSATION = [{"role": "user", "content": "Write a function."}, {"role": "assistant", "content": "def f"}]
@@ -410,3 +420,50 @@ def test_each_prompt_of_a_batch_gets_its_own_prompt_logprobs_and_ids(client, tok
         assert len(positions) == len(prompt_ids) and positions[0] is None
         assert all(str(t) in p for t, p in zip(prompt_ids[1:], positions[1:]))
     assert choices[0]["prompt_logprobs"] == choices[1]["prompt_logprobs"]
+
+
+@pytest.fixture(scope="module")
+def bos_server(tiny_model_dir, tmp_path_factory):
+    """A server whose tokenizer adds `<|im_start|>` in front of every text prompt (as a BOS)."""
+    model_dir = tmp_path_factory.mktemp("bos-model")
+    for item in tiny_model_dir.iterdir():
+        shutil.copy(item, model_dir / item.name)
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    template = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}},
+    }
+    spec["post_processor"] = {"type": "Sequence", "processors": [spec["post_processor"], template]}
+    (model_dir / "tokenizer.json").write_text(json.dumps(spec))
+    live = start_live_server(model_dir)
+    yield live
+    live.stop()
+
+
+def test_echo_offsets_skip_a_bos_the_tokenizer_added_to_a_text_prompt(bos_server):
+    tokenizer = bos_server.engine.tokenizer
+    prompt = "x = 1\ny = 2"
+    assert tokenizer.encode(prompt)[0] == tokenizer.hf.convert_tokens_to_ids("<|im_start|>")
+    body = {"prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=bos_server.url, timeout=30) as http:
+        choices = [_post(http, "/v1/completions", body)["choices"][0]]
+        chunks = _stream(http, "/v1/completions", body)
+    lp = {
+        key: [v for c in chunks for v in c["choices"][0]["logprobs"][key]]
+        for key in ("tokens", "text_offset")
+    }
+    choices.append({"text": "".join(c["choices"][0]["text"] for c in chunks), "logprobs": lp})
+    for choice in choices:
+        text, tokens, offsets = (
+            choice["text"],
+            choice["logprobs"]["tokens"],
+            choice["logprobs"]["text_offset"],
+        )
+        assert text.startswith(prompt) and tokens[0] == "<|im_start|>" and offsets[:2] == [0, 0]
+        special = {tokenizer.token_text(t) for t in tokenizer.all_special_ids}
+        for token, offset in zip(tokens[1:], offsets[1:]):
+            if token not in special and "\ufffd" not in token:
+                assert text[offset : offset + len(token)] == token, (offset, token, text)

@@ -108,16 +108,15 @@ class CompletionService:
         choices = []
         for choice_index, result, seq in results.choices():
             prompt = self.prompts[choice_index // self.n]
-            text = seq.text
+            echoed_text = self._prompt_text(prompt) if self.body.echo else ""
+            text = echoed_text + seq.text
             builder = self._logprobs_builder()
             logprobs: CompletionLogprobs | None = None
-            if self.body.echo:
-                text = self._prompt_text(prompt) + text
             if builder is not None:
                 logprobs = CompletionLogprobs()
                 if self.body.echo:
                     prompt_lps = result.prompt_logprobs or [None] * len(prompt.token_ids)
-                    merge_legacy(logprobs, builder.build(prompt_lps, prompt.token_ids, generated=False))
+                    merge_legacy(logprobs, builder.build(prompt_lps, prompt.token_ids, echoed_text))
                 merge_legacy(logprobs, builder.build(seq.logprobs, seq.token_ids))
             choice = CompletionChoice(choice_index, text, logprobs, seq.finish_reason, seq.stop_reason)
             if self.body.prompt_logprobs is not None:
@@ -174,10 +173,11 @@ class CompletionService:
                         logprobs = CompletionLogprobs()
                     if first and self.body.echo:
                         prompt = self.prompts[prompt_index]
-                        text = self._prompt_text(prompt) + text
+                        echoed_text = self._prompt_text(prompt)
+                        text = echoed_text + text
                         if builder is not None:
                             lps = echo_logprobs.get(prompt_index) or [None] * len(prompt.token_ids)
-                            merge_legacy(logprobs, builder.build(lps, prompt.token_ids, generated=False))
+                            merge_legacy(logprobs, builder.build(lps, prompt.token_ids, echoed_text))
                     if builder is not None:
                         merge_legacy(logprobs, builder.build(seq.logprobs or [], seq.token_ids))
                     if not text and not seq.token_ids and seq.finish_reason is None:

@@ -44,7 +44,8 @@ class LegacyLogprobsBuilder:
     """Builds the completions API's parallel lists, keeping `text_offset` running across chunks.
 
     Offsets are character positions in the text the choice returns (the prompt too, with echo); a
-    token left out of that text (a special token under `skip_special_tokens`) takes no room in it.
+    token left out of that text takes no room in it: a generated special token under
+    `skip_special_tokens`, or an echoed special token the tokenizer added to a text prompt (a BOS).
     Each `top_logprobs` entry holds the `top_n` most likely tokens plus the chosen one (as OpenAI
     and vLLM do), so it has `top_n + 1` items when the chosen token is not among the most likely
     (fewer when tokens share a text, e.g. parts of one UTF-8 character).
@@ -53,20 +54,28 @@ class LegacyLogprobsBuilder:
     def __init__(self, tokenizer: Tokenizer, top_n: int, skip_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
         self._top_n = top_n
-        self._skipped = tokenizer.all_special_ids if skip_special_tokens else set()
+        self._special = tokenizer.all_special_ids
+        self._skip_special = skip_special_tokens
         self.offset = 0
 
     def build(
-        self, logprobs: list[TokenLogprob | None], token_ids: list[int], generated: bool = True
+        self, logprobs: list[TokenLogprob | None], token_ids: list[int], echoed_text: str | None = None
     ) -> CompletionLogprobs:
         """Entries for `token_ids`; a None logprob (the first prompt token) gives null entries.
-        `generated` False: echoed prompt tokens, all of which are in the text."""
+        `echoed_text`: these are the echoed prompt's tokens and this its text (the choice's start);
+        a special token among them takes room only where its text stands in `echoed_text`."""
         result = CompletionLogprobs()
         for token_id, entry in zip(token_ids, logprobs):
             text = self._tokenizer.token_text(token_id)
             result.tokens.append(text)
             result.text_offset.append(self.offset)
-            if not generated or token_id not in self._skipped:
+            if token_id not in self._special:
+                in_text = True
+            elif echoed_text is not None:
+                in_text = echoed_text.startswith(text, self.offset)
+            else:
+                in_text = not self._skip_special
+            if in_text:
                 self.offset += len(text)
             if entry is None:
                 result.token_logprobs.append(None)
