@@ -52,6 +52,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 64
     # The largest `n` a single request may ask for.
     max_n: int = 16
+    # The most prompts one request may carry (a completions `prompt` list); each counts n sequences.
+    max_prompts_per_request: int = 64
     # Admission control. Requests not yet scheduled, counted in sequences (a request with n counts
     # n), and their prompt tokens: past either bound a new request is refused (503, Retry-After).
     # None: no bound.

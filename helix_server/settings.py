@@ -127,6 +127,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_num_batched_tokens", "scheduler", int, "Token budget of one step (prompt chunks + decodes)."),
     Setting("max_num_seqs", "scheduler", int, "Most sequences in the running batch."),
     Setting("max_n", "scheduler", int, "Largest `n` (completions per request) a request may ask for."),
+    Setting("max_prompts_per_request", "scheduler", int, "Most prompts one request may carry (a list "
+            "`prompt`); more are a 400."),
     Setting("max_queued_requests", "scheduler", optional_int, "Most requests waiting to be scheduled "
             "(a request with n counts n); more get 503 with Retry-After ('none': no limit)."),
     Setting("max_queued_tokens", "scheduler", optional_int, "Most prompt tokens waiting to be scheduled; "

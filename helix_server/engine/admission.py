@@ -5,13 +5,15 @@ it when the first of its sequences is scheduled, or when it finishes). `check_ad
 bound a new request must pass before it is queued (`max_queued_requests` sequences, a request with
 `n` counting n, and `max_queued_tokens` prompt tokens); past it the request is refused with
 `EngineOverloadedError`, before any byte of a response is sent. A request is always admitted when
-nothing waits, so no single request is refused forever.
+nothing waits, so no single request is refused forever; `check_request_size` keeps that from letting
+one request flood the queue: a request whose sequences (prompts x n) could never fit in the queue
+plus the running batch, or with more than `max_prompts_per_request` prompts, is a 400.
 """
 
 from __future__ import annotations
 
 from helix_server.config import SchedulerConfig
-from helix_server.errors import EngineOverloadedError
+from helix_server.errors import EngineOverloadedError, ParameterError
 
 # Seconds a refused client is asked to wait before retrying.
 RETRY_AFTER_SECONDS = 1
@@ -78,4 +80,34 @@ def check_admission(
             f"{max_tokens}); retry later.",
             "queue_full",
             RETRY_AFTER_SECONDS,
+        )
+
+
+def check_request_size(
+    limits: SchedulerConfig, num_prompts: int, n: int, prompt_param: str = "prompt"
+) -> None:
+    """Raise `ParameterError` if one request asks for more than the engine could ever queue.
+
+    A request has `num_prompts` prompts of `n` sequences each; past `max_prompts_per_request` prompts
+    it names the prompt; past `max_queued_requests + max_num_seqs` sequences (all of the queue and
+    the running batch) it names `n` when n > 1, else the prompt.
+    """
+    max_prompts = limits.max_prompts_per_request
+    if num_prompts > max_prompts:
+        raise ParameterError(
+            f"A request may have at most {max_prompts} prompts, got {num_prompts}; send them in "
+            "several requests.",
+            prompt_param,
+        )
+    if limits.max_queued_requests is None:
+        return
+    max_sequences = limits.max_queued_requests + limits.max_num_seqs
+    num_sequences = num_prompts * n
+    if num_sequences > max_sequences:
+        param = "n" if n > 1 else prompt_param
+        raise ParameterError(
+            f"This request asks for {num_sequences} sequences ({num_prompts} prompts x n={n}), more than "
+            f"this server can ever queue and run at once ({max_sequences}); reduce the number of prompts "
+            "or n.",
+            param,
         )

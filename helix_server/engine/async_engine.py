@@ -1,14 +1,14 @@
 """`AsyncEngine`: an asyncio front for `EngineCore`, whose `step()` runs in one background thread.
 
-The event loop never runs the model. `add_request` tokenizes and validates in the caller (so bad
-input fails before any response byte), then hands the request to the engine thread through a
-command queue and returns a `RequestStream`, an async iterator of delta `RequestOutput`s. Leaving
+The event loop never runs the model. `add_request` tokenizes (large prompts in the tokenizer's
+worker thread) and validates in the caller (so bad input fails before any response byte), then
+hands the request to the engine thread through a command queue and returns a `RequestStream`, an async iterator of delta `RequestOutput`s. Leaving
 the iteration early (a client that hangs up) aborts the request, which frees its KV blocks at the
 engine thread's next turn, before its next step.
 
-Admission control happens in `add_request` too: past `max_queued_requests` / `max_queued_tokens`
-(counting what the engine thread has not picked up yet) it raises `EngineOverloadedError`, and a
-request the engine drops after `max_queue_wait` ends its stream with the same error.
+Admission control happens in `add_request` too: a request larger than the queue could ever hold
+is a `ParameterError`; past `max_queued_requests` / `max_queued_tokens` (counting what the engine
+thread has not picked up yet) it raises `EngineOverloadedError`, and a request the engine drops after `max_queue_wait` ends its stream with the same error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from helix_server.config import EngineConfig
-from helix_server.engine.admission import RETRY_AFTER_SECONDS, check_admission
+from helix_server.engine.admission import RETRY_AFTER_SECONDS, check_admission, check_request_size
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.runtime import load_components
@@ -135,6 +135,7 @@ class AsyncEngine:
         self._commands.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
+        self.tokenizer.close()
 
     @property
     def is_alive(self) -> bool:
@@ -206,6 +207,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ParameterError("cache_salt must be a non-empty string.", "cache_salt")
+        check_request_size(self.core.config.scheduler, len(prompts), params.n, prompt_param)
         token_lists: list[list[int]] = []
         for request_id, prompt in zip(request_ids, prompts, strict=True):
             if request_id in self._streams:
@@ -213,7 +215,7 @@ class AsyncEngine:
             if isinstance(prompt, str):
                 if not prompt:
                     raise ParameterError("The prompt is empty.", prompt_param)
-                token_ids = self.tokenizer.encode(prompt)
+                token_ids = await self.tokenizer.encode_async(prompt)
             else:
                 token_ids = list(prompt)
             self.core.validate_request(token_ids, params, prompt_param)

@@ -4,16 +4,25 @@
 hub, never remote code). Decoding never applies transformers' `clean_up_tokenization_spaces`
 heuristic (it rewrites " ." into "." and the like, which corrupts code and breaks incremental
 decoding), so `decode` is a pure function of the ids.
+
+Chat prompts are encoded so that user text cannot make control tokens (`encode_chat`, see
+`chat_encoding`). The `*_async` methods are for the event loop: large inputs (past `INLINE_CHARS`
+characters) are tokenized, rendered or decoded in the tokenizer's own worker thread, through the
+Rust calls that release the GIL, so a megabyte prompt does not stall every other request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from helix_server.engine.chat_encoding import ControlTokens, unmark
 from helix_server.errors import ParameterError
 
 BYTE_LEVEL = "byte_level"
@@ -22,6 +31,9 @@ OTHER = "other"
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _METASPACE = "\u2581"
+# Inputs up to this many characters are tokenized inline by the `*_async` methods (well under a
+# millisecond); larger ones go to the worker thread.
+INLINE_CHARS = 4096
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -64,12 +76,36 @@ class Tokenizer:
         self._added: dict[int, str] = {int(i): str(tok) for i, tok in hf.added_tokens_decoder.items()}
         self.kind: str = _detect_kind(self._backend)
         self._bytes_cache: dict[int, bytes] = {}
+        if self._backend is not None:
+            # `encode` calls the backend directly; transformers would switch these off per call.
+            if self._backend.truncation is not None:
+                self._backend.no_truncation()
+            if self._backend.padding is not None:
+                self._backend.no_padding()
+        self._control_tokens: ControlTokens | None = None
+        self._plain_backend: Any = None  # the backend with special tokens split, for user text
+        self._executor: ThreadPoolExecutor | None = None
 
     # -- text <-> ids -------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds the model's BOS/EOS the way it was trained."""
+        if self._backend is not None:
+            # encode_batch, not encode: it releases the GIL while it works (encode holds it).
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Token ids of `text` with every special token in it split into ordinary tokens."""
+        if self._backend is None:
+            return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
+        if self._plain_backend is None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            plain = RustTokenizer.from_str(self._backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain_backend = plain
+        return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (no tokenization-space clean-up). Unknown ids contribute nothing."""
@@ -116,8 +152,94 @@ class Tokenizer:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
     ) -> list[int]:
         """Token ids of the rendered chat prompt (the template supplies any BOS itself)."""
-        text = self.render_chat_template(messages, add_generation_prompt, **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode_chat(messages, add_generation_prompt, **template_kwargs)[1]
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> tuple[str, list[int]]:
+        """The rendered chat prompt and its token ids, with the control tokens (special tokens) in
+        user strings (messages and template variables) encoded as plain text: only the template's own
+        markers become control tokens. Raises `ParameterError` like `render_chat_template`."""
+        control = self._chat_control_tokens()
+        marked_messages, in_messages = control.mark(messages)
+        marked_kwargs, in_kwargs = control.mark(template_kwargs)
+        if not (in_messages or in_kwargs):  # nothing to neutralize: exactly the plain encoding
+            text = self.render_chat_template(messages, add_generation_prompt, **template_kwargs)
+            return text, self.encode(text, add_special_tokens=False)
+        rendered = self.render_chat_template(marked_messages, add_generation_prompt, **marked_kwargs)
+        ids: list[int] = []
+        for index, piece in enumerate(control.split(rendered)):
+            piece_ids = self._encode_piece(piece.text, piece.as_text, first=index == 0)
+            if piece.as_text and self.hf.convert_tokens_to_ids(piece.text) in piece_ids:
+                raise ParameterError(
+                    f"The text {piece.text!r} can't be sent in a message: this tokenizer makes the "
+                    "control token from plain text too.",
+                    "messages",
+                )
+            ids += piece_ids
+        return unmark(rendered), ids
+
+    def _encode_piece(self, text: str, as_text: bool, first: bool) -> list[int]:
+        encode = self.encode_as_text if as_text else functools.partial(self.encode, add_special_tokens=False)
+        if first:
+            return encode(text)
+        # After a newline that is then dropped, so SentencePiece adds no prefix space mid-prompt.
+        newline = self.encode("\n", add_special_tokens=False)
+        ids = encode("\n" + text)
+        if ids[: len(newline)] == newline:
+            return ids[len(newline) :]
+        return encode(text)
+
+    def _chat_control_tokens(self) -> ControlTokens:
+        if self._control_tokens is None:
+            added = self.hf.added_tokens_decoder.values()
+            template = getattr(self.hf, "chat_template", None)
+            self._control_tokens = ControlTokens(
+                special=[str(t.content) for t in added if t.special],
+                added=[str(t.content) for t in added],
+                template=template if isinstance(template, str) else str(template or ""),
+            )
+        return self._control_tokens
+
+    # -- off the event loop -------------------------------------------------------------------------
+
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`encode`, in the worker thread when `text` is large."""
+        return await self._call(len(text), self.encode, text, add_special_tokens=add_special_tokens)
+
+    async def decode_async(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """`decode`, in the worker thread (through a GIL-releasing call) when there are many ids."""
+        decode = functools.partial(self._decode_releasing_gil, skip_special_tokens=skip_special_tokens)
+        return await self._call(len(ids), decode, ids)
+
+    async def encode_chat_async(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> tuple[str, list[int]]:
+        """`encode_chat`, in the worker thread when the conversation is large."""
+        size = _text_size(messages) + _text_size(template_kwargs)
+        return await self._call(
+            size, self.encode_chat, messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+
+    def close(self) -> None:
+        """Stop the worker thread (a later `*_async` call starts a new one)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    async def _call(self, size: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if size <= INLINE_CHARS:
+            return fn(*args, **kwargs)
+        if self._executor is None:
+            # One thread: large inputs are tokenized one at a time, beside the engine thread.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helix-tokenizer")
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _decode_releasing_gil(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        if self._backend is not None:
+            return self._backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
+        return self.decode(ids, skip_special_tokens)
 
     # -- single tokens ------------------------------------------------------------------------------
 
@@ -167,10 +289,19 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer of the local model directory `path` (no hub access, no remote code)."""
+    """Load the tokenizer of the local model directory `path`, or of a GGUF file (or a directory
+    holding one) from its metadata (no hub access, no remote code)."""
     from transformers import AutoTokenizer
 
+    from helix_server.models.gguf_checkpoint import find_gguf_file
+
     model_dir = Path(path)
+    gguf_file = find_gguf_file(model_dir)
+    if gguf_file is not None:  # tokenizer and chat template from the GGUF metadata, via transformers
+        hf = AutoTokenizer.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, trust_remote_code=False, local_files_only=True
+        )
+        return Tokenizer(hf)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"Tokenizer directory {str(model_dir)!r} does not exist.")
     hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
@@ -178,6 +309,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     for name in ("config.json", "generation_config.json"):
         eos |= _eos_ids_from_json(model_dir / name)
     return Tokenizer(hf, eos)
+
+
+def _text_size(obj: Any) -> int:
+    """Characters in the strings of `obj` (nested lists and dicts), to size the work on it."""
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_text_size(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_text_size(value) for value in obj)
+    return 0
 
 
 def _eos_ids_from_json(path: Path) -> set[int]:

@@ -26,12 +26,6 @@ def validate_request(
     """
     if not prompt_token_ids:
         raise ParameterError("The prompt is empty (it has no tokens).", prompt_param)
-    for token_id in prompt_token_ids:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise ParameterError(
-                f"The prompt contains token id {token_id!r}, outside the vocabulary [0, {vocab_size}).",
-                prompt_param,
-            )
     if params.n > max_n:
         raise ParameterError(f"n must be at most {max_n}, got {params.n}.", "n")
     num_prompt = len(prompt_token_ids)
@@ -45,6 +39,13 @@ def validate_request(
             prompt_param,
             code="context_length_exceeded",
         )
+    # After the length check: an over-long prompt is refused without a pass over its ids.
+    for token_id in prompt_token_ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+            raise ParameterError(
+                f"The prompt contains token id {token_id!r}, outside the vocabulary [0, {vocab_size}).",
+                prompt_param,
+            )
     if params.min_tokens and num_prompt + params.min_tokens > max_sequence_len:
         raise ParameterError(
             f"min_tokens ({params.min_tokens}) does not fit in the context after the prompt.", "min_tokens"

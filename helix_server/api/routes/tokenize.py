@@ -32,7 +32,7 @@ class TokenizeController(Controller):
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("Send exactly one of 'prompt' and 'messages'.", "prompt")
         if body.messages is not None:
-            prompt = chat_prompt(
+            prompt = await chat_prompt(
                 body.messages, tokenizer, body.add_generation_prompt, body.continue_final_message
             )
             tokens = prompt.token_ids
@@ -40,7 +40,8 @@ class TokenizeController(Controller):
             if body.continue_final_message:
                 message = "continue_final_message applies to messages only."
                 raise bad_request(message, "continue_final_message")
-            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            add_special_tokens = body.add_special_tokens
+            tokens = await tokenizer.encode_async(body.prompt, add_special_tokens=add_special_tokens)
         response = TokenizeResponse(tokens, len(tokens), state.engine.core.max_sequence_len)
         if body.return_token_strs:
             response.token_strs = [tokenizer.id_to_token(token_id) for token_id in tokens]
@@ -58,4 +59,4 @@ class TokenizeController(Controller):
                 raise bad_request(
                     f"Token id {token_id} is outside the vocabulary [0, {vocab_size}).", "tokens"
                 )
-        return DetokenizeResponse(state.engine.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(await state.engine.tokenizer.decode_async(body.tokens))

@@ -100,7 +100,7 @@ class ChatService:
         """Validate, render the chat template, queue, and answer (streamed when `stream` is true)."""
         params, include_usage = self._check()
         body = self.body
-        prompt = chat_prompt(
+        prompt = await chat_prompt(
             body.messages, self.tokenizer, body.add_generation_prompt, body.continue_final_message
         )
         self.prompt_token_ids = prompt.token_ids

@@ -66,7 +66,7 @@ class CompletionService:
     async def create(self, request: Request) -> Response:
         """Validate, queue, and answer (streamed when `stream` is true)."""
         params, include_usage = self._check()
-        self.prompts = completion_prompts(self.body.prompt, self.tokenizer)
+        self.prompts = await completion_prompts(self.body.prompt, self.tokenizer)
         self.n = params.n
         token_prompts = [p.token_ids for p in self.prompts]
 

@@ -56,11 +56,14 @@ class HelixService:
         prompts = body.prompts if isinstance(body, BatchGenerateRequest) else [body.prompt]
         if not prompts:
             raise bad_request("prompts must contain at least one prompt.", "prompts")
-        self.prompts = [p.token_ids for p in completion_prompts(list(prompts), state.engine.tokenizer)]
+        self._prompts = list(prompts)
+        self.prompts: list[list[int]] = []
         self.timings: dict[int, RequestMetrics | None] = {}
 
-    def _start(self):
-        return Generation.start(self.state, self.request_id, self.prompts, self.params, "prompt")
+    async def _start(self) -> Generation:
+        prompts = await completion_prompts(self._prompts, self.state.engine.tokenizer)
+        self.prompts = [p.token_ids for p in prompts]
+        return await Generation.start(self.state, self.request_id, self.prompts, self.params, "prompt")
 
     async def create(self, request: Request, stream: bool = False) -> Response:
         """Answer with one result, a batch of results, or an SSE stream of tokens."""

@@ -1,7 +1,8 @@
 """Prompts from the wire: completion prompts (text or token ids, one or many) and chat messages.
 
-Text is tokenized here, in the event loop, with the engine's loop-side tokenizer. Empty prompts and
-malformed token lists are 400s naming `prompt`; the engine re-checks ids and lengths on entry.
+Text is tokenized here with the engine's loop-side tokenizer (large inputs in its worker thread).
+Empty prompts and malformed token lists are 400s naming `prompt`; the engine re-checks ids and
+lengths on entry.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ class Prompt:
     text: str | None = None
 
 
-def completion_prompts(prompt: str | list[Any], tokenizer: Tokenizer) -> list[Prompt]:
+async def completion_prompts(prompt: str | list[Any], tokenizer: Tokenizer) -> list[Prompt]:
     """One `Prompt` per prompt of a completions request (string, strings, ids, or lists of ids)."""
     if isinstance(prompt, str):
-        return [_text_prompt(prompt, tokenizer, "prompt")]
+        return [await _text_prompt(prompt, tokenizer, "prompt")]
     if not prompt:
         raise bad_request("The prompt is empty.", "prompt")
     if all(isinstance(item, str) for item in prompt):
-        return [_text_prompt(item, tokenizer, "prompt") for item in prompt]
+        return [await _text_prompt(item, tokenizer, "prompt") for item in prompt]
     if all(_is_int(item) for item in prompt):
         return [Prompt(list(prompt))]
     if all(isinstance(item, list) for item in prompt):
@@ -47,10 +48,10 @@ def completion_prompts(prompt: str | list[Any], tokenizer: Tokenizer) -> list[Pr
     )
 
 
-def _text_prompt(text: str, tokenizer: Tokenizer, param: str) -> Prompt:
+async def _text_prompt(text: str, tokenizer: Tokenizer, param: str) -> Prompt:
     if not text:
         raise bad_request("The prompt is empty.", param)
-    token_ids = tokenizer.encode(text)
+    token_ids = await tokenizer.encode_async(text)
     if not token_ids:
         raise bad_request("The prompt is empty after tokenization (it has no tokens).", param)
     return Prompt(token_ids, text)
@@ -136,7 +137,7 @@ def check_generation_prompt(add_generation_prompt: bool, continue_final_message:
         )
 
 
-def chat_prompt(
+async def chat_prompt(
     messages: list[ChatMessage],
     tokenizer: Tokenizer,
     add_generation_prompt: bool = True,
@@ -147,10 +148,8 @@ def chat_prompt(
     check_generation_prompt(add_generation_prompt, continue_final_message)
     conversation = chat_template_messages(messages)
     switches = {"continue_final_message": True} if continue_final_message else {}
-    text = tokenizer.render_chat_template(
-        conversation, add_generation_prompt=add_generation_prompt, **switches
-    )
-    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    # Off the event loop when large; control tokens in the messages' text stay plain text.
+    text, token_ids = await tokenizer.encode_chat_async(conversation, add_generation_prompt, **switches)
     if not token_ids:
         raise bad_request("The rendered chat prompt has no tokens.", "messages")
     return Prompt(token_ids, text)
