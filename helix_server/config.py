@@ -137,6 +137,13 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_timeout: float = 30.0
     # Largest accepted request body.
     max_request_body_bytes: int = 4 * 1024 * 1024
+    # Seconds a client may take to send a request's head (from connecting, or from the first byte of
+    # a later request on a kept-alive connection); then the connection is closed (408 if it sent part).
+    header_timeout: float = 10.0
+    # Seconds a request body may stall between two reads; then 408 and the connection is closed.
+    body_timeout: float = 30.0
+    # Seconds an idle kept-alive connection stays open after a response.
+    keep_alive_timeout: float = 5.0
     log_level: str = "info"
 
 

@@ -154,6 +154,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allowed_origins", "server", list, "CORS origins to allow (comma-separated; off by default)."),
     Setting("shutdown_timeout", "server", float, "Seconds in-flight requests get to finish on SIGINT/SIGTERM."),
     Setting("max_request_body_bytes", "server", int, "Largest accepted request body, in bytes."),
+    Setting("header_timeout", "server", float, "Seconds a client may take to send a request's head; then "
+            "the connection is closed (408 when it sent part of one)."),
+    Setting("body_timeout", "server", float, "Seconds a request body may stall between two reads; then 408 "
+            "and the connection is closed."),
+    Setting("keep_alive_timeout", "server", float, "Seconds an idle kept-alive connection stays open after "
+            "a response."),
     Setting("log_level", "server", str, "debug | info | warning | error."),
 )
 

@@ -8,16 +8,22 @@ arrays or objects) is a 400 too, not a `RecursionError`.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TypeVar
 
 import msgspec
 from litestar import Request
+from litestar.exceptions import InternalServerException
 
-from helix_server.api.errors import APIError, bad_request
+from helix_server.api.errors import APIError, ClientDisconnected, bad_request
+
+logger = logging.getLogger("helix_server.api")
 
 T = TypeVar("T")
 
+# Litestar's detail when `http.disconnect` arrives before the body is complete.
+_DISCONNECTED = "client disconnected prematurely"
 _AT_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
@@ -26,9 +32,17 @@ _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
 async def read_json(request: Request, type_: type[T]) -> T:
     """The request body decoded as `type_`; a 400 `APIError` when it is empty, not JSON or invalid.
 
-    A body over the server's limit raises Litestar's 413 while it is read.
+    A body over the server's limit raises Litestar's 413 while it is read. A client that hangs up (or
+    is timed out, see `connection_timeouts`) before its body is complete raises `ClientDisconnected`:
+    a quiet end, not a server error.
     """
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except InternalServerException as exc:
+        if exc.detail != _DISCONNECTED:
+            raise
+        logger.debug("client left before sending all of its body: %s %s", request.method, request.url.path)
+        raise ClientDisconnected() from None
     return decode_json(raw, type_)
 
 

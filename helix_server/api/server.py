@@ -5,6 +5,10 @@ Shutdown is graceful: on SIGINT/SIGTERM the server keeps listening but answers n
 rest are then aborted (their streams end with finish_reason "abort" and `[DONE]`) and the process
 exits with status 0. A second signal skips the wait. uvicorn's own handler would close the listening
 socket at once, so `DrainingServer` replaces it.
+
+The port is bound before the model loads, so a port in use fails at once (exit status 1). Connections
+are served by `TimedH11Protocol`: a client that sends nothing, or stalls in its request head or body,
+is timed out (`header_timeout`, `body_timeout`, `keep_alive_timeout`).
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
 from helix_server.api.app import create_app
+from helix_server.api.connection_timeouts import ConnectionTimeouts, TimedH11Protocol
 from helix_server.api.lifecycle import drain
+from helix_server.api.server_logging import AcceptErrorLog, rename_uvicorn_logger
 from helix_server.api.state import STATE_KEY, ServerState
-from helix_server.config import HelixConfig
+from helix_server.config import HelixConfig, ServerConfig
 from helix_server.engine.async_engine import AsyncEngine
 from helix_server.errors import HelixError
 
@@ -43,6 +51,7 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         """Remember the serving loop (signal handlers schedule the drain on it), then serve."""
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(AcceptErrorLog())
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -88,7 +97,7 @@ def build_engine(config: HelixConfig) -> AsyncEngine:
             bar.close()
 
 
-def log_startup(engine: AsyncEngine, config: HelixConfig) -> None:
+def log_startup(engine: AsyncEngine, config: HelixConfig, port: int) -> None:
     """Log the model, caching and queue settings, and the URL (the runtime logged device, dtype and KV pool)."""
     runtime = engine.runtime
     logger.info(
@@ -107,40 +116,89 @@ def log_startup(engine: AsyncEngine, config: HelixConfig) -> None:
         scheduler.max_queued_requests if scheduler.max_queued_requests is not None else "unlimited",
     )
     server = config.server
-    host = f"[{server.host}]" if ":" in server.host else server.host
     auth = "required" if server.api_key else "off"
-    logger.info("listening on http://%s:%d (API key %s; docs at /docs)", host, server.port, auth)
+    logger.info("listening on %s (API key %s; docs at /docs)", server_url(server.host, port), auth)
 
 
-def serve(config: HelixConfig) -> int:
-    """Serve the OpenAI-compatible API until SIGINT/SIGTERM; returns the process exit status."""
+def server_url(host: str, port: int) -> str:
+    """`http://host:port`, with an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening; `OSError` when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        engine = build_engine(config)
-    except (HelixError, OSError, ValueError) as exc:
-        logger.error("could not load the model: %s", exc)
-        return 1
-    app = create_app(engine, config)
-    log_startup(engine, config)
-    # The model, torch and transformers' modules live as long as the process: move them out of the
-    # cyclic garbage collector's sight, or each full collection walks them all (measured: ~100 ms
-    # pauses in the step loop on a 2-core CPU).
-    gc.collect()
-    gc.freeze()
-    server_config = config.server
-    uv_config = uvicorn.Config(
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one (systemd's soft default is 1,024): every
+    connection holds a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.debug("could not raise the open-file limit from %d: %s", soft, exc)
+
+
+def uvicorn_config(app, server_config: ServerConfig) -> uvicorn.Config:
+    """uvicorn's settings for `app`: our timed HTTP/1.1 protocol, our logging, graceful shutdown."""
+    timeouts = ConnectionTimeouts(
+        header_timeout=server_config.header_timeout,
+        body_timeout=server_config.body_timeout,
+        keep_alive_timeout=server_config.keep_alive_timeout,
+    )
+    return uvicorn.Config(
         app,
         host=server_config.host,
         port=server_config.port,
+        http=TimedH11Protocol.factory(timeouts),
+        timeout_keep_alive=server_config.keep_alive_timeout,
         log_config=None,
         log_level=server_config.log_level.lower(),
         lifespan="on",
         timeout_graceful_shutdown=int(CONNECTION_CLOSE_TIMEOUT_S),
     )
-    server = DrainingServer(uv_config, app.state[STATE_KEY], server_config.shutdown_timeout)
+
+
+def serve(config: HelixConfig) -> int:
+    """Serve the OpenAI-compatible API until SIGINT/SIGTERM; returns the process exit status."""
+    server_config = config.server
     try:
-        server.run()
-    except SystemExit as exc:  # uvicorn exits 1 when it can't bind
-        return int(exc.code or 0)
-    finally:
-        engine.shutdown()
+        sock = bind_socket(server_config.host, server_config.port)
+    except OSError as exc:
+        url = server_url(server_config.host, server_config.port)
+        logger.error("cannot listen on %s: %s", url, exc.strerror or exc)
+        return 1
+    raise_open_file_limit()
+    rename_uvicorn_logger()
+    with sock:
+        try:
+            engine = build_engine(config)
+        except (HelixError, OSError, ValueError) as exc:
+            logger.error("could not load the model: %s", exc)
+            return 1
+        app = create_app(engine, config)
+        log_startup(engine, config, sock.getsockname()[1])
+        # The model, torch and transformers' modules live as long as the process: move them out of the
+        # cyclic garbage collector's sight, or each full collection walks them all (measured: ~100 ms
+        # pauses in the step loop on a 2-core CPU).
+        gc.collect()
+        gc.freeze()
+        server = DrainingServer(uvicorn_config(app, server_config), app.state[STATE_KEY], server_config.shutdown_timeout)
+        try:
+            server.run(sockets=[sock])
+        except SystemExit as exc:  # uvicorn exits 1 when its start-up fails
+            return int(exc.code or 0)
+        finally:
+            engine.shutdown()
     return 0 if server.started else 1
