@@ -50,3 +50,50 @@ def bench_model_dir(name: str = "llama-100m", seed: int = 0) -> Path:
     model.save_pretrained(tokenizer_dir, safe_serialization=True)
     tmp.rename(out)
     return out
+
+
+# SmolLM2-135M-Instruct's shape: 30 thin layers, GQA 9/3 of 64, a large tied vocabulary.
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+
+def smollm2_shaped_dir(seed: int = 0) -> Path:
+    """A random model of SmolLM2-135M's shape (above), with the llama-100m model's tokenizer (ids past
+    its 32,000 decode to nothing: the benchmarks feed and compare token ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = cache_root() / "smollm2-shaped"
+    if (out / "model.safetensors").exists():
+        return out
+    tokenizer_source = bench_model_dir()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    copy_tokenizer(tokenizer_source, tmp)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_bench_model(name_or_dir: str) -> Path:
+    """`llama-100m`, `smollm2-shaped` (both built on first use) or a model directory."""
+    builders = {"llama-100m": bench_model_dir, "smollm2-shaped": smollm2_shaped_dir}
+    if name_or_dir in builders:
+        return builders[name_or_dir]()
+    path = Path(name_or_dir)
+    if not path.exists():
+        raise SystemExit(f"no model at {path} (or give one of {', '.join(builders)})")
+    return path

@@ -1,7 +1,8 @@
 """Where a decode step's time goes, and how fast the linear layers stream their weights.
 
-Runs the throughput benchmark's model (seeded random weights, ~100M Llama shape) through helix's
-`LLM` with B requests decoding together (B = 1 and 16 by default) and times, in the engine itself,
+Runs a model (default: the throughput benchmark's, seeded random weights, ~100M Llama shape;
+`--model smollm2-shaped` for a random model of SmolLM2-135M's shape, 30 thin layers and a tied
+49,152-token vocabulary, or any model directory) through helix's `LLM` with B requests decoding together (B = 1 and 16 by default) and times, in the engine itself,
 the model runner's part of every decode step (forward and sampling; prompt steps are left out;
 the scheduler and detokenizer add ~0.15 ms a step at batch 1), split into
 
@@ -18,7 +19,8 @@ prefetch, streams faster), the rate the batch-1 linear layers reached, and, unle
 transformers' batch-1 decode time per token on the same model, then prints the batch-1 speed-up
 over transformers now and if the linear layers ran at least at the summing pass's rate.
 
-    python bench/decode_profile.py [--dtype float32] [--batches 1,16] [--steps 64] [--repeats 3] [--no-hf]
+    python bench/decode_profile.py [--model llama-100m|smollm2-shaped|DIR] [--dtype float32] [--batches 1,16]
+        [--steps 64] [--repeats 3] [--no-hf]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import bench_model_dir  # noqa: E402
+from bench_models import resolve_bench_model  # noqa: E402
 from throughput import make_workload  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
@@ -125,6 +127,7 @@ class HfDecode:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-100m", help="llama-100m, smollm2-shaped or a model directory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batches", default="1,16", help="comma-separated numbers of requests decoding together")
     parser.add_argument("--steps", type=int, default=64, help="tokens each request generates")
@@ -133,7 +136,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "decode_profile.json"))
     args = parser.parse_args()
 
-    model_dir = bench_model_dir()
+    model_dir = resolve_bench_model(args.model)
     dtype = getattr(torch, args.dtype)
     llm = LLM(model=str(model_dir), dtype=args.dtype, max_num_seqs=64, seed=0, enable_prefix_caching=False)
     runner = llm.engine.runner
