@@ -1,7 +1,9 @@
-"""Load a local Hugging Face model directory into our own module: config, safetensors, RoPE table.
+"""Load a local Hugging Face model directory (or a GGUF file) into our own module: config,
+weights, RoPE table.
 
 Weights come from `model.safetensors` or a sharded `model.safetensors.index.json`, never from
-pickle files. The module is built on the `meta` device and materialised with `to_empty`, so no time
+pickle files; a GGUF file's come through `helix_server.models.gguf_loader` (block-quantized
+weights stay packed). The module is built on the `meta` device and materialised with `to_empty`, so no time
 is spent on a random initialisation that the checkpoint overwrites anyway.
 """
 
@@ -21,6 +23,8 @@ from torch import nn
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.linear import bulk_float32_supported, cpu_packing_supported
 from helix_server.layers.panel_linear import panel_linear_supported
+from helix_server.models.gguf_checkpoint import GGUFCheckpoint, find_gguf_file
+from helix_server.models.gguf_loader import load_gguf_weights
 from helix_server.models.hf_config import arch_config_from_hf
 from helix_server.models.registry import resolve_architecture
 from helix_server.platform.device import cpu_has_amx
@@ -34,10 +38,14 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def load_hf_config(model_dir: str | Path) -> Any:
-    """The transformers config of a local model directory (no network, no remote code)."""
+    """The transformers config of a local model directory, or of a GGUF file (or a directory
+    holding one) from its metadata (no network, no remote code)."""
     from transformers import AutoConfig
 
     path = Path(model_dir)
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return GGUFCheckpoint(gguf_file).hf_config()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
@@ -102,12 +110,21 @@ def load_model(
     `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
     a bfloat16 model on a CPU without AMX computes its long prompt chunks in float32 (faster there).
     """
-    hf_config = load_hf_config(model_dir)
+    gguf_file = find_gguf_file(model_dir)
+    gguf = GGUFCheckpoint(gguf_file) if gguf_file is not None else None
+    hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)
     arch = arch_config_from_hf(hf_config, spec.flavor)
-    files = checkpoint_files(model_dir)
-    names = {name for file_names in files.values() for name in file_names}
-    if not arch.tie_word_embeddings and "lm_head.weight" not in names:
+    if gguf is not None:
+        files: dict[str, list[str]] = {}
+        total = gguf.num_tensors()
+        has_lm_head = gguf.has_tensor("output.weight")
+    else:
+        files = checkpoint_files(model_dir)
+        names = {name for file_names in files.values() for name in file_names}
+        total = len(names)
+        has_lm_head = "lm_head.weight" in names
+    if not arch.tie_word_embeddings and not has_lm_head:
         arch = dataclasses.replace(arch, tie_word_embeddings=True)
 
     with torch.device("meta"):
@@ -115,9 +132,11 @@ def load_model(
     model = model.to(dtype=dtype).to_empty(device=device)
     model.requires_grad_(False).eval()
 
-    total = len(names)
     callback = None if progress is None else (lambda loaded: progress(loaded, total))
-    model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
+    if gguf is not None:
+        load_gguf_weights(model, gguf, device, progress=callback)
+    else:
+        model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
     model.build_rope_cache(device, dtype, max_model_len)
     if pack_for_cpu:
         helix_kernels = cpu_kernels and panel_linear_supported(torch.device(device), dtype)

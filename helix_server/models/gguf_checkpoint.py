@@ -1,0 +1,177 @@
+"""Read a GGUF file (llama.cpp's format) for helix: its config, and its tensors under HF names.
+
+Tensors and metadata come from `gguf.GGUFReader` (ggml's own reader); the transformers config and
+(in `helix_server.engine.tokenizer`) the tokenizer and chat template come from transformers' GGUF
+integration (`from_pretrained(directory, gguf_file=name)`). Supported: `general.architecture`
+llama, mistral, qwen2, qwen3, with tensors in F32, F16, BF16 (loaded as ordinary weights) or in a
+block type of `helix_server.layers.quantized_linear.QUANTIZED_TYPES` (kept packed). Anything else
+is refused by name with the supported list.
+
+llama.cpp's converter permutes the rows of Llama's q/k projections (its RoPE pairs adjacent
+dimensions, HF's pairs halves); `GGUFCheckpoint` applies the reverse permutation, as transformers
+does, for `general.architecture` llama. It is a permutation of whole rows, so it applies to the
+packed blocks of a quantized weight as well.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+
+from helix_server.errors import UnsupportedModelError
+from helix_server.layers.quantized_linear import QUANTIZED_TYPES, SUPPORTED_TYPES, QuantizedWeight
+
+GGUF_SUFFIX = ".gguf"
+
+# general.architecture -> the HF architecture name helix's registry knows.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# Architectures whose q/k rows llama.cpp's converter permutes (transformers reverses it for these).
+_PERMUTED_QK = ("llama",)
+_FLOAT_TYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def find_gguf_file(path: str | Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one `.gguf` file of a directory
+    (None when `path` is neither; `UnsupportedModelError` for a directory with several)."""
+    path = Path(path)
+    if path.is_file():
+        return path if path.suffix.lower() == GGUF_SUFFIX else None
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX and p.is_file())
+    if len(found) > 1:
+        raise UnsupportedModelError(
+            f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); "
+            "pass --model the path of the one to load"
+        )
+    return found[0] if found else None
+
+
+def gguf_hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name of a GGUF tensor name (None for names helix does not know)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return None
+    layer, kind, suffix = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+
+
+def reverse_permute_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: rows [n_head, dim, 2] -> [n_head, 2, dim] (any
+    trailing dims, so packed block rows too)."""
+    rows = tensor.shape[0]
+    dim = rows // num_heads // 2
+    return tensor.reshape(num_heads, dim, 2, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+
+
+class GGUFCheckpoint:
+    """A GGUF file opened for loading: metadata checks, HF config, tensors under HF names."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.reader = GGUFReader(self.path)
+        self.architecture = self._field("general.architecture")
+        if self.architecture not in GGUF_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {self.architecture!r} ({self.path.name}) is not supported; supported "
+                "GGUF architectures: " + ", ".join(GGUF_ARCHITECTURES)
+            )
+        unsupported = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in SUPPORTED_TYPES})
+        if unsupported:
+            raise UnsupportedModelError(
+                f"{self.path.name} has tensors of GGUF type(s) {', '.join(unsupported)}, which helix does not "
+                "support; supported types: " + ", ".join(t.name for t in SUPPORTED_TYPES)
+            )
+        names = {t.name for t in self.reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise UnsupportedModelError(
+                f"{self.path.name} carries per-dimension RoPE frequency factors (rope_freqs.weight, "
+                "Llama 3.1-style RoPE scaling), which helix does not read from GGUF files yet"
+            )
+        unknown = sorted(n for n in names if gguf_hf_name(n) is None)
+        if unknown:
+            raise UnsupportedModelError(
+                f"{self.path.name} has tensor(s) a {self.architecture} model does not use: " + ", ".join(unknown[:20])
+            )
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        field = self.reader.get_field(key)
+        return default if field is None else field.contents()
+
+    def has_tensor(self, gguf_name: str) -> bool:
+        """Whether the file holds the tensor `gguf_name`."""
+        return any(t.name == gguf_name for t in self.reader.tensors)
+
+    def hf_config(self) -> Any:
+        """The transformers config from the GGUF metadata (via transformers' GGUF integration),
+        with `architectures` set and `head_dim` taken from `attention.key_length` when present."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            str(self.path.parent), gguf_file=self.path.name, trust_remote_code=False, local_files_only=True
+        )
+        config.architectures = [GGUF_ARCHITECTURES[self.architecture]]
+        key_length = self._field(f"{self.architecture}.attention.key_length")
+        if key_length is not None:
+            config.head_dim = int(key_length)
+        return config
+
+    def num_tensors(self) -> int:
+        """How many tensors the file holds."""
+        return len(self.reader.tensors)
+
+    def tensors(self, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Yield (hf_name, tensor) for every tensor: float types as torch tensors in their own
+        dtype ([out, in] for matrices), block types as `QuantizedWeight` (packed rows), with
+        Llama's q/k rows un-permuted."""
+        permute = self.architecture in _PERMUTED_QK
+        for tensor in self.reader.tensors:
+            hf_name = gguf_hf_name(tensor.name)
+            data = torch.from_numpy(np.array(tensor.data))  # a copy: the reader's arrays map the file
+            qtype = tensor.tensor_type
+            shape = [int(n) for n in reversed(tensor.shape.tolist())]  # ggml's ne is innermost first
+            if permute and ".self_attn.q_proj." in hf_name:
+                data = reverse_permute_rows(data, num_heads)
+            elif permute and ".self_attn.k_proj." in hf_name:
+                data = reverse_permute_rows(data, num_kv_heads)
+            if qtype in QUANTIZED_TYPES:
+                yield hf_name, QuantizedWeight(qtype, data.reshape(shape[0], -1), in_features=shape[-1])
+            else:
+                yield hf_name, data.view(_FLOAT_TYPES[qtype]).reshape(shape)
