@@ -1,0 +1,136 @@
+"""The responses the OpenAPI schema documents beyond Litestar's 200: errors, streams, Prometheus text.
+
+Litestar documents each operation's 200 from the handler's return type; helix's handlers return raw
+`Response`s and raise `APIError`s, so `document_responses` adds what the server really answers: every
+error as OpenAI's envelope (`#/components/schemas/ErrorResponse`), the SSE endpoints as
+`text/event-stream`, `/metrics` as `text/plain`, and the bearer scheme on every route that needs the
+key. Which routes are public (no key, answered while draining) is read from the app's handlers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+from litestar import Litestar
+from litestar.routes import HTTPRoute
+
+from helix_server.api.guards import PUBLIC
+from helix_server.api.protocol.common import ErrorResponse
+
+ERROR_SCHEMA = "ErrorResponse"
+BEARER = "bearer"
+METHODS = ("get", "head", "post", "put", "patch", "delete")
+
+BAD_REQUEST = "Invalid request: the envelope's `param` names the parameter at fault."
+UNAUTHORIZED = "Missing or wrong `Authorization: Bearer KEY` (only when the server runs with --api-key)."
+TOO_LARGE = "The body is larger than --max-request-body-bytes."
+UNAVAILABLE = (
+    "The server is shutting down, its engine is not running, or the waiting queue is full or was waited "
+    "in too long (`code` says which); retry after `Retry-After` seconds."
+)
+RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+WWW_AUTHENTICATE = {"description": "`Bearer`.", "schema": {"type": "string"}}
+SSE_DESCRIPTION = "With `stream: true`: server-sent events, `data: {chunk}` ... then `data: [DONE]`."
+
+# Errors particular to one operation, beyond the rules in `_errors_for`.
+EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
+    ("/v1/models/{model_id}", "get"): {"404": "The server does not serve this model (`model_not_found`)."},
+    ("/generate/stream", "get"): {"400": BAD_REQUEST},
+    ("/health", "get"): {"503": "The engine loop is dead or stuck (the body also carries the details)."},
+    ("/ready", "get"): {"503": "Warming up, shutting down, or the engine loop is not running."},
+}
+EXTRA_ERRORS.update({(path, "head"): errors for (path, method), errors in list(EXTRA_ERRORS.items())})
+
+# Operations that stream: "json+sse" answers JSON, or SSE with `stream: true`; "sse" always streams.
+STREAMS: dict[tuple[str, str], str] = {
+    ("/v1/completions", "post"): "json+sse",
+    ("/v1/chat/completions", "post"): "json+sse",
+    ("/generate/stream", "get"): "sse",
+    ("/generate/stream", "post"): "sse",
+}
+PLAIN_TEXT = {("/metrics", "get"), ("/metrics", "head")}
+
+
+def public_operations(app: Litestar) -> set[tuple[str, str]]:
+    """(path, method) of every operation whose handler is marked public (`opt=PUBLIC`)."""
+    public: set[tuple[str, str]] = set()
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            continue
+        for handler in route.route_handlers:
+            if all(handler.opt.get(key) == value for key, value in PUBLIC.items()):
+                public.update((route.path_format, method.lower()) for method in handler.http_methods)
+    return public
+
+
+def document_responses(app: Litestar, schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of Litestar's `schema` with the error, stream and security documentation added."""
+    schema = copy.deepcopy(schema)
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {}).update(_envelope_schemas())
+    components.setdefault("securitySchemes", {})[BEARER] = {"type": "http", "scheme": BEARER}
+    public = public_operations(app)
+    for path, item in schema.get("paths", {}).items():
+        for method in METHODS:
+            operation = item.get(method)
+            if operation is None:
+                continue
+            key = (path, method)
+            is_public = key in public
+            operation["security"] = [] if is_public else [{BEARER: []}]
+            responses = operation.setdefault("responses", {})
+            _document_success(key, responses)
+            errors = _errors_for(key, is_public, "requestBody" in operation)
+            # Litestar's own error entries (its validation format) leave through our handlers too.
+            for status in [s for s in responses if s[0] in "45" and s not in errors]:
+                errors[status] = responses[status].get("description") or BAD_REQUEST
+            for status, description in sorted(errors.items()):
+                responses[status] = _error_response(status, description)
+    return schema
+
+
+def _envelope_schemas() -> dict[str, Any]:
+    """`ErrorResponse` and the `ErrorDetail` it refers to, as component schemas."""
+    _, schemas = msgspec.json.schema_components([ErrorResponse], ref_template="#/components/schemas/{name}")
+    return schemas
+
+
+def _errors_for(key: tuple[str, str], is_public: bool, has_body: bool) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    if has_body:
+        errors["400"] = BAD_REQUEST
+        errors["413"] = TOO_LARGE
+    if not is_public:
+        errors["401"] = UNAUTHORIZED
+        errors["503"] = UNAVAILABLE
+    errors.update(EXTRA_ERRORS.get(key, {}))
+    return errors
+
+
+def _error_response(status: str, description: str) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}},
+    }
+    if status == "503":
+        response["headers"] = {"Retry-After": RETRY_AFTER}
+    elif status == "401":
+        response["headers"] = {"WWW-Authenticate": WWW_AUTHENTICATE}
+    return response
+
+
+def _document_success(key: tuple[str, str], responses: dict[str, Any]) -> None:
+    ok = responses.setdefault("200", {"description": "OK"})
+    stream = STREAMS.get(key)
+    event_stream = {"text/event-stream": {"schema": {"type": "string"}}}
+    if stream == "sse":
+        ok["content"] = event_stream
+        ok["description"] = "Server-sent events."
+    elif stream == "json+sse":
+        ok["content"] = {**ok.get("content", {"application/json": {}}), **event_stream}
+        ok["description"] = f"JSON; {SSE_DESCRIPTION}"
+    elif key in PLAIN_TEXT:
+        ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        ok["description"] = "Prometheus text exposition format (version 0.0.4)."
