@@ -145,6 +145,10 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds an idle kept-alive connection stays open after a response.
     keep_alive_timeout: float = 5.0
     log_level: str = "info"
+    # The tool-call parser for tool_choice "auto": a family name, "auto" (detected from the chat
+    # template) or "none"; and whether "auto" is allowed at all.
+    tool_call_parser: str = "auto"
+    enable_auto_tool_choice: bool = True
 
 
 class HelixConfig(msgspec.Struct, frozen=True, kw_only=True):

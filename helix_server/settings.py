@@ -86,6 +86,16 @@ def speculative_method(text: str) -> str:
     return method
 
 
+def tool_call_parser(text: str) -> str:
+    """`--tool-call-parser`: a parser family (or vLLM alias), "auto" or "none"."""
+    from helix_server.engine.tool_parsers import AUTO, NONE, get_tool_parser
+
+    name = text.strip().lower()
+    if name not in (AUTO, NONE):
+        get_tool_parser(name)
+    return name
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: its section in the config tree, its type and its help text."""
@@ -161,6 +171,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_alive_timeout", "server", float, "Seconds an idle kept-alive connection stays open after "
             "a response."),
     Setting("log_level", "server", str, "debug | info | warning | error."),
+    Setting("tool_call_parser", "server", tool_call_parser, "How tool calls are read from the model's output for "
+            "tool_choice 'auto': hermes | llama3_json | mistral | auto (detected from the chat template) | "
+            "none."),
+    Setting("enable_auto_tool_choice", "server", boolean, "Allow tool_choice 'auto' (needs a tool-call "
+            "parser; --no-enable-auto-tool-choice refuses it with 400)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -49,10 +49,12 @@ class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
-    # Accepted when they ask for nothing we lack (no tools, text output); refused otherwise.
+    # Function tools; tool_choice "none" | "auto" | "required" | {"type": "function", ...}
+    # (checked in `serving.tools`).
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     parallel_tool_calls: bool | None = None
+    # Accepted when it asks for text output; refused otherwise.
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     # Not supported yet: refused when set.
@@ -89,12 +91,44 @@ class ChatLogprobs(msgspec.Struct):
     refusal: list[ChatTokenLogprob] | None = None
 
 
-class ChatResponseMessage(msgspec.Struct):
-    """The assistant's answer."""
+class FunctionCall(msgspec.Struct):
+    """The function a tool call calls: its name and its arguments as JSON text."""
 
-    content: str
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct):
+    """One tool call of an answer."""
+
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class DeltaFunctionCall(msgspec.Struct):
+    """A streamed piece of a call's function: the name once, then pieces of the arguments."""
+
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    arguments: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class DeltaToolCall(msgspec.Struct):
+    """A streamed piece of tool call `index`: `id`, `type` and the name come in its first piece."""
+
+    index: int
+    function: DeltaFunctionCall
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    type: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChatResponseMessage(msgspec.Struct):
+    """The assistant's answer (`content` null when it is only tool calls)."""
+
+    content: str | None
     role: str = "assistant"
     refusal: str | None = None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -127,6 +161,7 @@ class ChatDelta(msgspec.Struct):
 
     role: str | msgspec.UnsetType = msgspec.UNSET
     content: str | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[DeltaToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatStreamChoice(msgspec.Struct):

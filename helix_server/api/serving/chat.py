@@ -31,6 +31,7 @@ from helix_server.api.serving.params import (
 )
 from helix_server.api.serving.prompts import chat_prompt, echo_text, reply_role
 from helix_server.api.serving.respond import respond
+from helix_server.api.serving.tools import ToolCalling, ToolStream
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
 from helix_server.api.state import ServerState
@@ -53,10 +54,6 @@ def check_chat_features(body: ChatCompletionRequest) -> None:
     for name in _UNSUPPORTED:
         if getattr(body, name) is not None:
             reject(name)
-    if body.tools:
-        reject("tools", "Tool calling (tools)")
-    if body.tool_choice is not None and body.tool_choice != "none":
-        reject("tool_choice", "tool_choice other than 'none'")
     if body.response_format is not None and body.response_format.get("type") != "text":
         reject("response_format", "response_format other than {'type': 'text'}")
     if body.modalities is not None and any(m != "text" for m in body.modalities):
@@ -94,14 +91,27 @@ class ChatService:
             prompt_logprobs=body.prompt_logprobs,
             renames={"max_tokens": max_param, "logprobs": "top_logprobs"},
         )
+        server = self.state.config.server
+        self.tools = ToolCalling.from_request(
+            body, server.tool_call_parser, server.enable_auto_tool_choice, self.tokenizer.hf.chat_template
+        )
+        if self.tools is not None:
+            self.tools.configure(params, self.tokenizer)
         return params, include_usage
+
+    def _tool_streams(self) -> list[ToolStream] | None:
+        return None if self.tools is None else [ToolStream(self.tools) for _ in range(self.n)]
 
     async def create(self, request: Request) -> Response:
         """Validate, render the chat template, queue, and answer (streamed when `stream` is true)."""
         params, include_usage = self._check()
         body = self.body
         prompt = await chat_prompt(
-            body.messages, self.tokenizer, body.add_generation_prompt, body.continue_final_message
+            body.messages,
+            self.tokenizer,
+            body.add_generation_prompt,
+            body.continue_final_message,
+            tools=self.tools.tools if self.tools is not None else None,
         )
         self.prompt_token_ids = prompt.token_ids
         self.role = reply_role(body.messages, body.add_generation_prompt)
@@ -128,10 +138,19 @@ class ChatService:
             results.add(index, output)
         results.raise_if_failed()
         choices = []
+        streams = self._tool_streams()
         for choice_index, _, seq in results.choices():
             logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n) if self.body.logprobs else None
             message = ChatResponseMessage(self.echo + seq.text, role=self.role)
-            choice = ChatChoice(choice_index, message, logprobs, seq.finish_reason, seq.stop_reason)
+            finish_reason = seq.finish_reason
+            if streams is not None:  # the same parse as the stream's, over the whole text
+                stream = streams[choice_index]
+                content, _ = stream.feed(seq.text, final=True)
+                message.content = self.echo + content if content or not stream.has_calls else None
+                if stream.has_calls:
+                    message.tool_calls = stream.tool_calls()
+                finish_reason = stream.finish_reason(finish_reason)
+            choice = ChatChoice(choice_index, message, logprobs, finish_reason, seq.stop_reason)
             if self.body.return_token_ids:
                 choice.token_ids = list(seq.token_ids)
             choices.append(choice)
@@ -166,6 +185,7 @@ class ChatService:
 
     async def _events(self, generation: Generation, include_usage: bool) -> AsyncGenerator[bytes, None]:
         counter = UsageCounter([self.prompt_token_ids])
+        streams = self._tool_streams()
 
         def usage():
             return counter.usage() if self.continuous_usage else None
@@ -190,10 +210,16 @@ class ChatService:
                         logprobs = chat_logprobs(self.tokenizer, seq.logprobs, self.top_n)
                     # With return_token_ids the delta's ids ride on its content chunk, else on the finish chunk.
                     token_ids = list(seq.token_ids) if self.body.return_token_ids else msgspec.UNSET
-                    if seq.text or logprobs is not None or (token_ids and seq.finish_reason is None):
-                        content = ChatStreamChoice(
-                            seq.index, ChatDelta(content=seq.text), logprobs, token_ids=token_ids
-                        )
+                    text, calls, finish_reason = seq.text, [], seq.finish_reason
+                    if streams is not None:  # content and tool-call deltas, no call markup
+                        stream = streams[seq.index]
+                        text, calls = stream.feed(seq.text, final=finish_reason is not None)
+                        finish_reason = stream.finish_reason(finish_reason)
+                    if text or calls or logprobs is not None or (token_ids and seq.finish_reason is None):
+                        delta = ChatDelta(content=text) if text or not calls else ChatDelta(tool_calls=calls)
+                        if text and calls:
+                            delta.tool_calls = calls
+                        content = ChatStreamChoice(seq.index, delta, logprobs, token_ids=token_ids)
                         token_ids = [] if self.body.return_token_ids else msgspec.UNSET
                         yield self._chunk([content], include_usage, usage())
                     if seq.finish_reason is not None:
@@ -201,7 +227,7 @@ class ChatService:
                             seq.index,
                             ChatDelta(),
                             None,
-                            seq.finish_reason,
+                            finish_reason,
                             seq.stop_reason,
                             token_ids=token_ids,
                         )

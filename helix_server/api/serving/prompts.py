@@ -142,12 +142,16 @@ async def chat_prompt(
     tokenizer: Tokenizer,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Prompt:
     """The token ids of `messages` rendered with the model's chat template; with
-    `continue_final_message` the last message is left open (no end-of-turn) for the model to go on."""
+    `continue_final_message` the last message is left open (no end-of-turn) for the model to go on.
+    `tools` (OpenAI function tools) reach the template as its `tools` variable."""
     check_generation_prompt(add_generation_prompt, continue_final_message)
     conversation = chat_template_messages(messages)
-    switches = {"continue_final_message": True} if continue_final_message else {}
+    switches: dict[str, Any] = {"continue_final_message": True} if continue_final_message else {}
+    if tools:
+        switches["tools"] = tools
     # Off the event loop when large; control tokens in the messages' text stay plain text.
     text, token_ids = await tokenizer.encode_chat_async(conversation, add_generation_prompt, **switches)
     if not token_ids:
