@@ -467,3 +467,10 @@ def test_echo_offsets_skip_a_bos_the_tokenizer_added_to_a_text_prompt(bos_server
         for token, offset in zip(tokens[1:], offsets[1:]):
             if token not in special and "\ufffd" not in token:
                 assert text[offset : offset + len(token)] == token, (offset, token, text)
+
+
+def test_token_strs_of_a_long_prompt(client, tokenizer):
+    prompt = "def f(x):\n    return x + 1\n" * 2000  # past the inline limit: looked up in a thread
+    response = _post(client, "/tokenize", {"prompt": prompt, "return_token_strs": True})
+    assert response["count"] > 16384
+    assert response["token_strs"] == tokenizer.hf.convert_ids_to_tokens(response["tokens"])

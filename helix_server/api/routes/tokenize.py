@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from litestar import Controller, Request, post
 
 from helix_server.api.body import read_json
@@ -15,6 +17,17 @@ from helix_server.api.protocol.tokenize import (
 )
 from helix_server.api.serving.prompts import chat_prompt
 from helix_server.api.state import get_state
+from helix_server.engine.tokenizer import Tokenizer
+
+# Above this many tokens, `token_strs` are looked up in a thread (about 1 us each), not on the loop.
+INLINE_TOKEN_STRS = 16384
+
+
+async def token_strs(tokenizer: Tokenizer, tokens: list[int]) -> list[str]:
+    """Each token's vocabulary string (vLLM's `token_strs`), off the event loop for long inputs."""
+    if len(tokens) <= INLINE_TOKEN_STRS:
+        return [tokenizer.id_to_token(token_id) for token_id in tokens]
+    return await asyncio.to_thread(lambda: [tokenizer.id_to_token(token_id) for token_id in tokens])
 
 
 class TokenizeController(Controller):
@@ -44,7 +57,7 @@ class TokenizeController(Controller):
             tokens = await tokenizer.encode_async(body.prompt, add_special_tokens=add_special_tokens)
         response = TokenizeResponse(tokens, len(tokens), state.engine.core.max_sequence_len)
         if body.return_token_strs:
-            response.token_strs = [tokenizer.id_to_token(token_id) for token_id in tokens]
+            response.token_strs = await token_strs(tokenizer, tokens)
         return response
 
     @post("/detokenize", status_code=200, operation_class=documented_body(DetokenizeRequest))
