@@ -141,7 +141,8 @@ class GGUFCheckpoint:
 
     def hf_config(self) -> Any:
         """The transformers config from the GGUF metadata (via transformers' GGUF integration),
-        with `architectures` set and `head_dim` taken from `attention.key_length` when present."""
+        with `architectures` set, `head_dim` taken from `attention.key_length` when present and
+        the bias switches from the tensors present."""
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(
@@ -151,6 +152,9 @@ class GGUFCheckpoint:
         key_length = self._field(f"{self.architecture}.attention.key_length")
         if key_length is not None:
             config.head_dim = int(key_length)
+        # The metadata does not say which projections have biases; the tensors do.
+        config.attention_bias = self.has_tensor("blk.0.attn_output.bias")
+        config.mlp_bias = self.has_tensor("blk.0.ffn_up.bias")
         return config
 
     def num_tensors(self) -> int:

@@ -1,0 +1,198 @@
+"""GGUF files: packed-block dequantization, loading (config, weights, tokenizer), refusals.
+
+The GGUF files are written here from tiny random transformers models with the `gguf` writer and
+quantizers (`tests/fixtures/gguf_files.py`). References: the safetensors model (F32 files), and
+for every type transformers running the file's tensors dequantized by `gguf.quants.dequantize`
+(un-permuted by transformers' own GGUF tensor processor; its `from_pretrained(gguf_file=...)`
+itself needs `accelerate`, which helix does not depend on).
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+from helix_server.engine.tokenizer import load_tokenizer
+from helix_server.errors import UnsupportedModelError
+from helix_server.layers import quantized_linear
+from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
+from helix_server.models import load_hf_config, load_model
+from tests.fixtures.gguf_files import gguf_name, random_k_blocks, write_gguf
+from tests.fixtures.tiny_models import make_tiny_model, tiny_hf_model
+from tests.models.test_logits_vs_transformers import SEQ_LENS, _run_engine_like
+
+ATOL = 1e-4
+BLOCK_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# F32 files: arch preset + overrides (GGUF carries no sliding window or RoPE scaling).
+F32_CASES = {
+    "llama": ("llama", {}),
+    "llama_tied_biased": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    "qwen2": ("qwen2", {"use_sliding_window": False}),
+    "qwen3_head_dim_32": ("qwen3", {"head_dim": 32}),
+}
+
+
+def _packed(qtype, rows, cols, seed):
+    if qtype in K_TYPES:
+        return random_k_blocks((rows, cols), qtype, seed)
+    weights = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    return gguf.quants.quantize(weights, qtype)
+
+
+def _token_ids():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 512, (n,), generator=gen) for n in SEQ_LENS]
+
+
+def _hf_logits(model, token_ids):
+    with torch.inference_mode():
+        return [model(ids[None]).logits[0] for ids in token_ids]
+
+
+def _gguf_reference(path, hf_model):
+    """`hf_model` (a transformers model of the file's shape) with every weight replaced by the
+    file's tensor dequantized by `gguf.quants.dequantize`, Llama q/k rows un-permuted by
+    transformers' own GGUF tensor processor, float32."""
+    config = hf_model.config
+    reader = gguf.GGUFReader(path)
+    processor = LlamaTensorProcessor(
+        {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
+    )
+    by_gguf_name = {gguf_name(name): name for name in hf_model.state_dict()}
+    state = {}
+    for tensor in reader.tensors:
+        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if reader.get_field("general.architecture").contents() == "llama":
+            weights = processor.process(weights, tensor.name).weights
+        state[by_gguf_name[tensor.name]] = torch.from_numpy(np.array(weights, dtype=np.float32))
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    reference = copy.deepcopy(hf_model)
+    reference.load_state_dict(state, strict=True)
+    return reference
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)
+def test_dequantize_matches_gguf_bitwise(qtype):
+    packed = _packed(qtype, 24, 512, seed=int(qtype))
+    expected = gguf.quants.dequantize(packed, qtype)
+    ours = dequantize_rows(torch.from_numpy(packed), qtype).numpy()
+    assert ours.shape == expected.shape == (24, 512)
+    assert np.isfinite(expected).all() and expected.std() > 0
+    assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)
+def test_quantized_linear_computes_x_times_dequantized_weight_in_row_chunks(qtype, monkeypatch):
+    monkeypatch.setattr(quantized_linear, "CHUNK_WEIGHTS", 7 * 512)  # 7 rows a chunk: uneven split
+    q = torch.from_numpy(_packed(qtype, 40, 512, seed=1))
+    other = Q.Q4_0 if qtype == Q.Q8_0 else Q.Q8_0
+    k = torch.from_numpy(_packed(other, 16, 512, seed=2))  # a second segment of another type
+    bias = torch.randn(56)
+    layer = QuantizedLinear([QuantizedWeight(qtype, q, 512), QuantizedWeight(other, k, 512)], bias=bias)
+    assert [(t, p.dtype) for t, p in layer.segments()] == [(qtype, torch.uint8), (other, torch.uint8)]
+    assert torch.equal(layer.segments()[0][1], q) and torch.equal(layer.segments()[1][1], k)
+    x = torch.randn(5, 512)
+    weight = torch.cat([dequantize_rows(q, qtype), dequantize_rows(k, other)])  # [56, 512]
+    expected = x.double() @ weight.double().T + bias.double()
+    out = layer(x)
+    assert out.shape == (5, 56) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("case", list(F32_CASES))
+def test_f32_gguf_logits_match_the_safetensors_model(tmp_path, tokenizer_dir, case):
+    arch, overrides = F32_CASES[case]
+    hf = tiny_hf_model(arch, **overrides)
+    path = write_gguf(hf, tokenizer_dir, tmp_path / "model.gguf")
+    model = load_model(path, torch.float32, "cpu")
+    token_ids = _token_ids()
+    expected = _hf_logits(hf, token_ids)
+    for ours, ref in zip(_run_engine_like(model, token_ids, 8, seed=0), expected, strict=True):
+        assert (ours - ref).abs().max().item() <= ATOL
+        assert ref.std(dim=-1).min().item() > 0.5
+    # The file read back by `gguf` and transformers' un-permutation is the same model.
+    for ours, ref in zip(_hf_logits(_gguf_reference(path, hf), token_ids), expected, strict=True):
+        assert (ours - ref).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("qtype", (Q.F16, *BLOCK_TYPES), ids=lambda q: q.name)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(tmp_path, tokenizer_dir, qtype, tied):
+    # K-quants need rows of 256 weights; their blocks are random with small scales.
+    shape = {"hidden_size": 256, "intermediate_size": 512} if qtype in K_TYPES else {}
+    hf = tiny_hf_model("llama", tie_word_embeddings=tied, **shape)
+    path = write_gguf(hf, tokenizer_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
+    model = load_model(path, torch.float32, "cpu", pack_for_cpu=False)
+
+    layers = model.model.layers[0]
+    if qtype != Q.F16:  # block types stay packed: the file's bytes, not float weights
+        for layer in (layers.self_attn.qkv_proj, layers.self_attn.o_proj, layers.mlp.gate_up_proj,
+                      layers.mlp.down_proj, model.lm_head):
+            assert isinstance(layer, QuantizedLinear) and layer.qtypes == [qtype]
+        reader = gguf.GGUFReader(path)
+        down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+        assert np.array_equal(layers.mlp.down_proj.packed0.numpy(), np.asarray(down.data))
+    else:
+        assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+    token_ids = _token_ids()
+    expected = _hf_logits(_gguf_reference(path, hf), token_ids)
+    for ours, ref in zip(_run_engine_like(model, token_ids, 16, seed=3), expected, strict=True):
+        assert ref.std(dim=-1).min().item() > 0.05
+        assert (ours - ref).abs().max().item() <= ATOL * max(1.0, ref.abs().max().item())
+
+
+def test_gguf_tokenizer_and_chat_template_match_the_hf_tokenizer(tmp_path, tokenizer_dir):
+    path = write_gguf(tiny_hf_model("llama"), tokenizer_dir, tmp_path / "model.gguf", Q.Q8_0)
+    ours, hf = load_tokenizer(path), load_tokenizer(tokenizer_dir)
+    assert ours.vocab_size == hf.vocab_size and ours.eos_token_ids == {0}
+    for text in ("def f(x):\n    return x  # café ☕", "  two  spaces<|im_end|>\tand tabs", "import os"):
+        assert ours.encode(text) == hf.encode(text)
+        assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_start|>"}]
+    assert ours.encode_chat(messages) == hf.encode_chat(messages)
+    assert "<|im_start|>" in ours.render_chat_template(messages)
+
+
+def test_a_directory_with_one_gguf_loads_and_one_with_two_is_refused(tmp_path, tokenizer_dir):
+    path = write_gguf(tiny_hf_model("qwen3"), tokenizer_dir, tmp_path / "a.gguf", Q.Q4_0)
+    config = load_hf_config(tmp_path)
+    assert config.architectures == ["Qwen3ForCausalLM"] and config.num_hidden_layers == 2
+    assert isinstance(load_model(tmp_path, torch.float32, "cpu").model.layers[1].mlp.down_proj, QuantizedLinear)
+    assert load_tokenizer(tmp_path).encode("x = 1") == load_tokenizer(path).encode("x = 1")
+    (tmp_path / "b.gguf").write_bytes(path.read_bytes())
+    with pytest.raises(UnsupportedModelError, match="2 GGUF files"):
+        load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path, tokenizer_dir):
+    path = write_gguf(tiny_hf_model("llama"), tokenizer_dir, tmp_path / "m.gguf", architecture="phi3")
+    with pytest.raises(UnsupportedModelError, match="'phi3'.*supported GGUF architectures: llama, mistral, qwen2, qwen3"):
+        load_model(path, torch.float32, "cpu")
+
+
+def test_unsupported_quantization_type_is_refused_by_name(tmp_path, tokenizer_dir):
+    path = write_gguf(tiny_hf_model("llama"), tokenizer_dir, tmp_path / "m.gguf", Q.Q5_0)
+    with pytest.raises(UnsupportedModelError, match=r"Q5_0.*supported types: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K"):
+        load_model(path, torch.float32, "cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "helix_server", "generate", "--model", str(path), "--prompt", "x"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Q5_0" in result.stderr and "Q4_1" in result.stderr
+
+
+def test_safetensors_directories_still_load(tmp_path):
+    model_dir = make_tiny_model(tmp_path, "llama")
+    assert not any(isinstance(m, QuantizedLinear) for m in load_model(model_dir, torch.float32, "cpu").modules())
