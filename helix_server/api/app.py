@@ -20,6 +20,7 @@ from helix_server.api.routes.health import HealthController
 from helix_server.api.routes.helix import HelixController
 from helix_server.api.routes.metrics import metrics
 from helix_server.api.routes.openai import CompletionsController, ModelsController
+from helix_server.api.routes.playground import playground_routes
 from helix_server.api.routes.tokenize import TokenizeController
 from helix_server.api.state import STATE_KEY, ServerState
 from helix_server.config import HelixConfig
@@ -51,6 +52,7 @@ def create_app(
             HelixController,
             metrics,
             *doc_routers,
+            *playground_routes(),
         ],
         state=State({STATE_KEY: state}),
         guards=[require_api_key, refuse_while_draining],
