@@ -474,3 +474,20 @@ def test_token_strs_of_a_long_prompt(client, tokenizer):
     response = _post(client, "/tokenize", {"prompt": prompt, "return_token_strs": True})
     assert response["count"] > 16384
     assert response["token_strs"] == tokenizer.hf.convert_ids_to_tokens(response["tokens"])
+
+
+def test_echo_offsets_stay_right_after_a_character_split_across_tokens(client, tokenizer):
+    prompt = "é = 'café'\nx = 1"
+    ids = tokenizer.encode(prompt)
+    assert any("\ufffd" in tokenizer.token_text(t) for t in ids), "the test needs a split character"
+    body = {"prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 4, "temperature": 0}
+    choice = _post(client, "/v1/completions", body)["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    assert text.startswith(prompt)
+    echoed = zip(lp["tokens"][: len(ids)], lp["text_offset"][: len(ids)])
+    for position, (token, offset) in enumerate(echoed):
+        if "\ufffd" in token:  # part of a character: points at that character
+            assert ord(text[offset]) > 127, (position, offset)
+        else:
+            assert text[offset : offset + len(token)] == token, (position, offset, token, text)
+    assert lp["text_offset"][len(ids)] == len(prompt)  # the first generated token starts after the echo

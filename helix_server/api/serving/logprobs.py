@@ -46,6 +46,7 @@ class LegacyLogprobsBuilder:
     Offsets are character positions in the text the choice returns (the prompt too, with echo); a
     token left out of that text takes no room in it: a generated special token under
     `skip_special_tokens`, or an echoed special token the tokenizer added to a text prompt (a BOS).
+    Echoed tokens are placed by their bytes in the echoed text (see `echo_offsets`).
     Each `top_logprobs` entry holds the `top_n` most likely tokens plus the chosen one (as OpenAI
     and vLLM do), so it has `top_n + 1` items when the chosen token is not among the most likely
     (fewer when tokens share a text, e.g. parts of one UTF-8 character).
@@ -62,21 +63,18 @@ class LegacyLogprobsBuilder:
         self, logprobs: list[TokenLogprob | None], token_ids: list[int], echoed_text: str | None = None
     ) -> CompletionLogprobs:
         """Entries for `token_ids`; a None logprob (the first prompt token) gives null entries.
-        `echoed_text`: these are the echoed prompt's tokens and this its text (the choice's start);
-        a special token among them takes room only where its text stands in `echoed_text`."""
+        `echoed_text`: these are the echoed prompt's tokens and this its text (the choice's start)."""
         result = CompletionLogprobs()
+        if echoed_text is not None:
+            result.text_offset = echo_offsets(self._tokenizer, token_ids, echoed_text)
+            self.offset = len(echoed_text)
         for token_id, entry in zip(token_ids, logprobs):
             text = self._tokenizer.token_text(token_id)
             result.tokens.append(text)
-            result.text_offset.append(self.offset)
-            if token_id not in self._special:
-                in_text = True
-            elif echoed_text is not None:
-                in_text = echoed_text.startswith(text, self.offset)
-            else:
-                in_text = not self._skip_special
-            if in_text:
-                self.offset += len(text)
+            if echoed_text is None:
+                result.text_offset.append(self.offset)
+                if token_id not in self._special or not self._skip_special:
+                    self.offset += len(text)
             if entry is None:
                 result.token_logprobs.append(None)
                 result.top_logprobs.append(None)
@@ -89,6 +87,40 @@ class LegacyLogprobsBuilder:
             top[text] = _finite(entry.logprob)
             result.top_logprobs.append(top)
         return result
+
+
+# Bytes that start a UTF-8 character (all but the continuation bytes 0b10xxxxxx).
+_LEAD_BYTES = bytes(b for b in range(256) if b & 0xC0 != 0x80)
+
+
+def echo_offsets(tokenizer: Tokenizer, token_ids: list[int], echoed_text: str) -> list[int]:
+    """The character offset of each prompt token in `echoed_text`, found by walking its UTF-8 bytes.
+
+    A token whose bytes come next takes them; a special token whose text is not there (a BOS the
+    tokenizer added) takes none; a token whose leading space the text lacks (sentencepiece's first
+    word) takes the rest. A token that starts inside a character (a split UTF-8 character) points at
+    that character. Anything else takes its length, so offsets never stall.
+    """
+    data = echoed_text.encode("utf-8")
+    offsets = []
+    position = 0  # byte position in data
+    counted, chars = 0, 0  # chars = characters started in data[:counted]
+    for token_id in token_ids:
+        token = tokenizer.token_bytes(token_id)
+        segment = data[counted:position]
+        chars += len(segment) - len(segment.translate(None, _LEAD_BYTES))  # lead bytes start characters
+        counted = position
+        inside = position < len(data) and data[position] & 0xC0 == 0x80
+        offsets.append(chars - 1 if inside else chars)
+        if data.startswith(token, position):
+            position += len(token)
+        elif token_id in tokenizer.all_special_ids:
+            continue
+        elif token[:1] == b" " and data.startswith(token[1:], position):
+            position += len(token) - 1
+        else:
+            position = min(len(data), position + len(token))
+    return offsets
 
 
 def merge_legacy(into: CompletionLogprobs, more: CompletionLogprobs) -> None:
