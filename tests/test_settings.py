@@ -41,6 +41,8 @@ def test_precedence_flag_over_env_over_file(tmp_path):
         ("", {"HELIX_PORT": "eighty"}, "port"),
         ("", {"HELIX_SPECULATIVE_METHOD": "medusa"}, "speculative_method"),
         ('num_speculative_tokens = "some"\n', {}, "num_speculative_tokens"),
+        ('tool_call_parser = "gpt"\n', {}, "tool_call_parser"),
+        ("", {"HELIX_ENABLE_AUTO_TOOL_CHOICE": "maybe"}, "enable_auto_tool_choice"),
     ],
 )
 def test_bad_settings_name_the_setting(tmp_path, toml, env, param):
