@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import LiveServer, start_live_server
+from tests.api.conftest import LiveServer, long_model_dir, start_live_server  # noqa: F401 (fixture)
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 INSTALL_HINT = "apt-get update && apt-get install -y chromium (and pip install -e '.[test]' for playwright)"

@@ -134,6 +134,7 @@ async function generate() {
     $("messages").scrollTop = $("messages").scrollHeight;
   };
   let finish = null;
+  let failed = false;
   try {
     await streamChat(request, controller.signal, (chunk) => {
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
@@ -157,7 +158,9 @@ async function generate() {
     if (error.name === "AbortError") {
       stat("state", "stopped");
     } else {
+      failed = true;
       message.classList.add("error");
+      stat("tokens", "");
       const note = document.createElement("p");
       note.className = "error-text";
       note.textContent = error.message;
@@ -174,7 +177,7 @@ async function generate() {
     if (text) history.push({ role: "assistant", content: text });
     message.dataset.done = "true";
     setBusy(false);
-    stat("acceptance", acceptanceText(before, await counters()));
+    if (!failed) stat("acceptance", acceptanceText(before, await counters()));
   }
 }
 
