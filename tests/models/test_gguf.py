@@ -32,12 +32,14 @@ from tests.models.test_logits_vs_transformers import SEQ_LENS, _run_engine_like
 ATOL = 1e-4
 BLOCK_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
-# F32 files: arch preset + overrides (GGUF carries no sliding window or RoPE scaling).
+# F32 files: arch preset, overrides (GGUF carries no sliding window or RoPE scaling), and the
+# general.architecture written (None: llama.cpp's choice for the HF class).
 F32_CASES = {
-    "llama": ("llama", {}),
-    "llama_tied_biased": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
-    "qwen2": ("qwen2", {"use_sliding_window": False}),
-    "qwen3_head_dim_32": ("qwen3", {"head_dim": 32}),
+    "llama": ("llama", {}, None),
+    "llama_tied_biased": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}, None),
+    "mistral": ("mistral", {"sliding_window": None}, "mistral"),
+    "qwen2": ("qwen2", {"use_sliding_window": False}, None),
+    "qwen3_head_dim_32": ("qwen3", {"head_dim": 32}, None),
 }
 
 
@@ -111,10 +113,11 @@ def test_quantized_linear_computes_x_times_dequantized_weight_in_row_chunks(qtyp
 
 @pytest.mark.parametrize("case", list(F32_CASES))
 def test_f32_gguf_logits_match_the_safetensors_model(tmp_path, tokenizer_dir, case):
-    arch, overrides = F32_CASES[case]
+    arch, overrides, gguf_arch = F32_CASES[case]
     hf = tiny_hf_model(arch, **overrides)
-    path = write_gguf(hf, tokenizer_dir, tmp_path / "model.gguf")
+    path = write_gguf(hf, tokenizer_dir, tmp_path / "model.gguf", architecture=gguf_arch)
     model = load_model(path, torch.float32, "cpu")
+    assert model.arch.architecture == hf.config.architectures[0]
     token_ids = _token_ids()
     expected = _hf_logits(hf, token_ids)
     for ours, ref in zip(_run_engine_like(model, token_ids, 8, seed=0), expected, strict=True):
