@@ -3,7 +3,7 @@
 A decode step of a small model on the CPU spends a fifth of its time between the linear layers:
 ~25 torch kernels a layer (RMSNorm alone is seven), each costing ~5-15 us of dispatch and cold
 caches on a few rows right after a weight stream. `use_fused_cpu_ops` swaps the pieces of a loaded
-float32 model for versions that run one fused kernel each:
+float32 or bfloat16 model for versions that run one fused kernel each:
 
 * `RMSNorm` -> `FusedRMSNorm` (residual add + norm in one pass; 2-D inputs, the q/k norms of 3-D
   heads keep torch's ops);
@@ -13,9 +13,9 @@ float32 model for versions that run one fused kernel each:
   and the short queries' attention in one kernel per query group, reading the paged cache in
   place (`paged_attention.cpp`; rows independent of the batch and of the query length).
 
-In bfloat16 only the attention is swapped (the element-wise kernels are float32): its kernel widens
-queries, keys and values to float32 exactly, computes in float32 and rounds each output once, so a
-bfloat16 position too gets the same bits as a decode and as a verified draft, which keeps greedy
+In bfloat16 the kernels widen their inputs to float32 exactly, compute in float32 and round to
+bfloat16 where the torch ops they replace round. The attention kernel rounds each output once, so
+a bfloat16 position too gets the same bits as a decode and as a verified draft, which keeps greedy
 speculative decoding lossless in bfloat16 (SDPA's bits change with the query length).
 
 The norm and the activation round differently in the last bit (another summation order, another
@@ -32,13 +32,13 @@ from torch import nn
 
 from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention, AttentionMetadata
-from helix_server.layers.attention.portable import prefill_attention, write_kv_cache
+from helix_server.layers.attention.portable import prefill_attention
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.rotary import RotaryEmbedding
 
 
 class FusedRMSNorm(RMSNorm):
-    """`RMSNorm` with the residual add and the norm in one kernel for 2-D float32 inputs."""
+    """`RMSNorm` with the residual add and the norm in one kernel for 2-D inputs."""
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -77,8 +77,7 @@ def store_kv(
 
 
 class FusedAttention(Attention):
-    """`Attention` whose K/V store is one kernel (float32; bfloat16 stores with `write_kv_cache`)
-    and whose short queries (decodes, verification of drafts) attend the paged cache in place with
+    """`Attention` whose K/V store is one kernel and whose short queries (decodes, verification of drafts) attend the paged cache in place with
     `helix::paged_query_attention`, one call per query group; prompt chunks keep the portable SDPA
     path."""
 
@@ -91,8 +90,7 @@ class FusedAttention(Attention):
         value_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        store = store_kv if key_cache.dtype == torch.float32 else write_kv_cache
-        store(key, value, key_cache, value_cache, metadata.slot_mapping)
+        store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         window = self.sliding_window or 0
         parts = [
             torch.ops.helix.paged_query_attention(
@@ -107,23 +105,20 @@ class FusedAttention(Attention):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-# The dtypes whose attention runs `helix::paged_query_attention`; the element-wise kernels are float32 only.
-FUSED_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)
+# The dtypes the fused kernels take.
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def use_fused_cpu_ops(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Swap `model`'s norms, activations, RoPE and attention layers for the fused CPU kernels, in
-    place (CPU models, after `load_cpu_kernels()` returned True): all of them in float32, the
-    attention alone in bfloat16, none in other dtypes; returns how many were swapped."""
-    if dtype not in FUSED_ATTENTION_DTYPES:
+    place (float32 and bfloat16 CPU models, after `load_cpu_kernels()` returned True; other dtypes
+    keep torch's ops); returns how many were swapped."""
+    if dtype not in FUSED_DTYPES:
         return 0
-    element_wise = dtype == torch.float32
     count = 0
     fused_rotary: dict[int, FusedRotaryEmbedding] = {}  # id of a shared RotaryEmbedding -> its swap
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if not element_wise and type(child) is not Attention:
-                continue
             if type(child) is RMSNorm:
                 fused = FusedRMSNorm(child.weight.shape[0], child.eps)
                 fused.weight = child.weight
@@ -140,7 +135,7 @@ def use_fused_cpu_ops(model: nn.Module, dtype: torch.dtype = torch.float32) -> i
                 setattr(module, name, fused)
                 count += 1
         rotary = getattr(module, "rotary", None)
-        if element_wise and type(rotary) is RotaryEmbedding:
+        if type(rotary) is RotaryEmbedding:
             if id(rotary) not in fused_rotary:
                 fused = FusedRotaryEmbedding(rotary.rope, rotary.head_dim, rotary.max_position_embeddings)
                 fused.cos_sin_cache = rotary.cos_sin_cache  # the table is shared, not copied

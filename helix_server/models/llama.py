@@ -224,9 +224,9 @@ class LlamaForCausalLM(nn.Module):
     def pack_for_cpu(self, bulk_in_float32: bool = False, helix_kernels: bool = False) -> None:
         """Switch every projection (and the LM head, tied or not) to pre-packed weights for the
         CPU: oneDNN's, or with `helix_kernels` (float32, bfloat16) helix's own panel kernel, and
-        then the attention to helix's kernel too, and in float32 the norms, activations, RoPE and
-        K/V stores (see `helix_server.layers.fused_cpu`). With `bulk_in_float32` (bfloat16
-        weights on oneDNN) long prompt chunks are computed in float32.
+        then the norms, activations, RoPE, K/V stores and attention to helix's fused kernels too
+        (see `helix_server.layers.fused_cpu`). With `bulk_in_float32` (bfloat16 weights on
+        oneDNN) long prompt chunks are computed in float32.
 
         Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
         packed copy of the embedding matrix (the embedding lookup keeps the original)."""

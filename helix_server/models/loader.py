@@ -106,7 +106,8 @@ def load_model(
     gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
     are switched to pre-packed weights: float32 and bfloat16 ones to helix's own AVX-512 kernel where
     it builds and `cpu_kernels` is True (see `helix_server.layers.panel_linear`; the norms,
-    activations, RoPE and attention then run helix's kernels too, see `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
+    activations, RoPE and attention then run helix's kernels too, see
+    `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
     a bfloat16 model on a CPU without AMX computes its long prompt chunks in float32 (faster there).
     """
     gguf_file = find_gguf_file(model_dir)
@@ -144,7 +145,7 @@ def load_model(
                 not helix_kernels and dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
             )
             model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels)
-            if helix_kernels and dtype == torch.float32:
+            if helix_kernels:
                 kernels = "helix's own (linear layers, norms, activations, RoPE, attention)"
             else:
                 kernels = "oneDNN's pre-packed linear layers"

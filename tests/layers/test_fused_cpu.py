@@ -1,5 +1,5 @@
-"""helix's fused CPU kernels against the torch code they replace (`layers.fused_cpu`): element-wise
-ones in float32, the paged attention in float32 and bfloat16."""
+"""helix's fused CPU kernels against the torch code they replace (`layers.fused_cpu`), in float32 and
+bfloat16."""
 
 from __future__ import annotations
 
@@ -34,34 +34,43 @@ def kernels():
     assert load_cpu_kernels()
 
 
-def make_norm(hidden: int, generator: torch.Generator) -> tuple[RMSNorm, FusedRMSNorm]:
+DTYPES = [torch.float32, torch.bfloat16]
+# Another summation order or exp moves a float32 result by a few ulps; in bfloat16 that can cross a
+# rounding boundary: one bfloat16 ulp.
+TOLERANCE = {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=2**-7, atol=1e-6)}
+
+
+def make_norm(hidden: int, generator: torch.Generator, dtype=torch.float32) -> tuple[RMSNorm, FusedRMSNorm]:
     reference = RMSNorm(hidden, eps=1e-5)
-    reference.weight.data = torch.randn(hidden, generator=generator)
+    reference.weight.data = torch.randn(hidden, generator=generator).to(dtype)
     fused = FusedRMSNorm(hidden, eps=1e-5)
     fused.weight = reference.weight
     return reference, fused
 
 
 @pytest.mark.parametrize("hidden", [8, 37, 768])  # under one vector, a partial last vector, the bench width
-def test_rms_norm_and_the_residual_add_match_torchs(hidden):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_the_residual_add_match_torchs(hidden, dtype):
     generator = torch.Generator().manual_seed(0)
-    reference, fused = make_norm(hidden, generator)
-    x = torch.randn(20, hidden, generator=generator) * 3
-    residual = torch.randn(20, hidden, generator=generator)
+    reference, fused = make_norm(hidden, generator, dtype)
+    x = (torch.randn(20, hidden, generator=generator) * 3).to(dtype)
+    residual = torch.randn(20, hidden, generator=generator).to(dtype)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(x), reference(x), rtol=2e-6, atol=1e-6)
+        assert fused(x).dtype == dtype
+        torch.testing.assert_close(fused(x), reference(x), **TOLERANCE[dtype])
         expected, expected_residual = reference(x, residual.clone())
         got, got_residual = fused(x, residual.clone())
     assert torch.equal(got_residual, expected_residual)  # the add: one rounding either way
     # Another summation order for the mean of squares: within a few ulps.
-    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
 
 
-def test_a_norm_rows_bits_do_not_depend_on_the_other_rows():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_norm_rows_bits_do_not_depend_on_the_other_rows(dtype):
     generator = torch.Generator().manual_seed(1)
-    _, fused = make_norm(768, generator)
-    x = torch.randn(300, 768, generator=generator)  # more rows than one thread's share
-    residual = torch.randn(300, 768, generator=generator)
+    _, fused = make_norm(768, generator, dtype)
+    x = torch.randn(300, 768, generator=generator).to(dtype)  # more rows than one thread's share
+    residual = torch.randn(300, 768, generator=generator).to(dtype)
     with torch.inference_mode():
         batch = fused(x)
         batch_add, _ = fused(x, residual.clone())
@@ -78,30 +87,35 @@ def test_three_dimensional_inputs_take_torchs_path():
         assert torch.equal(fused(x), reference(x))
 
 
-def test_silu_and_mul_matches_torchs_including_extremes():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torchs_including_extremes(dtype):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(33, 2 * 200, generator=generator) * 4
     extremes = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 88.0, -88.0, 100.0, -100.0, 1e4, -1e4])
     x[0, : len(extremes)] = extremes
     x[1, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    x = x.to(dtype)
     with torch.inference_mode():
         expected = SiluAndMul()(x)
         got = FusedSiluAndMul()(x)
-    # Its own exp: within 2 ulp; non-finite results where torch's are.
-    torch.testing.assert_close(got, expected, rtol=4e-7, atol=1e-30, equal_nan=True)
+    # Its own exp: within 2 ulp (float32; bfloat16 rounds that to at most one ulp); non-finite
+    # results where torch's are.
+    tolerance = dict(rtol=4e-7, atol=1e-30) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-30)
+    torch.testing.assert_close(got, expected, equal_nan=True, **tolerance)
     assert torch.equal(got.isnan(), expected.isnan())
     rows = slice(10, 11)
     with torch.inference_mode():
         assert torch.equal(FusedSiluAndMul()(x[rows]), got[rows])
 
 
-def test_rotary_gives_torchs_bits_on_a_strided_view():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_gives_torchs_bits_on_a_strided_view(dtype):
     rope = RotaryEmbedding(RopeConfig(), head_dim=64, max_position_embeddings=512)
-    rope.build_cache("cpu", torch.float32)
+    rope.build_cache("cpu", dtype)
     fused = FusedRotaryEmbedding(RopeConfig(), head_dim=64, max_position_embeddings=512)
     fused.cos_sin_cache = rope.cos_sin_cache
     generator = torch.Generator().manual_seed(4)
-    qkv = torch.randn(9, (6 + 2 + 2) * 64, generator=generator)  # q, k, v heads side by side
+    qkv = torch.randn(9, (6 + 2 + 2) * 64, generator=generator).to(dtype)  # q, k, v heads side by side
     positions = torch.tensor([0, 1, 2, 100, 101, 300, 301, 302, 511])
     cos, sin = rope.lookup(positions)
     expected, got = qkv.clone(), qkv.clone()
@@ -111,12 +125,13 @@ def test_rotary_gives_torchs_bits_on_a_strided_view():
     assert torch.equal(got, expected)  # rotated q/k identical, v untouched
 
 
-def test_store_kv_writes_what_write_kv_cache_writes():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_what_write_kv_cache_writes(dtype):
     generator = torch.Generator().manual_seed(5)
-    caches = [torch.randn(6, 4, 2, 8, generator=generator) for _ in range(2)]
+    caches = [torch.randn(6, 4, 2, 8, generator=generator).to(dtype) for _ in range(2)]
     expected = [c.clone() for c in caches]
-    key = torch.randn(5, 2, 8, generator=generator)
-    value = torch.randn(5, 2, 8, generator=generator)
+    key = torch.randn(5, 2, 8, generator=generator).to(dtype)
+    value = torch.randn(5, 2, 8, generator=generator).to(dtype)
     key[1, 0, 3], value[2, 1, 0], value[4, 0, 7] = float("inf"), float("nan"), float("-inf")
     slots = torch.tensor([3, 0, 23, 10, 17])
     with torch.inference_mode():
@@ -142,11 +157,17 @@ def test_a_float32_model_runs_the_fused_ops_and_computes_the_same_logits(tmp_pat
     with torch.inference_mode():
         torch.testing.assert_close(model.model.norm(hidden), plain.model.norm(hidden), rtol=2e-6, atol=1e-6)
         torch.testing.assert_close(model.compute_logits(hidden), plain.compute_logits(hidden), atol=1e-5, rtol=1e-5)
-    # bfloat16: the attention kernel alone (the element-wise kernels are float32).
+    # bfloat16: the same swaps, the same logits as torch's ops within bfloat16's rounding; none in
+    # float16.
     bf16 = load_model(model_dir, torch.bfloat16, "cpu")
-    assert not any(isinstance(m, (FusedRMSNorm, FusedSiluAndMul)) for m in bf16.modules())
-    assert type(bf16.rotary) is RotaryEmbedding
-    assert all(isinstance(m, FusedAttention) for m in bf16.modules() if isinstance(m, Attention))
+    plain_bf16 = load_model(model_dir, torch.bfloat16, "cpu", pack_for_cpu=False)
+    kinds = {type(m) for m in bf16.modules()}
+    assert {FusedRMSNorm, FusedSiluAndMul, FusedAttention} <= kinds and not {RMSNorm, SiluAndMul, Attention} & kinds
+    assert isinstance(bf16.rotary, FusedRotaryEmbedding)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            bf16.model.norm(hidden.bfloat16()), plain_bf16.model.norm(hidden.bfloat16()), rtol=2**-7, atol=1e-6
+        )
     assert use_fused_cpu_ops(load_model(model_dir, torch.float16, "cpu"), torch.float16) == 0
 
 

@@ -78,4 +78,14 @@ inline void store_lanes(bf16_bits* dst, __mmask16 mask, __m512 v) {
     if ((mask >> j) & 1) dst[j] = lanes[j];
 }
 
+// v rounded to T and widened back: the value a torch op on T tensors leaves (identity for float).
+inline __m512 round_to(float*, __m512 v) { return v; }
+inline __m512 round_to(bf16_bits*, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 }  // namespace helix_vec
