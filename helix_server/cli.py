@@ -3,9 +3,11 @@
     helix-server serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--config FILE.toml] ...
     helix-server generate --prompt "def fibonacci(n):" [--max-tokens 64] [--temperature 0] ...
     helix-server train-default [--output DIR] [--preset cpu|gpu] [--device auto] [--time-budget S] ...
+    helix-server build-kernels
 
 Without `--model`, `serve` and `generate` use the embedded default model (with its draft model as
-speculative proposer unless speculative decoding is configured); `train-default` trains that pair.
+speculative proposer unless speculative decoding is configured); `train-default` trains that pair;
+`build-kernels` compiles helix's CPU kernels ahead of time (`make install` runs it).
 
 Every engine and server setting is a flag, an `HELIX_*` environment variable and a TOML key (see
 `helix_server.settings`).
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sampling-seed", type=int, default=None, help="Seed of this request.")
     add_setting_flags(generate)
 
+    commands.add_parser(
+        "build-kernels",
+        help="Compile helix's CPU kernels into the cache now, so that the first start does not wait for them.",
+    )
+
     train = commands.add_parser(
         "train-default",
         help="Train the embedded default model pair (target + draft) on the standard library's source.",
@@ -80,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train-default":
         return _train_default(args)
+    if args.command == "build-kernels":
+        return _build_kernels()
     try:
         config = build_config(vars(args), config_file=args.config_file)
     except (HelixError, OSError) as exc:
@@ -116,6 +125,25 @@ def _generate(args: argparse.Namespace, config) -> int:
                 sys.stdout.write(seq.text)
                 sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _build_kernels() -> int:
+    """`helix-server build-kernels`: 0 when built (or cached), or when this machine cannot run them."""
+    import subprocess
+
+    from helix_server.layers.cpu_kernels import build_cpu_kernels
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        path = build_cpu_kernels()
+    except RuntimeError as exc:
+        print(f"helix-server build-kernels: nothing to build: {exc}; torch's kernels are used")
+        return 0
+    except subprocess.CalledProcessError as exc:
+        print(f"helix-server build-kernels: the compiler failed:\n{exc.stderr[-4000:]}", file=sys.stderr)
+        return 1
+    print(f"helix's CPU kernels: {path}")
     return 0
 
 

@@ -31,6 +31,8 @@ from helix_server.api.state import STATE_KEY, ServerState
 from helix_server.config import HelixConfig, ServerConfig
 from helix_server.engine.async_engine import AsyncEngine
 from helix_server.errors import HelixError
+from helix_server.layers.cpu_kernels import start_building_cpu_kernels
+from helix_server.platform.device import resolve_device
 
 logger = logging.getLogger("helix_server.api")
 
@@ -138,6 +140,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uses_cpu_kernels(config: HelixConfig) -> bool:
+    """Whether this engine will run on the CPU with helix's kernels (in float32 or bfloat16)."""
+    model = config.engine.model
+    if not model.cpu_kernels or model.dtype == "float16":
+        return False
+    try:
+        return resolve_device(model.device).type == "cpu"
+    except HelixError:
+        return False
+
+
 def raise_open_file_limit() -> None:
     """Raise the soft open-file limit to the hard one (systemd's soft default is 1,024): every
     connection holds a descriptor."""
@@ -182,6 +195,8 @@ def serve(config: HelixConfig) -> int:
     raise_open_file_limit()
     rename_uvicorn_logger()
     with sock:
+        if uses_cpu_kernels(config):  # compile (first run only) while the weights load
+            start_building_cpu_kernels()
         try:
             engine = build_engine(config)
         except (HelixError, OSError, ValueError) as exc:

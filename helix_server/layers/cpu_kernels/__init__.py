@@ -1,8 +1,13 @@
 """Helix's own CPU kernels (C++ sources beside this file), compiled on first use and cached.
 
 `load_cpu_kernels()` builds the sources once for this machine's torch into the cache folder
-(`$HELIX_CACHE_DIR/kernels`, default `~/.cache/helix_server/kernels`; ~15 s with two cores), loads
-them as torch ops (`torch.ops.helix.*`) and says whether that worked. They need x86-64 Linux, a CPU
+(`$HELIX_CACHE_DIR/kernels`, default `~/.cache/helix_server/kernels`), loads them as torch ops
+(`torch.ops.helix.*`) and says whether that worked. The build compiles each source in its own
+compiler process (in parallel, up to the number of CPUs) and logs how long it took; it is done once
+per machine, torch and source version. `helix-server serve` starts it in the background
+(`start_building_cpu_kernels()`) before the weights load, and the first layer that needs the
+kernels waits for it; `helix-server build-kernels` (run by `make install`) builds them ahead of
+time. They need x86-64 Linux, a CPU
 with AVX-512F and a GCC-compatible C++ compiler (`$CXX`, else `c++` or `g++`). Anywhere else, or
 when the build fails (logged once, with the compiler's message), it returns False and the callers
 keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-kernels`).
@@ -23,6 +28,10 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,6 +43,11 @@ logger = logging.getLogger("helix_server")
 _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("panel_gemm.cpp", "fused_ops.cpp", "paged_attention.cpp", "quant_gemm.cpp"))
 HEADERS = (_HERE / "vec_math.h",)
+# What a first build took here, for the log line that announces it (2 cores, 4 sources in parallel).
+TYPICAL_BUILD_S = 60
+# One build at a time in this process: a background build and the first layer that needs the kernels
+# wait for each other.
+_BUILD_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -52,9 +66,40 @@ def cpu_kernels_supported() -> bool:
     )
 
 
-@functools.cache
 def load_cpu_kernels() -> bool:
-    """Build (once per machine and torch) and load the kernels; False where they cannot run."""
+    """Build (once per machine and torch) and load the kernels; False where they cannot run.
+
+    Waits for a build already under way in this process (see `start_building_cpu_kernels`)."""
+    if not _BUILD_LOCK.acquire(blocking=False):
+        logger.info("waiting for helix's CPU kernels (being built or loaded in the background) ...")
+        _BUILD_LOCK.acquire()
+    try:
+        return _load_once()
+    finally:
+        _BUILD_LOCK.release()
+
+
+def start_building_cpu_kernels() -> threading.Thread | None:
+    """Build and load the kernels in a background thread (None where they cannot run here)."""
+    if not cpu_kernels_supported():
+        return None
+    thread = threading.Thread(target=load_cpu_kernels, name="helix-cpu-kernels-build", daemon=True)
+    thread.start()
+    return thread
+
+
+def build_cpu_kernels() -> Path:
+    """Build the kernels into the cache now (`helix-server build-kernels`): the library's path.
+
+    Raises `RuntimeError` where they cannot run, `subprocess.CalledProcessError` when the compiler fails."""
+    if not cpu_kernels_supported():
+        raise RuntimeError("helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler")
+    with _BUILD_LOCK:
+        return _build()
+
+
+@functools.cache
+def _load_once() -> bool:
     if not cpu_kernels_supported():
         return False
     try:
@@ -72,7 +117,8 @@ def _compiler() -> str | None:
 
 def _build() -> Path:
     """The shared library for these sources, this torch and this compiler: from the cache, or
-    compiled into it (written under a temporary name and renamed, so concurrent builds are safe)."""
+    compiled into it (built in a private temporary folder and renamed, so concurrent builds by
+    several processes are safe)."""
     compiler = _compiler()
     torch_dir = Path(torch.__file__).parent
     flags = [
@@ -97,12 +143,31 @@ def _build() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.so")
-    logger.info("compiling helix CPU kernels into %s (once per machine and torch)", target.parent)
-    try:
-        command = [compiler, *flags, *map(str, SOURCES), "-o", str(partial), *libs]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+    logger.info(
+        "compiling helix's CPU kernels (first run only, ~%d s with 2 cores) into %s ...", TYPICAL_BUILD_S, target.parent
+    )
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
+        partial = Path(work) / target.name
+        _compile_and_link(compiler, flags, libs, partial)
         os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    logger.info("compiled helix's CPU kernels in %.1f s", time.monotonic() - start)
     return target
+
+
+def _compile_and_link(compiler: str, flags: list[str], libs: list[str], output: Path) -> None:
+    """Compile each source to an object file (one compiler process per source, as many at once as
+    there are CPUs), then link them into the shared library `output`."""
+    compile_flags = [flag for flag in flags if flag != "-shared"]
+    objects = [output.with_name(f"{source.stem}.o") for source in SOURCES]
+
+    def compile_one(pair: tuple[Path, Path]) -> None:
+        source, obj = pair
+        command = [compiler, *compile_flags, "-c", str(source), "-o", str(obj)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+
+    workers = max(1, min(len(SOURCES), os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(compile_one, zip(SOURCES, objects)))
+    link = [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(output), *libs]
+    subprocess.run(link, check=True, capture_output=True, text=True)
