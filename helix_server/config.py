@@ -66,8 +66,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 SPECULATIVE_METHODS = ("none", "draft", "ngram", "layer-skip")
-# Drafted tokens per step when `num_speculative_tokens` is not set.
-DEFAULT_SPECULATIVE_TOKENS = 3
+# Drafted tokens per step when `num_speculative_tokens` is not set: adapted, so that speculation
+# never makes a default setup much slower (a fixed depth with drafts that are rarely accepted can).
+DEFAULT_SPECULATIVE_TOKENS: int | str = "auto"
 
 
 class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,7 +80,7 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
     draft_model: str | None = None
     # Drafted tokens per step and request, or "auto": adapted per request and step (up to
     # `max_speculative_tokens`) from the measured acceptance rate and costs, down to 0. None (not
-    # set): DEFAULT_SPECULATIVE_TOKENS, except that the embedded default pair runs "auto".
+    # set): DEFAULT_SPECULATIVE_TOKENS ("auto").
     num_speculative_tokens: int | str | None = None
     max_speculative_tokens: int = 5
     # Prompt lookup: the trailing n-gram lengths tried, longest first.

@@ -151,8 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
             "none | draft | ngram | layer-skip (default: draft when --draft-model is given, else none)."),
     Setting("draft_model", "speculative", str, "Draft model directory (same vocabulary as the model)."),
     Setting("num_speculative_tokens", "speculative", speculation_depth, "Tokens drafted per step and "
-            "request, or 'auto' (adapted from the measured acceptance rate and costs, down to 0); default 3, "
-            "'auto' for the embedded default pair."),
+            "request, or 'auto' (adapted from the measured acceptance rate and costs, down to 0; the "
+            "default)."),
     Setting("max_speculative_tokens", "speculative", int, "Most tokens 'auto' drafts per step and request."),
     Setting("ngram_min", "speculative", int, "Shortest trailing n-gram prompt lookup matches."),
     Setting("ngram_max", "speculative", int, "Longest trailing n-gram prompt lookup matches."),

@@ -21,7 +21,7 @@ from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.runtime import EngineComponents, load_components
-from helix_server.engine.speculation import build_proposer, prior_draft_cost
+from helix_server.engine.speculation import AcceptanceMonitor, build_proposer, prior_draft_cost
 from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.validation import validate_request
 from helix_server.errors import ParameterError
@@ -66,6 +66,9 @@ class EngineCore:
             adaptive=config.speculative.adaptive,
             prior_draft_cost=prior_draft_cost(config.speculative, components) if proposer is not None else 0.0,
         )
+        # A fixed depth warns when its drafts are rarely accepted (`auto` backs off by itself).
+        fixed_depth = proposer is not None and not config.speculative.adaptive
+        self.acceptance_monitor = AcceptanceMonitor(self.max_speculation_depth) if fixed_depth else None
         # Seconds the last drafting took: part of the cost of the step that verifies its drafts.
         self._last_propose_seconds = 0.0
         # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
@@ -269,6 +272,8 @@ class EngineCore:
             for position in range(num_accepted):
                 counters.spec_accepted_per_position[position] += 1
             self.depth_policy.observe_verification(request_id, num_drafts, num_accepted)
+            if self.acceptance_monitor is not None:
+                self.acceptance_monitor.observe(num_drafts, num_accepted)
             state = self._parent_of.get(request_id)
             if state is not None:
                 state.metrics.num_draft_tokens += num_drafts
