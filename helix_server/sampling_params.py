@@ -19,6 +19,31 @@ MAX_STOP_STRING_CHARS = 256
 MAX_LOGIT_BIAS = 100.0
 # Temperatures below this are greedy (vLLM's epsilon); dividing logits by them could overflow.
 GREEDY_TEMPERATURE_EPS = 1e-5
+# The kinds of output constraint (`StructuredOutputSpec.kind`).
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """A constraint on a request's output text, as plain data (compiled by `engine.structured`).
+
+    `kind` is one of: "json" (`value` is a JSON Schema as JSON text), "json_object" (any JSON object;
+    `value` unused), "regex" (`value` is the pattern the whole output matches), "choice" (`value` is
+    a JSON list of the allowed strings) or "grammar" (`value` is a Lark grammar in llguidance's
+    dialect, which may embed schemas with `%json{...}`). `whitespace_pattern` (JSON kinds) is the
+    regex JSON whitespace may match; None means compact JSON without whitespace. `param` is the
+    request parameter it came from, named in errors ("response_format", "structured_outputs", ...).
+    """
+
+    kind: str
+    value: str = ""
+    whitespace_pattern: str | None = None
+    param: str = "structured_outputs"
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        """What identifies the compiled grammar (`param` only changes error messages)."""
+        return (self.kind, self.value, self.whitespace_pattern)
 
 
 @dataclass
@@ -53,6 +78,8 @@ class SamplingParams:
     # Speculative decoding: the most tokens to draft per step for this request (0 turns it off);
     # None takes the server's setting, which also caps it.
     speculation_depth: int | None = None
+    # Structured outputs: the output must match this constraint (None: free text).
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -108,6 +135,17 @@ class SamplingParams:
             _check_int("speculation_depth", self.speculation_depth, minimum=0)
         self._validate_stop()
         self._validate_logit_bias()
+        self._validate_structured_output()
+
+    def _validate_structured_output(self) -> None:
+        spec = self.structured_output
+        if spec is None:
+            return
+        if spec.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ParameterError(f"Unknown structured output kind {spec.kind!r}.", spec.param)
+        if self.ignore_eos:
+            # A finished grammar allows only EOS: ignoring it would loop until max_tokens.
+            raise ParameterError("ignore_eos cannot be combined with structured outputs.", "ignore_eos")
 
     def _validate_stop(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
