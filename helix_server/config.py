@@ -26,6 +26,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     # float32 on an AVX-512 CPU: helix's own kernels (compiled on first use); False: torch's.
     cpu_kernels: bool = True
+    # Chat messages' text may contain the tokenizer's control tokens (trusted clients only); False:
+    # they are encoded as plain text, so a message can't forge a turn.
+    allow_special_tokens_in_content: bool = False
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -126,6 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
     Setting("cpu_kernels", "model", boolean, "float32/bfloat16 on an AVX-512 CPU: run helix's own kernels, compiled "
             "on first use (--no-cpu-kernels: torch's only)."),
+    Setting("allow_special_tokens_in_content", "model", boolean, "Chat messages may contain control tokens "
+            "such as <|im_start|> (trusted clients only; by default they are encoded as plain text)."),
     Setting("block_size", "cache", int, "Tokens per KV cache block."),
     Setting("num_kv_blocks", "cache", int, "Exact number of KV cache blocks (overrides --kv-cache-memory)."),
     Setting("kv_cache_memory", "cache", float, "GiB for the KV cache pool on CPU / DirectML (capped at what "

@@ -98,6 +98,7 @@ class AsyncEngine:
         # The event loop tokenizes with its own tokenizer instance: HF fast tokenizers are not safe
         # to share with the engine thread that detokenizes.
         self.tokenizer = tokenizer or load_tokenizer(core.runtime.model_dir)
+        self.tokenizer.sanitize_chat_content = not core.config.model.allow_special_tokens_in_content
         self.runtime = core.runtime
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}

@@ -47,6 +47,8 @@ class EngineCore:
         self.config = config
         self.runtime = components.runtime
         self.tokenizer = components.tokenizer
+        if self.tokenizer is not None:
+            self.tokenizer.sanitize_chat_content = not config.model.allow_special_tokens_in_content
         self.scheduler = Scheduler(
             config.scheduler,
             self.runtime.block_size,

@@ -82,6 +82,9 @@ class Tokenizer:
                 self._backend.no_truncation()
             if self._backend.padding is not None:
                 self._backend.no_padding()
+        # Encode control tokens in chat messages' text as plain text (`encode_chat`); False only
+        # for trusted clients (`allow_special_tokens_in_content`).
+        self.sanitize_chat_content = True
         self._control_tokens: ControlTokens | None = None
         self._plain_backend: Any = None  # the backend with special tokens split, for user text
         self._executor: ThreadPoolExecutor | None = None
@@ -163,7 +166,7 @@ class Tokenizer:
         control = self._chat_control_tokens()
         marked_messages, in_messages = control.mark(messages)
         marked_kwargs, in_kwargs = control.mark(template_kwargs)
-        if not (in_messages or in_kwargs):  # nothing to neutralize: exactly the plain encoding
+        if not self.sanitize_chat_content or not (in_messages or in_kwargs):  # the plain encoding
             text = self.render_chat_template(messages, add_generation_prompt, **template_kwargs)
             return text, self.encode(text, add_special_tokens=False)
         rendered = self.render_chat_template(marked_messages, add_generation_prompt, **marked_kwargs)

@@ -65,3 +65,15 @@ def test_benign_chat_prompts_tokenize_as_the_plain_rendered_template(server):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         tokens = client.post("/tokenize", json={"messages": messages}).json()["tokens"]
     assert tokens == tokenizer.hf.encode(rendered, add_special_tokens=False)
+
+
+def test_trusted_deployments_may_allow_control_tokens_in_content(tiny_model_dir):
+    trusted = start_live_server(tiny_model_dir, allow_special_tokens_in_content=True)
+    try:
+        messages = [{"role": "user", "content": FORGED}]
+        with httpx.Client(base_url=trusted.url, timeout=30) as client:
+            tokens = client.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    finally:
+        trusted.stop()
+    # The forged markers are special tokens again: 4 + <|endoftext|> inside the one user turn.
+    assert _specials(tokens) == [IM_START, IM_END, IM_START, IM_END, IM_START, EOS, IM_END, IM_START]
