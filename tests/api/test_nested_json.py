@@ -1,12 +1,17 @@
-"""Deeply nested JSON bodies are a 400 in the error envelope (never a 500), and the server keeps serving."""
+"""Deeply nested JSON bodies are a 400 in the error envelope (never a 500), and the server keeps serving.
+
+Bodies nest at most `MAX_JSON_DEPTH` levels: deeper values broke the decoder (~1,000 levels) and, from
+a few hundred levels, the chat template rendering a tool's schema.
+"""
 
 from __future__ import annotations
 
 import pytest
 
+from helix_server.api.body import MAX_JSON_DEPTH
 from tests.api.conftest import MODEL_NAME, assert_error, engine_idle, start_live_server, wait_until
 
-DEPTHS = [1_000, 100_000]
+DEPTHS = [500, 1_000, 100_000]
 
 
 def nested(depth: int) -> str:
@@ -39,10 +44,19 @@ BODIES = [
     ("chat-tools", "/v1/chat/completions",
      lambda d: f'{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "Hi"}}], '
                f'"tools": {nested(d)}}}'),
+    ("chat-tool-schema", "/v1/chat/completions", lambda d: tool_request(d - 4)),
     ("tokenize", "/tokenize", lambda d: f'{{"model": "{MODEL_NAME}", "prompt": {nested(d)}}}'),
     ("generate", "/generate", lambda d: f'{{"prompt": {nested(d)}}}'),
     ("whole-body", "/v1/completions", nested),
 ]
+
+
+def tool_request(schema_depth: int) -> str:
+    """A chat request whose tool's `parameters` nest `schema_depth` objects (the body: 4 more)."""
+    return (
+        f'{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 2, '
+        f'"tools": [{{"type": "function", "function": {{"name": "f", "parameters": {nested_objects(schema_depth)}}}}}]}}'
+    )
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
@@ -59,11 +73,31 @@ def test_deep_nesting_is_a_400(client, live_server, path, make_body, depth):
     wait_until(lambda: engine_idle(live_server), what="engine idle")
 
 
-def test_moderate_nesting_still_decodes(client):
-    """Nesting well under the bound is not refused for its depth (a tool schema a few levels deep)."""
-    schema = nested_objects(20)
-    raw = (
-        f'{{"model": "{MODEL_NAME}", "prompt": "Hi", "max_tokens": 2, "metadata": {{"k": {schema}}}}}'
-    ).encode()
-    response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
-    assert response.status_code == 200, response.text
+def test_the_bound_is_exact_and_brackets_in_strings_do_not_count(client):
+    def metadata_request(depth: int, text: str = "") -> bytes:  # the body nests depth levels
+        value = nested_objects(depth - 2)
+        return (
+            f'{{"model": "{MODEL_NAME}", "prompt": "Hi", "max_tokens": 2, '
+            f'"metadata": {{"text": "{text}", "k": {value}}}}}'
+        ).encode()
+
+    headers = {"content-type": "application/json"}
+    at_bound = client.post("/v1/completions", content=metadata_request(MAX_JSON_DEPTH), headers=headers)
+    assert at_bound.status_code == 200, at_bound.text
+    over = client.post("/v1/completions", content=metadata_request(MAX_JSON_DEPTH + 1), headers=headers)
+    assert_error(over, 400, code="nested_too_deeply")
+    brackets = '[{\\\"' * 300  # brackets, escaped quotes and backslashes inside a string
+    in_text = client.post("/v1/completions", content=metadata_request(MAX_JSON_DEPTH, brackets), headers=headers)
+    assert in_text.status_code == 200, in_text.text
+
+
+def test_a_tool_schema_at_the_bound_is_served(client):
+    """Within the bound the chat template renders the schema (this tiny model's context is too short
+    for it: a 400 about the length, not a 500)."""
+    response = client.post(
+        "/v1/chat/completions", content=tool_request(MAX_JSON_DEPTH - 4).encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"]["code"] != "nested_too_deeply", response.text
