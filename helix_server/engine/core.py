@@ -23,6 +23,8 @@ from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.runtime import EngineComponents, load_components
 from helix_server.engine.speculation import AcceptanceMonitor, build_proposer, prior_draft_cost
 from helix_server.engine.stats import EngineCounters, EngineStats
+from helix_server.engine.structured import StructuredOutputBackend
+from helix_server.engine.structured.manager import StructuredOutputManager
 from helix_server.engine.validation import validate_request
 from helix_server.errors import ParameterError
 from helix_server.runner.model_runner import ModelRunner
@@ -63,6 +65,9 @@ class EngineCore:
             components.model, components.kv_caches, self.runtime.block_size, sampler, self.runtime.device, proposer
         )
         self.max_speculation_depth = config.speculative.max_depth if proposer is not None else 0
+        # Structured outputs: grammars compiled at request entry (`structured.compile_async`).
+        self.structured = StructuredOutputBackend(self.tokenizer)
+        self.structured_matchers = StructuredOutputManager(self.structured)
         self.depth_policy = DepthPolicy(
             max_depth=self.max_speculation_depth,
             adaptive=config.speculative.adaptive,
@@ -112,6 +117,8 @@ class EngineCore:
         if request_id in self._requests:
             raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         self.validate_request(prompt_token_ids, params)
+        if params.structured_output is not None:  # a cache hit when the API compiled it already
+            self.structured.compile(params.structured_output)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         sequences: list[SequenceState] = []
         leader: Request | None = None
@@ -211,8 +218,12 @@ class EngineCore:
             return self._collect(touched)
 
         started = time.perf_counter()
+        bitmasks, grammar_errors = self.structured_matchers.bitmasks(scheduler_output.scheduled)
         try:
-            runner_output = self.runner.execute_model(scheduler_output)
+            if bitmasks:
+                runner_output = self.runner.execute_model(scheduler_output, bitmasks)
+            else:
+                runner_output = self.runner.execute_model(scheduler_output)
         except Exception as exc:  # one bad batch fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(scheduler_output.scheduled))
             for scheduled in scheduler_output.scheduled:
@@ -257,6 +268,11 @@ class EngineCore:
             except Exception as exc:  # e.g. detokenization: fails this request only
                 logger.exception("request %s failed while processing its output", state.request_id)
                 self._fail_request(state, f"output processing failed: {exc}")
+        for request_id, error in grammar_errors.items():
+            state = self._parent_of.get(request_id)
+            if state is not None:
+                self._fail_request(state, f"structured output failed: {error}")
+                touched[state.request_id] = state
         outputs = self._collect(touched)
         if self.max_speculation_depth:
             self._propose([r for r in updated if not r.is_finished])
@@ -326,7 +342,7 @@ class EngineCore:
         else:
             self.depth_policy.observe_catch_up(proposal.num_catch_up_tokens, self._last_propose_seconds)
         for request, drafts in zip(candidates, proposal.token_ids):
-            request.spec_token_ids = drafts
+            request.spec_token_ids = self.structured_matchers.valid_drafts(request, drafts)
 
     # ----------------------------------------------------------------- time limits
 
@@ -399,6 +415,7 @@ class EngineCore:
         if state.finished:
             for seq in state.sequences:
                 self.depth_policy.forget(seq.request.request_id)
+            self.structured_matchers.forget(seq.request.request_id for seq in state.sequences)
         if output is not None:
             for seq in output.outputs:
                 self.counters.generation_tokens += len(seq.token_ids)

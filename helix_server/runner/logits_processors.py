@@ -1,8 +1,9 @@
-"""Logits processors that run before temperature: logit bias, min_tokens masking, penalties.
+"""Logits processors that run before temperature: grammar masks, logit bias, min_tokens, penalties.
 
 Each function edits a float32 logits matrix `[num_rows, width]` in place, one row per `SamplingRow`,
 and does nothing when no row asks for its processor. They run in vLLM's order (bias, then min_tokens,
-then penalties) from `Sampler.process_logits`. Per-row options are gathered in Python, moved to the
+then penalties) from `Sampler.process_logits`; the structured-output bitmask comes last, so what it
+forbids stays forbidden whatever the bias. Per-row options are gathered in Python, moved to the
 device as small index/value tensors, and applied to the whole batch with a few vectorised ops.
 
 `width` is the logits' last dimension; it may exceed the tokenizer's vocabulary (padded LM heads),
@@ -28,7 +29,29 @@ def min_tokens_active(row: SamplingRow) -> bool:
 def needs_processing(row: SamplingRow) -> bool:
     """True when any processor of this module changes the row's logits this step."""
     params = row.params
-    return bool(params.logit_bias) or min_tokens_active(row) or params.has_penalties
+    return (
+        bool(params.logit_bias) or min_tokens_active(row) or params.has_penalties or row.token_bitmask is not None
+    )
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Set to -inf every token a row's grammar forbids (`row.token_bitmask`, int32 `[num_words]`,
+    bit t % 32 of word t // 32 set when token t is allowed). Columns beyond the bitmask (a padded
+    LM head) are forbidden too. Rows without a bitmask are untouched and cost nothing."""
+    picked = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+    if not picked:
+        return
+    device = logits.device
+    width = logits.shape[1]
+    words = torch.stack([rows[i].token_bitmask for i in picked]).to(device)  # [M, W] int32
+    shifts = torch.arange(32, dtype=torch.int32, device=device)  # [32]
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).reshape(len(picked), -1).bool()  # [M, W * 32]
+    allowed = torch.zeros((len(picked), width), dtype=torch.bool, device=device)  # [M, V]
+    usable = min(width, bits.shape[1])
+    allowed[:, :usable] = bits[:, :usable]
+    index = torch.tensor(picked, device=device)
+    sub = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))  # [M, V]
+    logits.index_copy_(0, index, sub)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

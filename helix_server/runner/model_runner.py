@@ -7,6 +7,7 @@ is plain Python (`ModelRunnerOutput`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
@@ -52,7 +53,12 @@ class ModelRunner:
             self.spec.forget(scheduler_output.preempted_request_ids)
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, token_bitmasks: dict[str, np.ndarray] | None = None
+    ) -> ModelRunnerOutput:
+        """One step. `token_bitmasks[request_id]` (structured outputs) is int32 `[num_spec_tokens + 1,
+        num_words]`: the tokens the grammar allows at each position the request samples at."""
+        masks = {rid: torch.from_numpy(m) for rid, m in (token_bitmasks or {}).items()}  # [s + 1, W] each
         self.release_finished(scheduler_output)
         output = ModelRunnerOutput()
         if scheduler_output.is_empty:
@@ -81,7 +87,8 @@ class ModelRunner:
         if plain:
             rows_index = torch.tensor([row for _, row in plain], dtype=torch.long, device=self.device)
             logits = self.model.compute_logits(hidden[rows_index]).float()  # [num_plain, vocab]
-            results = self.sampler.sample(logits, [self._sampling_row(b.request) for b, _ in plain])
+            rows = [self._sampling_row(b.request, _first_row(masks.get(b.request_id))) for b, _ in plain]
+            results = self.sampler.sample(logits, rows)
             for (scheduled, _), (token_id, logprob) in zip(plain, results):
                 output.sampled_token_ids[scheduled.request_id] = [token_id]
                 if logprob is not None:
@@ -89,7 +96,7 @@ class ModelRunner:
 
         verifying = [(b, row) for b, row in zip(batch, last_rows) if b.samples and b.num_spec_tokens]
         if verifying:
-            self._verify(verifying, hidden, output)
+            self._verify(verifying, hidden, output, masks)
 
         start = 0
         for scheduled in batch:
@@ -100,14 +107,18 @@ class ModelRunner:
         return output
 
     def _verify(
-        self, verifying: list[tuple[ScheduledRequest, int]], hidden: torch.Tensor, output: ModelRunnerOutput
+        self,
+        verifying: list[tuple[ScheduledRequest, int]],
+        hidden: torch.Tensor,
+        output: ModelRunnerOutput,
+        masks: dict[str, torch.Tensor],
     ) -> None:
         """Score each request's drafts: logits at its last known token and each draft position."""
         row_lists = [list(range(row - b.num_spec_tokens, row + 1)) for b, row in verifying]
         index = torch.tensor([r for rows in row_lists for r in rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[index]).float()  # [sum(s + 1), vocab]
         per_request = list(logits.split([len(rows) for rows in row_lists]))
-        results = self.spec.verify([b for b, _ in verifying], per_request)
+        results = self.spec.verify([b for b, _ in verifying], per_request, masks)
         for (scheduled, _), result in zip(verifying, results):
             output.sampled_token_ids[scheduled.request_id] = result.token_ids
             output.num_draft_tokens[scheduled.request_id] = result.num_draft_tokens
@@ -131,12 +142,13 @@ class ModelRunner:
         """Per request, the tokens the proposer must catch up on before drafting (empty without one)."""
         return {} if self.spec is None else self.spec.backlogs(requests)
 
-    def _sampling_row(self, request: Request) -> SamplingRow:
+    def _sampling_row(self, request: Request, token_bitmask: torch.Tensor | None) -> SamplingRow:
         return SamplingRow(
             params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             generator=self.generators.get(request, request.num_tokens),  # the position being sampled
+            token_bitmask=token_bitmask,
         )
 
     def _prompt_logprobs(
@@ -154,6 +166,10 @@ class ModelRunner:
             targets = request.prompt_token_ids[start + 1 : last + 1]
             result.extend(self.sampler.logprobs_of(logits, targets, request.sampling_params.prompt_logprobs))
         return result
+
+
+def _first_row(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask[0]
 
 
 def _wants_prompt_logprobs(scheduled: ScheduledRequest) -> bool:

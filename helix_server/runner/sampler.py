@@ -2,7 +2,8 @@
 
 The pipeline, one row of the logits matrix per request:
 
-1. `process_logits`: float32, then logit_bias, min_tokens masking, penalties (`logits_processors`).
+1. `process_logits`: float32, then logit_bias, min_tokens masking, penalties and the structured-output
+   token bitmask (`logits_processors`).
 2. `probs`: the processed distribution. Greedy rows (temperature < 1e-5, vLLM's epsilon, which also
    keeps `logits / temperature` finite) are one-hot at the argmax. Other rows: divide by temperature,
    softmax, then the filters in the order **min_p -> top_k -> top_p**, and renormalise.
@@ -35,6 +36,7 @@ from helix_server.runner.logits_processors import (
     apply_logit_bias,
     apply_min_tokens,
     apply_penalties,
+    apply_token_bitmask,
     needs_processing,
 )
 from helix_server.runner.output import TokenLogprob
@@ -63,6 +65,8 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    # Structured outputs: which tokens the grammar allows here, int32 `[num_words]` (None: all).
+    token_bitmask: torch.Tensor | None = None
 
 
 class Sampler:
@@ -97,7 +101,7 @@ class Sampler:
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Raw logits `[N, V]` (any float dtype) -> float32 processed logits `[N, V]`.
 
-        Applies logit_bias, min_tokens masking, then penalties. Never modifies `logits`; returns a
+        Applies logit_bias, min_tokens masking, penalties, then the grammar's token bitmask. Never modifies `logits`; returns a
         float32 view of it when no row needs processing.
         """
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
@@ -107,6 +111,7 @@ class Sampler:
         apply_logit_bias(out, rows)
         apply_min_tokens(out, rows, self.eos_token_ids)
         apply_penalties(out, rows)
+        apply_token_bitmask(out, rows)
         return out
 
     def probs(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

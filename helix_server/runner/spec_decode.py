@@ -70,7 +70,12 @@ class SpecDecoder:
         self,
         scheduled: list[ScheduledRequest],
         logits: list[torch.Tensor],  # per request [s + 1, V]: positions of its last token and drafts
+        token_bitmasks: dict[str, torch.Tensor] | None = None,  # per constrained request [s + 1, W]
     ) -> list[VerifiedTokens]:
+        """Accepted drafts plus one token per request. A constrained request's target distribution at
+        each position includes its grammar's mask there (the matcher advanced through the drafts
+        before it), so acceptance uses the constrained p and a forbidden draft is always rejected."""
+        token_bitmasks = token_bitmasks or {}
         num_rows = len(scheduled)
         num_drafts = [s.num_spec_tokens for s in scheduled]
         max_drafts = max(num_drafts)
@@ -82,6 +87,7 @@ class SpecDecoder:
         for s in scheduled:
             request = s.request
             drafts = request.spec_token_ids[: s.num_spec_tokens]
+            masks = token_bitmasks.get(s.request_id)
             for i in range(s.num_spec_tokens + 1):
                 rows.append(
                     SamplingRow(
@@ -89,6 +95,7 @@ class SpecDecoder:
                         request.prompt_token_ids,
                         request.output_token_ids + drafts[:i],
                         self.generators.get(request, request.num_tokens + i),  # position-keyed noise
+                        None if masks is None else masks[i],
                     )
                 )
         flat_logits = torch.cat(logits, dim=0)  # [sum(s + 1), V]

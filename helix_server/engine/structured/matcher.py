@@ -17,14 +17,20 @@ class GrammarMatcher:
     """Accepts tokens, computes the next-token bitmask, and rolls back (for rejected drafts).
 
     The bitmask is int32 words, bit `t % 32` of word `t // 32` set when token t is allowed
-    (`num_words = ceil(vocab_size / 32)`). `num_accepted` counts the tokens consumed so far.
+    (`num_words = ceil(vocab_size / 32)`).
     """
 
     def __init__(self, matcher: LLMatcher, eos_token_id: int, num_words: int) -> None:
         self._matcher = matcher
         self._eos_token_id = eos_token_id
         self.num_words = num_words
-        self.num_accepted = 0
+        # Per accepted token: whether llguidance consumed it (an EOS after a stop is only counted).
+        self._consumed: list[bool] = []
+
+    @property
+    def num_accepted(self) -> int:
+        """Tokens accepted so far."""
+        return len(self._consumed)
 
     @property
     def error(self) -> str | None:
@@ -38,12 +44,14 @@ class GrammarMatcher:
 
     def accept_tokens(self, token_ids: Sequence[int]) -> bool:
         """Consume `token_ids` (all of them, or the matcher ends in its error state); True on success."""
-        if not token_ids:
-            return True
-        self._matcher.consume_tokens(list(token_ids))
-        if self._matcher.is_error():
-            return False
-        self.num_accepted += len(token_ids)
+        for token_id in token_ids:
+            # A complete grammar may stop the matcher by itself; the EOS that follows is then fine.
+            consume = not (self._matcher.is_stopped() and token_id == self._eos_token_id)
+            if consume:
+                self._matcher.consume_token(token_id)
+                if self._matcher.is_error():
+                    return False
+            self._consumed.append(consume)
         return True
 
     def valid_prefix(self, token_ids: Sequence[int]) -> int:
@@ -52,9 +60,11 @@ class GrammarMatcher:
 
     def rollback(self, num_tokens: int) -> None:
         """Forget the last `num_tokens` accepted tokens."""
-        if num_tokens > 0:
-            self._matcher.rollback(num_tokens)
-            self.num_accepted -= num_tokens
+        if num_tokens <= 0:
+            return
+        undone = self._consumed[-num_tokens:]
+        del self._consumed[-num_tokens:]
+        self._matcher.rollback(sum(undone))
 
     def fill_bitmask(self, out: np.ndarray) -> None:
         """Write the next-token bitmask into `out`, int32 `[num_words]`; EOS only after an error."""
