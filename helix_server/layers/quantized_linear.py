@@ -150,7 +150,7 @@ SUPPORTED_TYPES = tuple(_DEQUANT)
 
 def dequantize_rows(packed: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Float32 weights of packed rows: uint8 [rows, bytes_per_row] -> float32 [rows, in_features]."""
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    _, type_size = GGML_QUANT_SIZES[qtype]
     rows = packed.shape[0]
     blocks = packed.reshape(-1, type_size)  # [rows * blocks_per_row, type_size]
     return _DEQUANT[qtype](blocks).reshape(rows, -1)
