@@ -22,6 +22,8 @@ class CompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    # Structured outputs, as on chat: {"type": "json_object"} or {"type": "json_schema", ...}.
+    response_format: dict[str, Any] | None = None
     # Not supported yet: refused when set (suffix) or > 1 (best_of).
     suffix: str | None = None
     best_of: int | None = None

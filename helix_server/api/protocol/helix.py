@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 DEFAULT_MAX_TOKENS = 16
@@ -15,6 +17,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens: int | None = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     speculation_depth: int | None = None
+    # Structured outputs, with the same shapes as on /v1/completions.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class BatchGenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -24,6 +29,9 @@ class BatchGenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
     max_tokens: int | None = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     speculation_depth: int | None = None
+    # Structured outputs, with the same shapes as on /v1/completions.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class GenerationMetrics(msgspec.Struct):

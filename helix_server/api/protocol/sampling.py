@@ -52,3 +52,5 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the token ids of the prompt and of each choice.
     prompt_logprobs: int | None = None
     return_token_ids: bool | None = None
+    # Structured outputs (vLLM's extension): one of json, regex, choice, grammar, json_object.
+    structured_outputs: dict[str, Any] | None = None

@@ -54,8 +54,6 @@ def check_chat_features(body: ChatCompletionRequest) -> None:
     for name in _UNSUPPORTED:
         if getattr(body, name) is not None:
             reject(name)
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        reject("response_format", "response_format other than {'type': 'text'}")
     if body.modalities is not None and any(m != "text" for m in body.modalities):
         reject("modalities", "Output modalities other than 'text'")
 

@@ -50,6 +50,8 @@ class Generation:
         """Validate every prompt, check the queue bounds for all of them, then queue them all
         (raises `ParameterError`, `EngineOverloadedError` or `EngineDeadError`)."""
         request_ids = [f"{request_id}-{index}" for index in range(len(prompts))]
+        if params.structured_output is not None:  # compiled off the event loop, time-limited
+            await state.engine.core.structured.compile_async(params.structured_output)
         streams = await state.engine.add_requests(prompts, params, request_ids, prompt_param, cache_salt)
         return cls(state, streams)
 

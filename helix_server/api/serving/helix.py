@@ -26,6 +26,7 @@ from helix_server.api.serving.accumulate import ResultAccumulator
 from helix_server.api.serving.generation import Generation
 from helix_server.api.serving.prompts import completion_prompts
 from helix_server.api.serving.respond import respond
+from helix_server.api.serving.structured import structured_output_spec
 from helix_server.api.sse import error_event, sse_event
 from helix_server.api.state import ServerState
 from helix_server.engine.outputs import RequestMetrics
@@ -51,7 +52,10 @@ class HelixService:
         self.body = body
         self.request_id = f"gen-{uuid.uuid4().hex}"
         self.params = SamplingParams(
-            temperature=body.temperature, max_tokens=body.max_tokens, speculation_depth=body.speculation_depth
+            temperature=body.temperature,
+            max_tokens=body.max_tokens,
+            speculation_depth=body.speculation_depth,
+            structured_output=structured_output_spec(body.response_format, body.structured_outputs),
         )
         prompts = body.prompts if isinstance(body, BatchGenerateRequest) else [body.prompt]
         if not prompts:

@@ -13,6 +13,7 @@ from typing import Any
 
 from helix_server.api.errors import bad_request
 from helix_server.api.protocol.sampling import SamplingFields
+from helix_server.api.serving.structured import structured_output_spec
 from helix_server.errors import ParameterError
 from helix_server.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -45,6 +46,9 @@ def build_sampling_params(
         "prompt_logprobs": prompt_logprobs,
         "logit_bias": dict(request.logit_bias) if request.logit_bias else None,
         "speculation_depth": request.speculation_depth,
+        "structured_output": structured_output_spec(
+            getattr(request, "response_format", None), request.structured_outputs
+        ),
     }
     optional = {
         "temperature": request.temperature,
