@@ -155,6 +155,23 @@ def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(tmp_pa
         assert (ours - ref).abs().max().item() <= ATOL * max(1.0, ref.abs().max().item())
 
 
+def test_mixed_type_file_fuses_shards_of_different_types(tmp_path, tokenizer_dir):
+    """Like llama.cpp's mixed files (Q4_K_M: some tensors in another type), q/k/v of one layer in
+    different types, v even as float: the fused projection keeps one segment per type."""
+    hf = tiny_hf_model("qwen2", use_sliding_window=False)  # q/k/v biases ride along
+    types = {"attn_v": Q.F16, "attn_k": Q.Q8_0, "ffn_up": Q.Q4_1, "ffn_down": Q.F32}
+    path = write_gguf(hf, tokenizer_dir, tmp_path / "mixed.gguf", Q.Q4_0, tensor_types=types)
+    model = load_model(path, torch.float32, "cpu")
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.qtypes == [Q.Q4_0, Q.Q8_0, Q.F32]
+    assert layer.mlp.gate_up_proj.qtypes == [Q.Q4_0, Q.Q4_1]
+    assert not isinstance(layer.mlp.down_proj, QuantizedLinear)
+    token_ids = _token_ids()
+    expected = _hf_logits(_gguf_reference(path, hf), token_ids)
+    for ours, ref in zip(_run_engine_like(model, token_ids, 8, seed=5), expected, strict=True):
+        assert (ours - ref).abs().max().item() <= ATOL * max(1.0, ref.abs().max().item())
+
+
 def test_gguf_tokenizer_and_chat_template_match_the_hf_tokenizer(tmp_path, tokenizer_dir):
     path = write_gguf(tiny_hf_model("llama"), tokenizer_dir, tmp_path / "model.gguf", Q.Q8_0)
     ours, hf = load_tokenizer(path), load_tokenizer(tokenizer_dir)
