@@ -126,7 +126,7 @@ BAD_JSON_BODIES = [
     ),
     ("tool_choice-without-tools", chat(tool_choice="auto"), "tool_choice", None),
     ("unsupported-functions", chat(functions=[{"name": "f"}]), "functions", None),
-    ("unsupported-response_format", chat(response_format={"type": "json_object"}), "response_format", None),
+    ("unknown-response_format-type", chat(response_format={"type": "xml"}), "response_format", None),
     ("unsupported-audio", chat(audio={"voice": "alloy", "format": "wav"}), "audio", None),
     ("unsupported-modalities", chat(modalities=["text", "audio"]), "modalities", None),
     ("unsupported-reasoning_effort", chat(reasoning_effort="high"), "reasoning_effort", None),
