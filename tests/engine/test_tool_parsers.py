@@ -43,8 +43,10 @@ WEATHER = '{"city": "Paris", "units": ["c", {"x": "}]\\" <tool_call>"}]}'
 CASES = [
     (
         HermesToolParser,
-        f'Let me check.\n<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\n'
-        '<tool_call>\n{"arguments": {"a": 1}, "name": "second"}\n</tool_call>\n',
+        (
+            f'Let me check.\n<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\n'
+            '<tool_call>\n{"arguments": {"a": 1}, "name": "second"}\n</tool_call>\n'
+        ),
         "Let me check.",
         [("get_weather", WEATHER), ("second", '{"a": 1}')],
     ),
@@ -57,7 +59,12 @@ CASES = [
         "",
         [("f", '{"a": 1}'), ("g", "{}")],
     ),
-    (Llama3JsonToolParser, '<|python_tag|>{"name": "f", "parameters": {"q": "x"}}', "", [("f", '{"q": "x"}')]),
+    (
+        Llama3JsonToolParser,
+        '<|python_tag|>{"name": "f", "parameters": {"q": "x"}}',
+        "",
+        [("f", '{"q": "x"}')],
+    ),
     (Llama3JsonToolParser, 'Hello {"name": "f"}', 'Hello {"name": "f"}', []),
     (Llama3JsonToolParser, '{"not": "a call"}', '{"not": "a call"}', []),
     (

@@ -25,9 +25,11 @@ from helix_server.api.protocol.chat import (
 )
 from helix_server.engine.tokenizer import Tokenizer
 from helix_server.engine.tool_parsers import HermesToolParser, ToolParser, resolve_tool_parser
-from helix_server.sampling_params import SamplingParams
+from helix_server.sampling_params import SamplingParams, StructuredOutputSpec
 
-_NAMED = "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}."
+_NAMED = (
+    'tool_choice must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}.'
+)
 
 
 @dataclass
@@ -71,6 +73,12 @@ class ToolCalling:
         if any(marker in special for marker in self.parser.markers):
             params.skip_special_tokens = False
         if self.choice != "auto":
+            if params.structured_output is not None:
+                raise bad_request(
+                    f"tool_choice {self.named or self.choice!r} constrains the output to tool calls; it "
+                    "can't be combined with response_format or structured_outputs.",
+                    "tool_choice",
+                )
             constrain_to_grammar(params, forced_call_grammar(self))
 
     def forced_tools(self) -> list[dict[str, Any]]:
@@ -170,7 +178,9 @@ class ToolStream:
                 self.names.append(call.name)
                 self.arguments.append("")
                 function = DeltaFunctionCall(name=call.name, arguments=call.arguments)
-                out.append(DeltaToolCall(call.index, id=self.ids[call.index], type="function", function=function))
+                out.append(
+                    DeltaToolCall(call.index, id=self.ids[call.index], type="function", function=function)
+                )
             else:
                 out.append(DeltaToolCall(call.index, function=DeltaFunctionCall(arguments=call.arguments)))
             self.arguments[call.index] += call.arguments
@@ -192,6 +202,11 @@ class ToolStream:
         return "tool_calls" if reason == "stop" and self.has_calls else reason
 
 
+# llguidance's JSON options: single spaces after ":" and ",", no free whitespace (a weak model
+# would otherwise fill max_tokens with newlines inside the arguments).
+_COMPACT_JSON = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
 def forced_call_grammar(setup: ToolCalling) -> str:
     """A Lark grammar (llguidance's, with `%json`) for `required` / named tool choice: Hermes
     `<tool_call>` blocks (one, or one or more when parallel calls are allowed), each holding an
@@ -201,7 +216,8 @@ def forced_call_grammar(setup: ToolCalling) -> str:
         function = tool["function"]
         head = json.dumps('{"name": ' + json.dumps(function["name"]) + ', "arguments": ')
         rules.append(f'call_{i}: {head} args_{i} "}}"')
-        rules.append(f"args_{i}: %json {json.dumps(function['parameters'])}")
+        schema = {**closed_objects(function["parameters"]), "x-guidance": _COMPACT_JSON}
+        rules.append(f"args_{i}: %json {json.dumps(schema)}")
     block = '"<tool_call>\\n" call "\\n</tool_call>"'
     start = f'start: {block} ("\\n" {block})*' if setup.parallel else f"start: {block}"
     calls = " | ".join(f"call_{i}" for i in range(len(setup.forced_tools())))
@@ -209,8 +225,24 @@ def forced_call_grammar(setup: ToolCalling) -> str:
 
 
 def constrain_to_grammar(params: SamplingParams, grammar: str) -> None:
-    """Constrain `params`' output to the Lark `grammar` with the structured-output backend."""
-    raise bad_request(
-        "tool_choice 'required' and named functions need the grammar backend, which this server lacks.",
-        "tool_choice",
-    )
+    """Constrain `params`' output to the Lark `grammar` (the structured-output backend compiles it
+    when the request enters the engine; an uncompilable tool schema is a 400 naming `tools`)."""
+    params.structured_output = StructuredOutputSpec("grammar", grammar, param="tools")
+
+
+# Keywords whose values are JSON data, not schemas.
+_DATA_KEYWORDS = frozenset(("enum", "const", "default", "examples"))
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on each object schema that lists `properties` and
+    says nothing about other keys (xgrammar's strict mode, vLLM's default): a forced call holds the
+    tool's declared arguments, and a weak model can't add keys until `max_tokens`."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: value if key in _DATA_KEYWORDS else closed_objects(value) for key, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed

@@ -44,7 +44,9 @@ def detect_tool_parser(chat_template: str | None) -> type[ToolParser] | None:
         found.append(HermesToolParser)
     if "[TOOL_CALLS]" in chat_template:
         found.append(MistralToolParser)
-    if "<|python_tag|>" in chat_template or ('"parameters": ' in chat_template and "<|eom_id|>" in chat_template):
+    if "<|python_tag|>" in chat_template or (
+        '"parameters": ' in chat_template and "<|eom_id|>" in chat_template
+    ):
         found.append(Llama3JsonToolParser)
     return found[0] if len(found) == 1 else None
 

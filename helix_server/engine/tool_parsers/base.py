@@ -132,7 +132,9 @@ def call_from_json(text: str) -> ParsedToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args: Any = obj.get("arguments", obj.get("parameters", {}))
-    return ParsedToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return ParsedToolCall(
+        obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    )
 
 
 class ToolParser:
