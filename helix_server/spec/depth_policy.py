@@ -189,10 +189,16 @@ class DepthPolicy:
     def step_time(self, num_tokens: int) -> float | None:
         """Predicted target step time for `num_tokens` tokens, or None before any measurement:
         linear between the nearest measured points below and above, along the nearest two outside
-        them (never decreasing with n), flat when only one point is known."""
+        them, flat when only one point is known; never decreasing with n. A point measured slower
+        than a point of more tokens (a stall, or a stale point: while every step verifies drafts,
+        the point without them is not refreshed) raises the larger ones, so verifying drafts is
+        never predicted to make a step faster."""
         if not self._steps:
             return None
-        points = sorted(self._steps.values())
+        points, slowest = [], 0.0
+        for n, t in sorted(self._steps.values()):
+            slowest = max(slowest, t)
+            points.append((n, slowest))
         below = [p for p in points if p[0] <= num_tokens]
         above = [p for p in points if p[0] > num_tokens]
         if below and above:
