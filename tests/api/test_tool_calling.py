@@ -413,3 +413,8 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
     _, deltas = stream.feed(HERMES_TWO_CALLS, final=True)
     assert [c.function.name for c in stream.tool_calls()] == ["get_weather"]
     assert {d.index for d in deltas} == {0}
+
+
+def test_server_idle_after_the_tool_requests(server):
+    wait_until(lambda: engine_idle(server), what="engine idle (no KV block held)")
+    assert chat(server, messages=ASK, max_tokens=2).status_code == 200
