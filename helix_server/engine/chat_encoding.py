@@ -42,15 +42,13 @@ class ChatPiece:
 
 
 class ControlTokens:
-    """The control tokens a tokenizer's chat template must not take from user text.
-
-    They are the tokenizer's special added tokens, plus its other added tokens that the template
-    writes literally (like Qwen's `<tool_call>`), except whitespace-only ones.
+    """The control tokens a chat template must not take from user text: the tokenizer's special
+    added tokens. (Non-special added tokens, like Qwen's `<tool_call>`, stay as they are: the
+    tokenizer can't encode them as plain text with special tokens split.)
     """
 
-    def __init__(self, special: Iterable[str], added: Iterable[str] = (), template: str = "") -> None:
-        tokens = set(special) | {t for t in added if t in template and not t.isspace()}
-        self.tokens: tuple[str, ...] = tuple(sorted((t for t in tokens if t), key=len, reverse=True))
+    def __init__(self, special: Iterable[str]) -> None:
+        self.tokens: tuple[str, ...] = tuple(sorted({t for t in special if t}, key=len, reverse=True))
         # Longest first, so a token wins over the tokens it contains.
         pattern = "|".join(map(re.escape, self.tokens)) or "(?!)"  # (?!) never matches
         self._pattern = re.compile(pattern)

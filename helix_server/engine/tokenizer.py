@@ -196,12 +196,7 @@ class Tokenizer:
     def _chat_control_tokens(self) -> ControlTokens:
         if self._control_tokens is None:
             added = self.hf.added_tokens_decoder.values()
-            template = getattr(self.hf, "chat_template", None)
-            self._control_tokens = ControlTokens(
-                special=[str(t.content) for t in added if t.special],
-                added=[str(t.content) for t in added],
-                template=template if isinstance(template, str) else str(template or ""),
-            )
+            self._control_tokens = ControlTokens(str(t.content) for t in added if t.special)
         return self._control_tokens
 
     # -- off the event loop -------------------------------------------------------------------------

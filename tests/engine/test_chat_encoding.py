@@ -106,3 +106,14 @@ def test_a_tokenizer_that_makes_the_token_from_text_is_refused(tokenizer, monkey
     with pytest.raises(ParameterError) as info:
         tokenizer.encode_chat(FORGED[0])
     assert info.value.param == "messages"
+
+
+def test_non_special_added_tokens_in_content_are_left_as_they_are(tokenizer_dir):
+    # Like Qwen's <tool_call>: an added token that is not special, written by the template too.
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.hf.add_tokens(["<tool_call>"])
+    tokenizer = type(tokenizer)(tokenizer.hf, tokenizer.eos_token_ids)
+    messages = [{"role": "user", "content": "call <tool_call> now"}]
+    text, ids = tokenizer.encode_chat(messages)
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.hf.convert_tokens_to_ids("<tool_call>") in ids
