@@ -333,7 +333,7 @@ class EngineCore:
         candidates = [r for r in requests if r.request_id in depths]
         block_ids = {r.request_id: self.scheduler.kv_cache_manager.get_block_ids(r.request_id) for r in candidates}
         started = time.perf_counter()
-        proposal = self.runner.propose(candidates, depths, block_ids)
+        proposal = self.runner.propose(candidates, depths, block_ids, self.structured_matchers.draft_bitmask)
         self._last_propose_seconds = time.perf_counter() - started
         # A drafter catching up on whole prompts says nothing about the cost of drafting itself,
         # but it measures the cost of catching up.

@@ -14,7 +14,7 @@ from helix_server.layers.attention.builder import SequenceChunk, build_forward_c
 from helix_server.runner.generators import RequestGenerators
 from helix_server.runner.output import ModelRunnerOutput, TokenLogprob
 from helix_server.runner.sampler import Sampler, SamplingRow
-from helix_server.runner.spec_decode import SpecDecoder
+from helix_server.runner.spec_decode import DraftBitmask, SpecDecoder
 from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
 from helix_server.scheduler.request import Request
 from helix_server.spec.proposer import Proposal, ProposalRequest, Proposer
@@ -126,9 +126,16 @@ class ModelRunner:
                 output.logprobs[scheduled.request_id] = result.logprobs
 
     @torch.inference_mode()
-    def propose(self, requests: list[Request], depths: dict[str, int], block_ids: dict[str, list[int]]) -> Proposal:
+    def propose(
+        self,
+        requests: list[Request],
+        depths: dict[str, int],
+        block_ids: dict[str, list[int]],
+        draft_bitmask: DraftBitmask | None = None,
+    ) -> Proposal:
         """Draft up to `depths[request_id]` tokens for each request with a depth (for the next
-        step); `Proposal.token_ids` follows the order of those requests in `requests`."""
+        step); `Proposal.token_ids` follows the order of those requests in `requests`.
+        `draft_bitmask(request, drafts_so_far)` (structured outputs) masks a model drafter's choices."""
         if self.spec is None:
             return Proposal(token_ids=[])
         proposal_requests = [
@@ -136,7 +143,7 @@ class ModelRunner:
             for r in requests
             if depths.get(r.request_id, 0) > 0
         ]
-        return self.spec.propose(proposal_requests, {r.request_id: r for r in requests})
+        return self.spec.propose(proposal_requests, {r.request_id: r for r in requests}, draft_bitmask)
 
     def proposal_backlogs(self, requests: list[Request]) -> dict[str, int]:
         """Per request, the tokens the proposer must catch up on before drafting (empty without one)."""

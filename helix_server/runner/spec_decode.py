@@ -16,9 +16,10 @@ generator, and the resulting q is kept for the next step's verification.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from helix_server.runner.generators import RequestGenerators
@@ -28,6 +29,10 @@ from helix_server.scheduler.output import ScheduledRequest
 from helix_server.scheduler.request import Request
 from helix_server.spec.proposer import Proposal, ProposalRequest, Proposer
 from helix_server.spec.rejection_sampler import rejection_sample
+
+
+# (request, drafts so far) -> int32 `[num_words]` grammar bitmask for the next draft, or None (free).
+DraftBitmask = Callable[[Request, list[int]], "np.ndarray | None"]
 
 
 @dataclass
@@ -155,11 +160,13 @@ class SpecDecoder:
         """Per request, the tokens the proposer would catch up on before drafting for it."""
         return {r.request_id: self.proposer.backlog(r.request_id, r.num_computed_tokens, r.num_tokens) for r in requests}
 
-    def propose(self, requests: list[ProposalRequest], by_id: dict[str, Request]) -> Proposal:
+    def propose(
+        self, requests: list[ProposalRequest], by_id: dict[str, Request], draft_bitmask: DraftBitmask | None = None
+    ) -> Proposal:
         """Draft for each request; keeps q for the next verification."""
         if not requests:
             return Proposal(token_ids=[])
-        chooser = _DraftChooser(self.sampler, [by_id[r.request_id] for r in requests], self.generators)
+        chooser = _DraftChooser(self.sampler, [by_id[r.request_id] for r in requests], self.generators, draft_bitmask)
         proposal: Proposal = self.proposer.propose(requests, chooser)
         for r, (request, tokens) in enumerate(zip(requests, proposal.token_ids)):
             if proposal.probs is not None and tokens:
@@ -173,8 +180,8 @@ class _DraftChooser:
     """Turns a model proposer's logits into drafts with each request's own sampling rules.
 
     Called once per drafting step with the logits of every request; keeps the drafts so far so the
-    penalties of step j see drafts 1..j-1 as output. Greedy rows take the argmax (no randomness);
-    the others are sampled from the processed distribution, seeded ones with the noise of the
+    penalties (and the grammar mask) of step j see drafts 1..j-1 as output. Greedy rows take the
+    argmax (no randomness); the others are sampled from the processed distribution, seeded ones with the noise of the
     position they draft (see `runner.generators`).
     """
 
@@ -183,10 +190,12 @@ class _DraftChooser:
         sampler: Sampler,
         requests: list[Request],
         generators: RequestGenerators,
+        draft_bitmask: DraftBitmask | None = None,
     ) -> None:
         self.sampler = sampler
         self.requests = requests
         self.generators = generators
+        self.draft_bitmask = draft_bitmask
         self.drafts: list[list[int]] = [[] for _ in requests]
         self.greedy = [r.sampling_params.greedy for r in requests]
 
@@ -198,6 +207,7 @@ class _DraftChooser:
                 self.requests[r].output_token_ids + self.drafts[r],
                 # The noise of the position drafted: the target's own there (Gumbel coupling).
                 self.generators.get(self.requests[r], self.requests[r].num_tokens + len(self.drafts[r])),
+                self._bitmask(r),
             )
             for r in active
         ]
@@ -211,3 +221,10 @@ class _DraftChooser:
         for r, token in zip(active, tokens.tolist()):
             self.drafts[r].append(token)
         return tokens, probs
+
+    def _bitmask(self, r: int) -> torch.Tensor | None:
+        """The grammar's mask for request r's next draft (drafts the grammar allows are useful)."""
+        if self.draft_bitmask is None:
+            return None
+        mask = self.draft_bitmask(self.requests[r], self.drafts[r])
+        return None if mask is None else torch.from_numpy(mask)

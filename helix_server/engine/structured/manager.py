@@ -80,6 +80,22 @@ class StructuredOutputManager:
         except Exception:  # noqa: BLE001 - the next `bitmasks` reports the failure
             return []
 
+    def draft_bitmask(self, request: Request, drafts: list[int]) -> np.ndarray | None:
+        """For a model drafter: int32 `[num_words]`, the tokens allowed after `drafts` (None when
+        the request is unconstrained or its drafts already left the grammar)."""
+        if request.sampling_params.structured_output is None:
+            return None
+        try:
+            matcher = self._synced(request)
+            if matcher.valid_prefix(drafts) < len(drafts) or not matcher.accept_tokens(drafts):
+                return None
+            out = np.empty(matcher.num_words, dtype=np.int32)
+            matcher.fill_bitmask(out)
+            matcher.rollback(len(drafts))
+            return out
+        except Exception:  # noqa: BLE001 - the next `bitmasks` reports the failure
+            return None
+
     def _synced(self, request: Request) -> GrammarMatcher:
         """The request's matcher, having accepted every output token the request has."""
         matcher = self._matchers.get(request.request_id)
