@@ -18,9 +18,12 @@ row r, input features in order, each block in ggml's own struct layout, little-e
 - F32, F16, BF16: plain little-endian values (4 or 2 bytes each).
 
 Dequantization here matches `gguf.quants.dequantize` bitwise (same float32 operations in the same
-order). `QuantizedLinear` computes y = x W^T by dequantizing a chunk of output rows at a time
-(never the whole float weight at once) and multiplying in float32; its `forward` only dispatches
-to `self._matmul`, the place a native kernel reading the packed blocks plugs in.
+order). `QuantizedLinear` computes y = x W^T on the CPU, after `use_cpu_kernels()`, with helix's
+AVX-512 kernel for Q8_0, Q4_0 and Q4_1 segments (`cpu_kernels/quant_gemm.cpp`: it reads the packed
+blocks directly, each weight dequantized as gguf does, and a row's result never depends on the
+other rows of the batch); the other segments, and other devices, take the portable path:
+dequantizing a chunk of output rows at a time (never the whole float weight at once) and
+multiplying in float32 with torch, whose rows' last bits can change with the batch size.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ def _dequant_bf16(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
+# The block types `helix::quant_linear` reads, and its code for each.
+NATIVE_TYPE_CODES = {GGMLQuantizationType.Q8_0: 0, GGMLQuantizationType.Q4_0: 1, GGMLQuantizationType.Q4_1: 2}
+
 _DEQUANT = {
     GGMLQuantizationType.Q8_0: _dequant_q8_0,
     GGMLQuantizationType.Q4_0: _dequant_q4_0,
@@ -204,6 +210,12 @@ class QuantizedLinear(nn.Module):
         self.out_features = sum(w.out_features for w in merged)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.float_out = float_out
+        self.native = False  # `use_cpu_kernels`: native-kernel segments run `helix::quant_linear`
+
+    def use_cpu_kernels(self) -> None:
+        """Run the segments helix's CPU kernel reads (Q8_0, Q4_0, Q4_1) on it (CPU tensors, after
+        `load_cpu_kernels()` returned True)."""
+        self.native = True
 
     def segments(self) -> list[tuple[GGMLQuantizationType, torch.Tensor]]:
         """(qtype, packed rows) of each segment, in output-row order."""
@@ -214,10 +226,14 @@ class QuantizedLinear(nn.Module):
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        x32 = x.to(torch.float32)
+        x32 = x.to(torch.float32).contiguous()
         chunk_rows = max(1, CHUNK_WEIGHTS // self.in_features)
         parts: list[torch.Tensor] = []
         for qtype, packed in self.segments():
+            code = NATIVE_TYPE_CODES.get(qtype) if self.native else None
+            if code is not None:
+                parts.append(torch.ops.helix.quant_linear(x32, packed, code, packed.shape[0]))  # [T, rows]
+                continue
             for start in range(0, packed.shape[0], chunk_rows):
                 weight = dequantize_rows(packed[start : start + chunk_rows], qtype)  # [rows, in] f32
                 parts.append(x32 @ weight.t())  # [T, rows]
@@ -228,4 +244,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         types = ",".join(t.name for t in self.qtypes)
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtypes={types}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtypes={types}, native={self.native}"
+        )

@@ -23,6 +23,7 @@ from helix_server.layers.fused_cpu import use_fused_cpu_ops
 from helix_server.layers.linear import Linear, cpu_linear, pack_linear_layers
 from helix_server.layers.norm import RMSNorm
 from helix_server.layers.panel_linear import PanelLinear
+from helix_server.layers.quantized_linear import QuantizedLinear
 from helix_server.layers.rotary import RotaryEmbedding
 from helix_server.models.hf_config import ArchConfig
 
@@ -236,6 +237,9 @@ class LlamaForCausalLM(nn.Module):
         if isinstance(self.lm_head, PanelLinear):
             self.lm_head.float_out = True  # float32 logits (unrounded sums) in bfloat16 too
         if helix_kernels:
+            for module in self.modules():
+                if isinstance(module, QuantizedLinear):  # a GGUF file's packed weights
+                    module.use_cpu_kernels()
             use_fused_cpu_ops(self, self.model.embed_tokens.weight.dtype)
 
     def load_weights(

@@ -23,6 +23,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from helix_server.engine.tokenizer import load_tokenizer
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers import quantized_linear
+from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
 from helix_server.models import load_hf_config, load_model
 from tests.fixtures.gguf_files import gguf_name, random_k_blocks, write_gguf
@@ -130,12 +131,20 @@ def test_f32_gguf_logits_match_the_safetensors_model(tmp_path, tokenizer_dir, ca
 
 @pytest.mark.parametrize("qtype", (Q.F16, *BLOCK_TYPES), ids=lambda q: q.name)
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(tmp_path, tokenizer_dir, qtype, tied):
+@pytest.mark.parametrize("kernels", [False, True], ids=["portable", "cpu-kernels"])
+def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(
+    tmp_path, tokenizer_dir, qtype, tied, kernels
+):
+    """`cpu-kernels`: the model packed for the CPU, Q8_0/Q4_0/Q4_1 on helix's own kernel."""
+    if kernels and not cpu_kernels_supported():
+        pytest.skip("helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler")
     # K-quants need rows of 256 weights; their blocks are random with small scales.
     shape = {"hidden_size": 256, "intermediate_size": 512} if qtype in K_TYPES else {}
     hf = tiny_hf_model("llama", tie_word_embeddings=tied, **shape)
     path = write_gguf(hf, tokenizer_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
-    model = load_model(path, torch.float32, "cpu", pack_for_cpu=False)
+    model = load_model(path, torch.float32, "cpu", pack_for_cpu=kernels)
+    # (K-quant segments take the portable path either way.)
+    assert {m.native for m in model.modules() if isinstance(m, QuantizedLinear)} <= {kernels}
 
     layers = model.model.layers[0]
     if qtype != Q.F16:  # block types stay packed: the file's bytes, not float weights
@@ -216,3 +225,26 @@ def test_unsupported_quantization_type_is_refused_by_name(tmp_path, tokenizer_di
 def test_safetensors_directories_still_load(tmp_path):
     model_dir = make_tiny_model(tmp_path, "llama")
     assert not any(isinstance(m, QuantizedLinear) for m in load_model(model_dir, torch.float32, "cpu").modules())
+
+
+@pytest.mark.skipif(not cpu_kernels_supported(), reason="helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler")
+@pytest.mark.parametrize("qtype", (Q.Q8_0, Q.Q4_1), ids=lambda q: q.name)
+def test_a_requests_output_on_the_quantized_kernel_does_not_depend_on_its_batch(tmp_path, tokenizer_dir, qtype):
+    """Every sampled token's logprob, bitwise, alone and among other requests (helix's kernel:
+    rows independent of the batch by construction; the portable torch path is not)."""
+    from helix_server import LLM, SamplingParams
+
+    hf = tiny_hf_model("llama", hidden_size=128, intermediate_size=384)
+    path = write_gguf(hf, tokenizer_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
+    # Without prefix caching: a cache hit computes a prompt's tail as a chunk after cached context,
+    # another attention path with other last bits (the same tokens, not the same logprob bits).
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=256, enable_prefix_caching=False)
+    assert all(m.native for m in llm.engine.runner.model.modules() if isinstance(m, QuantizedLinear))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
+
+    def logprobs(output) -> list[tuple[int, float]]:
+        return [(t.token_id, t.logprob) for t in output.outputs[0].logprobs]
+
+    alone = [logprobs(llm.generate([p], params)[0]) for p in prompts]
+    assert [logprobs(r) for r in llm.generate(prompts, params)] == alone
