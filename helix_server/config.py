@@ -68,6 +68,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout: float | None = None
 
 
+METRICS_NAME_PREFIXES = ("helix", "vllm", "both")
+
 SPECULATIVE_METHODS = ("none", "draft", "ngram", "layer-skip")
 # Drafted tokens per step when `num_speculative_tokens` is not set: adapted, so that speculation
 # never makes a default setup much slower (a fixed depth with drafts that are rarely accepted can).
@@ -153,6 +155,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # template) or "none"; and whether "auto" is allowed at all.
     tool_call_parser: str = "auto"
     enable_auto_tool_choice: bool = True
+    # Prometheus metric names: "helix" (helix:...), "vllm" (vLLM's vllm:... names and model_name
+    # label, for routers and autoscalers built on vLLM) or "both".
+    metrics_name_prefix: str = "helix"
 
 
 class HelixConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from helix_server.config import (
+    METRICS_NAME_PREFIXES,
     SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
@@ -84,6 +85,14 @@ def speculative_method(text: str) -> str:
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"{text!r} is not one of {', '.join(SPECULATIVE_METHODS)}")
     return method
+
+
+def metrics_name_prefix(text: str) -> str:
+    """`--metrics-name-prefix`: helix | vllm | both."""
+    prefix = text.strip().lower()
+    if prefix not in METRICS_NAME_PREFIXES:
+        raise ValueError(f"{text!r} is not one of {', '.join(METRICS_NAME_PREFIXES)}")
+    return prefix
 
 
 def tool_call_parser(text: str) -> str:
@@ -176,6 +185,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tool_call_parser", "server", tool_call_parser, "How tool calls are read from the model's output for "
             "tool_choice 'auto': hermes | llama3_json | mistral | auto (detected from the chat template) | "
             "none."),
+    Setting("metrics_name_prefix", "server", metrics_name_prefix, "Prometheus metric names: helix "
+            "(helix:num_requests_running, ...), vllm (vLLM's vllm:... names with a model_name label, for "
+            "routers and autoscalers) or both."),
     Setting("enable_auto_tool_choice", "server", boolean, "Allow tool_choice 'auto' (needs a tool-call "
             "parser; --no-enable-auto-tool-choice refuses it with 400)."),
 )

@@ -14,7 +14,7 @@ from litestar.datastructures import State
 from helix_server.api.exception_handlers import exception_handlers
 from helix_server.api.guards import refuse_while_draining, require_api_key
 from helix_server.api.lifecycle import start_engine, stop_engine
-from helix_server.api.metrics import ServerMetrics
+from helix_server.api.metrics import MetricsLabels, ServerMetrics
 from helix_server.api.openapi import openapi_config
 from helix_server.api.routes.health import HealthController
 from helix_server.api.routes.helix import HelixController
@@ -37,7 +37,15 @@ def create_app(
     state = ServerState(
         engine=engine,
         config=config,
-        metrics=ServerMetrics(engine.stats),
+        metrics=ServerMetrics(
+            engine.stats,
+            name_prefix=config.server.metrics_name_prefix,
+            labels=MetricsLabels(
+                model_name=engine.runtime.model_name,
+                block_size=config.engine.cache.block_size,
+                enable_prefix_caching=config.engine.cache.enable_prefix_caching,
+            ),
+        ),
         model_name=engine.runtime.model_name,
         stuck_after_s=stuck_after_s,
     )
