@@ -1,0 +1,180 @@
+"""helix against another server through the same HTTP workload: batch-1 decode and 16 concurrent requests.
+
+Each server is started here on a free loopback port, warmed up, then given the same requests on
+`/v1/completions` (streamed, greedy, `ignore_eos`, so every request generates exactly its
+`max_tokens`):
+
+  * batch 1: `--requests` sequential requests of `--max-tokens` tokens after a short prompt; per
+    request the decode rate is (tokens - 1) / (time of the last token - time of the first), and
+    the time to first token is recorded; medians are reported;
+  * concurrent: `--concurrent` requests at once with prompts of 64-1,024 words and 64-256 output
+    tokens (seeded); output tokens per second of wall time.
+
+The peers: `--llama-server PATH --gguf FILE` runs llama.cpp's `llama-server` on a GGUF file (2
+threads, continuous batching with `--concurrent` slots); helix runs with `--helix-args` (its own
+CLI flags, e.g. `--model FILE.gguf` or `--model DIR --dtype bfloat16`). Servers run one after the
+other, never together. Results go to `bench/results/peer_serving.json`.
+
+    python bench/peer_serving.py --helix-args "--model M.gguf" [--llama-server build/bin/llama-server --gguf M.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge every boxer in "
+         "town and then write long letters about rivers mountains music numbers and old machines").split()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def text_of(num_words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(num_words))
+
+
+class Server:
+    """A server process on a loopback port, stopped on exit."""
+
+    def __init__(self, name: str, command: list[str], port: int) -> None:
+        self.name, self.command, self.port = name, command, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"peer-{name}-{port}.log", "w")
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise SystemExit(f"{self.name} did not become healthy; see {self.log.name}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy completion: token arrival times and the token count."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+    return {"start": start, "arrivals": arrivals}
+
+
+async def batch_one(server: Server, model: str, requests: int, max_tokens: int) -> dict:
+    rng = random.Random(0)
+    rates, ttfts = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_completion(client, server.url, model, text_of(20, rng), 16)  # warm-up
+        for _ in range(requests):
+            result = await stream_completion(client, server.url, model, text_of(20, rng), max_tokens)
+            arrivals = result["arrivals"]
+            ttfts.append(arrivals[0] - result["start"])
+            # Chunks may carry several tokens (llama.cpp sends one per token, helix too at batch 1).
+            rates.append((max_tokens - 1) / (arrivals[-1] - arrivals[0]))
+    return {"decode_tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "rates": rates}
+
+
+async def concurrent(server: Server, model: str, count: int) -> dict:
+    rng = random.Random(1)
+    jobs = [(text_of(rng.randint(64, 1024), rng), rng.randint(64, 256)) for _ in range(count)]
+    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=count)) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(stream_completion(client, server.url, model, p, n) for p, n in jobs))
+        wall = time.perf_counter() - start
+    tokens = sum(n for _, n in jobs)
+    return {"output_tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens}
+
+
+def run(server: Server, model: str, args) -> dict:
+    with server:
+        result = {"batch1": asyncio.run(batch_one(server, model, args.requests, args.max_tokens))}
+        if args.concurrent:
+            result["concurrent"] = asyncio.run(concurrent(server, model, args.concurrent))
+    print(f"{server.name}: batch-1 decode {result['batch1']['decode_tok_s']:.1f} tok/s "
+          f"(TTFT {result['batch1']['ttft_s'] * 1000:.0f} ms)"
+          + (f"; {args.concurrent} concurrent: {result['concurrent']['output_tok_s']:.1f} output tok/s"
+             if args.concurrent else ""), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--helix-args", required=True, help="helix-server serve flags, e.g. '--model M.gguf'")
+    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server")
+    parser.add_argument("--gguf", help="the GGUF file llama-server serves")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrent", type=int, default=16, help="0 skips the concurrent workload")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "peer_serving.json"))
+    args = parser.parse_args()
+
+    results: dict = {"workload": {"requests": args.requests, "max_tokens": args.max_tokens,
+                                  "concurrent": args.concurrent}}
+    port = free_port()
+    helix = [sys.executable, "-m", "helix_server", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--served-model-name", "bench", *shlex.split(args.helix_args)]
+    results["helix"] = {"args": args.helix_args, **run(Server("helix", helix, port), "bench", args)}
+    if args.llama_server:
+        if not args.gguf:
+            raise SystemExit("--llama-server needs --gguf")
+        port = free_port()
+        slots = max(1, args.concurrent)
+        llama = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), "-t",
+                 str(args.threads), "-np", str(slots), "-c", str(2048 * slots), "--alias", "bench"]
+        results["llama_server"] = {"gguf": args.gguf, **run(Server("llama-server", llama, port), "bench", args)}
+        ratio = results["helix"]["batch1"]["decode_tok_s"] / results["llama_server"]["batch1"]["decode_tok_s"]
+        results["helix_over_llama_batch1"] = ratio
+        print(f"helix / llama-server, batch-1 decode: {ratio:.2f}x")
+        if args.concurrent:
+            ratio = results["helix"]["concurrent"]["output_tok_s"] / results["llama_server"]["concurrent"]["output_tok_s"]
+            results["helix_over_llama_concurrent"] = ratio
+            print(f"helix / llama-server, {args.concurrent} concurrent: {ratio:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
