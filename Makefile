@@ -13,7 +13,7 @@ PORT ?= 8000
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.helix-installed
 
-.PHONY: run test bench install clean
+.PHONY: run test test-deploy bench install clean
 
 $(VPY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -39,6 +39,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# Real Prometheus and router processes (Debian's prometheus; a router from PyPI).
+test-deploy: $(STAMP)
+	HELIX_DEPLOY_TESTS=1 $(VPY) -m pytest -q tests/deploy
 
 bench: $(STAMP)
 	$(VPY) bench/throughput.py
