@@ -23,27 +23,56 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_models import bench_model_dir  # noqa: E402
+from bench_models import bench_model_dir
 
-from helix_server import LLM, SamplingParams  # noqa: E402
-from helix_server.sampling_params import StructuredOutputSpec  # noqa: E402
+from helix_server import LLM, SamplingParams
+from helix_server.sampling_params import StructuredOutputSpec
 
 OPEN_STRING = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 TYPICAL_SCHEMAS = {
-    "person": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                                "email": {"type": "string", "format": "email"}},
-               "required": ["name", "age"], "additionalProperties": False},
-    "order": {"type": "object", "properties": {
-        "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{6}$"},
-        "items": {"type": "array", "items": {"type": "object", "properties": {
-            "sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}, "price": {"type": "number"}},
-            "required": ["sku", "qty"]}, "minItems": 1},
-        "status": {"enum": ["new", "paid", "shipped"]}}, "required": ["id", "items", "status"]},
-    "tool_args": {"type": "object", "properties": {
-        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 14},
-        "options": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"hourly": {"type": "boolean"}}}]}},
-        "required": ["city"]},
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "email": {"type": "string", "format": "email"},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    "order": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{6}$"},
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "sku": {"type": "string"},
+                        "qty": {"type": "integer", "minimum": 1},
+                        "price": {"type": "number"},
+                    },
+                    "required": ["sku", "qty"],
+                },
+                "minItems": 1,
+            },
+            "status": {"enum": ["new", "paid", "shipped"]},
+        },
+        "required": ["id", "items", "status"],
+    },
+    "tool_args": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            "options": {
+                "anyOf": [{"type": "null"}, {"type": "object", "properties": {"hourly": {"type": "boolean"}}}]
+            },
+        },
+        "required": ["city"],
+    },
 }
 
 
@@ -59,7 +88,9 @@ def decode_comparison(llm: LLM, args, num_requests: int) -> dict:
     prompts = [[rng.randrange(10, 31000) for _ in range(24)] for _ in range(num_requests)]
     free = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, speculation_depth=0)
     spec = StructuredOutputSpec("json", json.dumps(OPEN_STRING), param="response_format")
-    constrained = SamplingParams(temperature=0, max_tokens=args.max_tokens, structured_output=spec, speculation_depth=0)
+    constrained = SamplingParams(
+        temperature=0, max_tokens=args.max_tokens, structured_output=spec, speculation_depth=0
+    )
     best = {"free": (float("inf"), 0), "json_schema": (float("inf"), 0)}
     timed(llm, prompts, free)  # warm up both paths
     timed(llm, prompts, constrained)
@@ -68,14 +99,17 @@ def decode_comparison(llm: LLM, args, num_requests: int) -> dict:
             seconds, tokens = timed(llm, prompts, params)
             if seconds < best[name][0]:
                 best[name] = (seconds, tokens)
-    result = {name: {"seconds": round(s, 4), "tokens": t, "tokens_per_s": round(t / s, 1)} for name, (s, t) in best.items()}
+    result = {
+        name: {"seconds": round(s, 4), "tokens": t, "tokens_per_s": round(t / s, 1)}
+        for name, (s, t) in best.items()
+    }
     result["slowdown"] = round(result["free"]["tokens_per_s"] / result["json_schema"]["tokens_per_s"] - 1, 4)
     return result
 
 
 def compile_times(llm: LLM, repeats: int) -> dict:
     backend = llm.engine.structured
-    backend.ll_tokenizer  # built once per server, not per schema
+    _ = backend.ll_tokenizer  # built once per server, not per schema
     out = {}
     for name, schema in TYPICAL_SCHEMAS.items():
         spec = StructuredOutputSpec("json", json.dumps(schema))
@@ -86,12 +120,17 @@ def compile_times(llm: LLM, repeats: int) -> dict:
             backend.compile(spec)
             times.append((time.perf_counter() - started) * 1000)
         times.sort()
-        out[name] = {"p50_ms": round(statistics.median(times), 3), "p99_ms": round(times[int(0.99 * (len(times) - 1))], 3)}
+        out[name] = {
+            "p50_ms": round(statistics.median(times), 3),
+            "p99_ms": round(times[int(0.99 * (len(times) - 1))], 3),
+        }
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=16)

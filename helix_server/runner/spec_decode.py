@@ -30,8 +30,7 @@ from helix_server.scheduler.request import Request
 from helix_server.spec.proposer import Proposal, ProposalRequest, Proposer
 from helix_server.spec.rejection_sampler import rejection_sample
 
-
-# (request, drafts so far) -> int32 `[num_words]` grammar bitmask for the next draft, or None (free).
+# (request, drafts so far) -> the int32 `[num_words]` grammar bitmask of the next draft, or None.
 DraftBitmask = Callable[[Request, list[int]], "np.ndarray | None"]
 
 

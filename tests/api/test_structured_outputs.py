@@ -64,7 +64,10 @@ def test_sampled_json_schema_outputs_validate(live_server, seed):
         temperature=1.0,
         seed=seed,
         n=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
+        },
     )
     assert response.status_code == 200, response.text
     choices = response.json()["choices"]
@@ -91,11 +94,18 @@ def test_json_object(live_server):
 
 
 def test_json_object_streamed_equals_non_streamed(live_server):
-    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 120, "temperature": 0,
-            "response_format": {"type": "json_object"}}
+    body = {
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 120,
+        "temperature": 0,
+        "response_format": {"type": "json_object"},
+    }
     whole = httpx.post(live_server.v1 + "/chat/completions", json=body, timeout=60).json()
     text = ""
-    with httpx.stream("POST", live_server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", live_server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 for choice in json.loads(line[6:])["choices"]:
@@ -117,8 +127,14 @@ def test_regex_on_completions(live_server):
     for seed in range(3):
         response = httpx.post(
             live_server.v1 + "/completions",
-            json={"model": MODEL_NAME, "prompt": "id:", "max_tokens": 20, "temperature": 1.0, "seed": seed,
-                  "structured_outputs": {"regex": pattern}},
+            json={
+                "model": MODEL_NAME,
+                "prompt": "id:",
+                "max_tokens": 20,
+                "temperature": 1.0,
+                "seed": seed,
+                "structured_outputs": {"regex": pattern},
+            },
             timeout=60,
         )
         choice = response.json()["choices"][0]
@@ -129,8 +145,13 @@ def test_regex_on_completions(live_server):
 def test_json_schema_on_completions_response_format(live_server):
     response = httpx.post(
         live_server.v1 + "/completions",
-        json={"model": MODEL_NAME, "prompt": "{", "max_tokens": 120, "temperature": 0,
-              "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}},
+        json={
+            "model": MODEL_NAME,
+            "prompt": "{",
+            "max_tokens": 120,
+            "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+        },
         timeout=60,
     )
     choice = response.json()["choices"][0]
@@ -140,7 +161,9 @@ def test_json_schema_on_completions_response_format(live_server):
 
 def test_lark_grammar(live_server):
     grammar = 'start: "(" item ("," item)* ")"\nitem: /[a-c]/ | "x=" /[0-9]/'
-    response = _chat(live_server, temperature=1.0, seed=1, max_tokens=60, structured_outputs={"grammar": grammar})
+    response = _chat(
+        live_server, temperature=1.0, seed=1, max_tokens=60, structured_outputs={"grammar": grammar}
+    )
     choice = response.json()["choices"][0]
     if choice["finish_reason"] == "stop":
         assert re.fullmatch(r"\((?:[a-c]|x=[0-9])(?:,(?:[a-c]|x=[0-9]))*\)", choice["message"]["content"])
@@ -151,7 +174,12 @@ def test_lark_grammar(live_server):
 def test_generate_endpoint(live_server):
     response = httpx.post(
         live_server.url + "/generate",
-        json={"prompt": "hi", "max_tokens": 20, "temperature": 1.0, "structured_outputs": {"regex": "[a-z]{1,5}!"}},
+        json={
+            "prompt": "hi",
+            "max_tokens": 20,
+            "temperature": 1.0,
+            "structured_outputs": {"regex": "[a-z]{1,5}!"},
+        },
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -161,20 +189,52 @@ def test_generate_endpoint(live_server):
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
-         "response_format", "strin"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
-         "response_format", "uniqueItems"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}},
-         "response_format", "nowhere"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "strin"}},
+                }
+            },
+            "response_format",
+            "strin",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "response_format",
+            "uniqueItems",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}},
+                }
+            },
+            "response_format",
+            "nowhere",
+        ),
         ({"response_format": {"type": "xml"}}, "response_format", "xml"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
         ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs", "unclosed"),
-        ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs", "undefined_rule"),
+        (
+            {"structured_outputs": {"grammar": "start: undefined_rule"}},
+            "structured_outputs",
+            "undefined_rule",
+        ),
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "choice"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"regexp": "a"}}, "structured_outputs", "regexp"),
-        ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs", "either"),
+        (
+            {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+            "structured_outputs",
+            "either",
+        ),
         ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "ignore_eos"),
     ],
 )
@@ -187,7 +247,9 @@ def test_bad_constraints_are_400_naming_the_parameter(live_server, body, param, 
 
 def test_huge_schema_is_400(live_server):
     schema = {"type": "object", "properties": {f"field_{i:05d}": {"type": "integer"} for i in range(5000)}}
-    response = _chat(live_server, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    response = _chat(
+        live_server, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
     error = assert_error(response, 400, "response_format")
     assert "characters" in error["message"]
 
@@ -197,14 +259,23 @@ def test_bad_request_among_good_ones_fails_alone(live_server):
     first = _chat(live_server, **good)
     assert_error(_chat(live_server, structured_outputs={"regex": "(("}), 400, "structured_outputs")
     again = _chat(live_server, **good)
-    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert (
+        again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    )
     assert live_server.engine.core.structured_matchers.__len__() == 0  # every matcher forgotten
 
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 def test_langchain_with_structured_output(live_server, method):
-    chat = ChatOpenAI(base_url=live_server.v1, api_key="unused", model=MODEL_NAME, temperature=0,
-                      max_tokens=120, max_retries=0, timeout=60)
+    chat = ChatOpenAI(
+        base_url=live_server.v1,
+        api_key="unused",
+        model=MODEL_NAME,
+        temperature=0,
+        max_tokens=120,
+        max_retries=0,
+        timeout=60,
+    )
     structured = chat.with_structured_output(Person, method=method)
     if method == "json_schema":
         result = structured.invoke("Describe a person.")
@@ -213,3 +284,19 @@ def test_langchain_with_structured_output(live_server, method):
         # json_mode constrains to *some* JSON object; it parses, though a random model's keys differ.
         raw = chat.with_structured_output(None, method="json_mode").invoke("Describe a person as JSON.")
         assert isinstance(raw, dict)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("pattern", ["(a|b)*a(a|b){40}", "[a-z]{1,1000}{1,1000}", "(.*a){50}", "(x+x+)+y"])
+def test_pathological_regexes_never_hang_the_server(live_server, pattern):
+    response = _chat(
+        live_server, temperature=1.0, seed=0, max_tokens=30, structured_outputs={"regex": pattern}
+    )
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 200:
+        choice = response.json()["choices"][0]
+        text = choice["message"]["content"]
+        assert re.fullmatch(pattern, text) if choice["finish_reason"] == "stop" else len(text) > 0
+    else:
+        assert_error(response, 400, "structured_outputs")
+    assert _chat(live_server, temperature=0, max_tokens=2).status_code == 200

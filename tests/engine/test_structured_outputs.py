@@ -21,8 +21,11 @@ from helix_server.sampling_params import StructuredOutputSpec
 
 SCHEMA = {
     "type": "object",
-    "properties": {"id": {"type": "integer"}, "label": {"type": "string", "maxLength": 6},
-                   "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 4}},
+    "properties": {
+        "id": {"type": "integer"},
+        "label": {"type": "string", "maxLength": 6},
+        "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 4},
+    },
     "required": ["id", "label", "flags"],
     "additionalProperties": False,
 }
@@ -76,7 +79,7 @@ def reference(target_dir):
 @pytest.mark.parametrize("seed", [None, 11])
 @pytest.mark.parametrize("method", ["draft", "ngram"])
 def test_constrained_outputs_identical_with_speculation(target_dir, draft_dir, reference, method, seed):
-    expected, tokenizer = reference
+    expected, _tokenizer = reference
     settings = {"speculative_method": method, "num_speculative_tokens": 4}
     if method == "draft":
         settings["draft_model"] = str(draft_dir)

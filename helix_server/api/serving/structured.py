@@ -19,8 +19,13 @@ from helix_server.engine.structured.grammar import MAX_CONSTRAINT_CHARS
 from helix_server.sampling_params import StructuredOutputSpec
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
-_STRUCTURED_KEYS = frozenset(_KINDS) | {"whitespace_pattern", "disable_any_whitespace", "disable_fallback",
-                                        "disable_additional_properties", "structural_tag"}
+_STRUCTURED_KEYS = frozenset(_KINDS) | {
+    "whitespace_pattern",
+    "disable_any_whitespace",
+    "disable_fallback",
+    "disable_additional_properties",
+    "structural_tag",
+}
 
 
 def structured_output_spec(
@@ -93,7 +98,9 @@ def _from_structured_outputs(value: dict[str, Any] | None) -> StructuredOutputSp
         return StructuredOutputSpec("json_object", "", whitespace, param)
     if kind == "choice":
         if not isinstance(item, list) or not item or not all(isinstance(c, str) and c for c in item):
-            raise bad_request("structured_outputs.choice must be a non-empty list of non-empty strings.", param)
+            raise bad_request(
+                "structured_outputs.choice must be a non-empty list of non-empty strings.", param
+            )
         return StructuredOutputSpec("choice", json.dumps(item), param=param)
     if not isinstance(item, str):
         raise bad_request(f"structured_outputs.{kind} must be a string.", param)
@@ -105,6 +112,7 @@ def _schema_text(schema: object, param: str) -> str:
     text = json.dumps(schema, separators=(",", ":"))
     if len(text) > MAX_CONSTRAINT_CHARS:
         raise bad_request(
-            f"The JSON schema is {len(text)} characters long; at most {MAX_CONSTRAINT_CHARS} are allowed.", param
+            f"The JSON schema is {len(text)} characters long; at most {MAX_CONSTRAINT_CHARS} are allowed.",
+            param,
         )
     return text

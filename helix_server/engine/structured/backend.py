@@ -39,14 +39,14 @@ DEFAULT_CACHE_SIZE = 256
 DEFAULT_COMPILE_TIMEOUT = 10.0
 # llguidance's resource limits: the initial lexer fuel bounds regex analysis at compile time (about
 # 50k units per ms), the step limits bound each mask computation.
-PARSER_LIMITS = dict(
-    initial_lexer_fuel=2_000_000,
-    step_lexer_fuel=400_000,
-    step_max_items=50_000,
-    max_lexer_states=100_000,
-    max_grammar_size=200_000,
-    verbose_errors=False,
-)
+PARSER_LIMITS = {
+    "initial_lexer_fuel": 2_000_000,
+    "step_lexer_fuel": 400_000,
+    "step_max_items": 50_000,
+    "max_lexer_states": 100_000,
+    "max_grammar_size": 200_000,
+    "verbose_errors": False,
+}
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ class StructuredOutputBackend:
                 self._cache.move_to_end(spec.key)
                 return cached
         if self.eos_token_id is None:
-            raise ParameterError("This model's tokenizer has no EOS token, so outputs cannot be constrained.", spec.param)
+            raise ParameterError(
+                "This model's tokenizer has no EOS token, so outputs cannot be constrained.", spec.param
+            )
         grammar = grammar_of(spec)
         template = LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=LLParserLimits(**PARSER_LIMITS))
         if template.is_error():
@@ -119,7 +121,8 @@ class StructuredOutputBackend:
             return await asyncio.wait_for(asyncio.to_thread(self.compile, spec), self.compile_timeout)
         except TimeoutError:
             raise ParameterError(
-                f"The {spec.param} constraint took longer than {self.compile_timeout:g} s to compile.", spec.param
+                f"The {spec.param} constraint took longer than {self.compile_timeout:g} s to compile.",
+                spec.param,
             ) from None
 
     def new_matcher(self, spec: StructuredOutputSpec) -> GrammarMatcher:

@@ -65,7 +65,7 @@ class StructuredOutputManager:
                 masks[s.request_id] = out
                 if matcher.error is not None:
                     errors[s.request_id] = matcher.error
-            except Exception as exc:  # noqa: BLE001 - one sequence's grammar never fails the step
+            except Exception as exc:
                 logger.exception("structured output failed for request %s", s.request_id)
                 errors[s.request_id] = str(exc)
                 masks[s.request_id] = self._eos_only(s.num_spec_tokens + 1)
