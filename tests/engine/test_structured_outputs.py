@@ -125,3 +125,19 @@ def test_mask_is_per_row_and_free_rows_are_untouched():
     assert probs[1, 37] == 1.0
     for _ in range(5):
         assert [t for t, _ in sampler.sample(logits, rows)][1] == 37
+
+
+def test_embedded_default_model_with_its_draft_model():
+    """The embedded model's own tokenizer works with the grammar backend, speculation on or off."""
+    llm = LLM()
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    spec = StructuredOutputSpec("json", json.dumps({**schema, "additionalProperties": False}))
+    texts = []
+    for depth in (None, 0):
+        params = SamplingParams(temperature=0, max_tokens=40, structured_output=spec, speculation_depth=depth)
+        output = llm.generate(["def add(a, b):"], params)[0].outputs[0]
+        assert output.finish_reason == "stop"
+        assert set(json.loads(output.text)) == {"answer"}
+        texts.append(output.text)
+    assert texts[0] == texts[1]
+    assert llm.engine.counters.spec_num_draft_tokens > 0
