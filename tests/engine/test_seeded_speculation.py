@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from helix_server import LLM, SamplingParams
+from tests.fixtures.tiny_models import noisy_copy
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +19,7 @@ def target_dir(make_model_dir):
 @pytest.fixture(scope="module")
 def draft_dir(target_dir, tmp_path_factory):
     """The target's weights plus noise: a draft that agrees often but not always."""
-    out = tmp_path_factory.mktemp("seeded-draft")
-    for item in target_dir.iterdir():
-        shutil.copy(item, out / item.name)
-    tensors = load_file(out / "model.safetensors")
-    generator = torch.Generator().manual_seed(8)
-    noisy = {k: v + 0.003 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
-    save_file(noisy, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return noisy_copy(target_dir, tmp_path_factory.mktemp("seeded-draft"), seed=8)
 
 
 def _workload() -> tuple[list[list[int]], list[SamplingParams]]:

@@ -5,15 +5,13 @@ sizes), the target's distribution for sampling, every block freed, and the count
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from helix_server import LLM, SamplingParams
 from helix_server.engine.core import EngineCore
 from helix_server.engine.llm import engine_config_from_settings
+from tests.fixtures.tiny_models import noisy_copy
 
 NUM_LAYERS = 4
 
@@ -26,14 +24,7 @@ def target_dir(make_model_dir):
 @pytest.fixture(scope="module")
 def draft_dir(target_dir, tmp_path_factory):
     """A draft that agrees with the target often but not always: the target's weights plus noise."""
-    out = tmp_path_factory.mktemp("noisy-draft")
-    for item in target_dir.iterdir():
-        shutil.copy(item, out / item.name)
-    tensors = load_file(out / "model.safetensors")
-    generator = torch.Generator().manual_seed(5)
-    noisy = {k: v + 0.003 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
-    save_file(noisy, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return noisy_copy(target_dir, tmp_path_factory.mktemp("noisy-draft"), seed=5)
 
 
 def _workload(seed: int, num: int) -> tuple[list[list[int]], list[SamplingParams]]:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from helix_server import LLM, SamplingParams
 from helix_server.runner.sampler import Sampler, SamplingRow
 from helix_server.sampling_params import StructuredOutputSpec
+from tests.fixtures.tiny_models import noisy_copy
 
 SCHEMA = {
     "type": "object",
@@ -45,14 +44,7 @@ def target_dir(make_model_dir):
 @pytest.fixture(scope="module")
 def draft_dir(target_dir, tmp_path_factory):
     """The target's weights plus noise: drafts agree often, not always."""
-    out = tmp_path_factory.mktemp("noisy-draft-structured")
-    for item in target_dir.iterdir():
-        shutil.copy(item, out / item.name)
-    tensors = load_file(out / "model.safetensors")
-    generator = torch.Generator().manual_seed(7)
-    noisy = {k: v + 0.003 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
-    save_file(noisy, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    return noisy_copy(target_dir, tmp_path_factory.mktemp("noisy-draft-structured"), seed=7)
 
 
 def _params(seed: int | None) -> list[SamplingParams]:
