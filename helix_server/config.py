@@ -44,6 +44,37 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
     gpu_memory_utilization: float = 0.9
     # Share the KV blocks of identical prompt prefixes between requests (hash of full blocks).
     enable_prefix_caching: bool = True
+    # vLLM's `--kv-events-config` JSON (see `KVEventsConfig`); None: no KV-cache events.
+    kv_events_config: str | None = None
+
+
+class KVEventsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """vLLM's `--kv-events-config`: publish KV-cache block events (BlockStored / BlockRemoved /
+    AllBlocksCleared) over ZMQ for prefix-aware routers."""
+
+    enable_kv_cache_events: bool = False
+    # "zmq" or "null" (no publishing).
+    publisher: str = "null"
+    # The ZMQ PUB socket to bind ("tcp://*:5557") or connect to.
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = 10_000
+    hwm: int = 100_000
+    max_queue_size: int = 100_000
+    topic: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> KVEventsConfig:
+        """The config from its JSON text (ValueError naming what is wrong)."""
+        try:
+            config = msgspec.json.decode(text, type=cls)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ValueError(f"invalid KV events config: {exc}") from exc
+        if config.publisher not in ("zmq", "null"):
+            raise ValueError(f"publisher {config.publisher!r} is not zmq or null")
+        if config.replay_endpoint is not None:
+            raise ValueError("replay_endpoint is not supported")
+        return config
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -28,6 +28,7 @@ from helix_server.config import (
     CacheConfig,
     EngineConfig,
     HelixConfig,
+    KVEventsConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
@@ -95,6 +96,12 @@ def metrics_name_prefix(text: str) -> str:
     return prefix
 
 
+def kv_events_config(text: str) -> str:
+    """`--kv-events-config`: vLLM's JSON (checked here, kept as text)."""
+    KVEventsConfig.parse(text)
+    return text
+
+
 def tool_call_parser(text: str) -> str:
     """`--tool-call-parser`: a parser family (or vLLM alias), "auto" or "none"."""
     from helix_server.engine.tool_parsers import AUTO, NONE, get_tool_parser
@@ -145,6 +152,10 @@ SETTINGS: tuple[Setting, ...] = (
             "in all; the KV pool gets what is left after loading the weights."),
     Setting("enable_prefix_caching", "cache", boolean, "Share the KV blocks of identical prompt prefixes "
             "between requests (--no-enable-prefix-caching turns it off)."),
+    Setting("kv_events_config", "cache", kv_events_config, "vLLM's KV-cache events as JSON, e.g. "
+            '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557", "topic": "kv"}: '
+            "BlockStored/BlockRemoved/AllBlocksCleared batches in vLLM's msgpack format, with vLLM's block "
+            "hashes (PYTHONHASHSEED seeds them, as in vLLM)."),
     Setting("max_num_batched_tokens", "scheduler", int, "Token budget of one step (prompt chunks + decodes)."),
     Setting("max_num_seqs", "scheduler", int, "Most sequences in the running batch."),
     Setting("max_n", "scheduler", int, "Largest `n` (completions per request) a request may ask for."),

@@ -18,6 +18,7 @@ from dataclasses import replace
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
 from helix_server.engine.detokenizer import IncrementalDetokenizer
+from helix_server.engine.kv_events import build_kv_event_publisher
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.runtime import EngineComponents, load_components
@@ -57,6 +58,10 @@ class EngineCore:
             self.runtime.num_kv_blocks,
             enable_caching=config.cache.enable_prefix_caching,
         )
+        # --kv-events-config: the pool's block events, published in vLLM's format (None: off).
+        self.kv_events = build_kv_event_publisher(config.cache.kv_events_config, self.runtime.block_size)
+        if self.kv_events is not None:
+            self.scheduler.kv_cache_manager.block_pool.event_sink = self.kv_events.put
         sampler = Sampler(
             self.runtime.vocab_size, set(self.runtime.eos_token_ids), self.runtime.device, seed=config.model.seed
         )

@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from helix_server.scheduler.kv_events import BlockRemovedEvent, KVEventSink
+
 if TYPE_CHECKING:
     from helix_server.scheduler.prefix_cache import BlockHash
 
@@ -70,6 +72,9 @@ class BlockPool:
         # hash digest -> the cached block holding that content (held or free).
         self._cached: dict[bytes, KVBlock] = {}
         self._serials = itertools.count(1)
+        # Called with a `BlockRemovedEvent` when a cached block is evicted (the engine publishes
+        # KV events from these); None: no events.
+        self.event_sink: KVEventSink | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -194,6 +199,8 @@ class BlockPool:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash.value) is block:
                 del self._cached[block.block_hash.value]
+                if self.event_sink is not None:
+                    self.event_sink(BlockRemovedEvent(block.block_hash.value))
             block.block_hash = None
         block.serial = block.parent_serial = 0
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from helix_server.scheduler.kv_events import BlockStoredEvent
+
 if TYPE_CHECKING:
     from helix_server.scheduler.block_pool import BlockPool, KVBlock
     from helix_server.scheduler.request import Request
@@ -171,6 +173,10 @@ class PrefixCache:
             existing = pool.cached_block(block_hash.value)
             if existing is None:
                 serials.append(pool.cache_block(block, block_hash, parent_serial))
+                if pool.event_sink is not None:
+                    parent = hashes[i - 1].value if i else None
+                    stored = BlockStoredEvent(block_hash.value, parent, block_hash.token_ids, block_hash.extra_keys)
+                    pool.event_sink(stored)
             elif existing.block_hash == block_hash and existing.parent_serial == parent_serial:
                 # The same content is already cached (in this block, or computed twice at once):
                 # chain on through the cached copy; this block stays uncached.
