@@ -227,3 +227,41 @@ def test_a_reply_shows_its_draft_acceptance(speculative_server, new_page):
     assert acceptance.inner_text() == f"{100 * accepted / drafted:.1f}% of {drafted} drafts"
     assert page.locator('[data-metric="acceptance"]').inner_text().endswith("%")
     assert not console.errors, console.errors
+
+
+def test_structured_output_and_tool_calls_from_the_settings(web_server, new_page, tmp_path):
+    """JSON-object output is valid JSON (the grammar guarantees it even on a random model); with
+    tools and `required`, the reply shows the streamed tool call as text."""
+    page, console = new_page(DESKTOP)
+    bodies = chat_requests(page)
+    page.goto(web_server.url + "/playground")
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
+    page.fill("input[name=max_tokens]", "64")
+    page.fill("input[name=seed]", "3")
+    page.select_option("select[name=format]", "json_object")
+    send(page, "Give me JSON")
+    wait_done(page, 1)
+    assert bodies[-1]["response_format"] == {"type": "json_object"}
+    reply = last_reply(page)
+    state = reply.locator("[data-stat=state]").inner_text()
+    if state == "done":  # a finished reply parses; a cut one ("stopped at max tokens") need not
+        json.loads(reply.locator(".body").inner_text())
+
+    page.select_option("select[name=format]", "text")
+    page.click("#clear")  # the tiny model's context is 256 tokens: room for the tools only
+    # A small tool: the template's tool listing and the call's markup take most of those tokens.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a"], "additionalProperties": False}}}
+    page.fill("textarea[name=tools]", json.dumps([tool]))
+    page.select_option("select[name=tool_choice]", "required")
+    page.fill("textarea[name=extra]", '{"parallel_tool_calls": false}')
+    send(page, "Call f")
+    wait_done(page, 1)
+    assert bodies[-1]["tools"] == [tool] and bodies[-1]["tool_choice"] == "required"
+    reply = last_reply(page)
+    assert reply.locator("[data-stat=state]").inner_text() == "tool calls"
+    text = reply.locator("pre.tool-call").first.inner_text()
+    assert text.startswith("f(") and 0 <= json.loads(text[len("f("):-1])["a"] <= 9
+    page.screenshot(path=str(tmp_path / "playground-tools.png"))
+    assert not console.errors, console.errors

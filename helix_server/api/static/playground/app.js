@@ -60,19 +60,40 @@ function statsLine(message) {
   };
 }
 
+// A settings field's JSON, or `fallback` when it is empty.
+function jsonField(form, name, label, fallback) {
+  const text = String(form.get(name) || "").trim();
+  if (!text) return fallback;
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new ApiError(0, `${label} is not JSON: ${error.message}`);
+  }
+}
+
+// response_format, tools and tool_choice from the structured-output settings.
+function structuredSettings(form) {
+  const out = {};
+  const format = String(form.get("format") || "text");
+  if (format === "json_object") out.response_format = { type: "json_object" };
+  if (format === "json_schema") {
+    const schema = jsonField(form, "schema", "JSON schema", null);
+    if (!schema) throw new ApiError(0, "JSON schema output needs a schema");
+    out.response_format = { type: "json_schema", json_schema: { name: "playground", schema, strict: true } };
+  }
+  const tools = jsonField(form, "tools", "tools", null);
+  if (tools) {
+    out.tools = tools;
+    out.tool_choice = String(form.get("tool_choice") || "auto");
+  }
+  return out;
+}
+
 function readSettings() {
   const form = new FormData($("settings"));
   const number = (name) => (form.get(name) === "" ? undefined : Number(form.get(name)));
   const system = String(form.get("system") || "").trim();
-  let extra = {};
-  const extraText = String(form.get("extra") || "").trim();
-  if (extraText) {
-    try {
-      extra = JSON.parse(extraText);
-    } catch (error) {
-      throw new ApiError(0, `extra body is not JSON: ${error.message}`);
-    }
-  }
+  const extra = jsonField(form, "extra", "extra body", {});
   const body = {
     messages: [...(system ? [{ role: "system", content: system }] : []), ...history],
     stream: true,
@@ -82,6 +103,7 @@ function readSettings() {
     max_completion_tokens: number("max_tokens"),
     seed: number("seed"),
     speculation_depth: number("speculation_depth"),
+    ...structuredSettings(form),
     ...extra,
   };
   if (model) body.model = model;
@@ -123,10 +145,17 @@ async function generate() {
   let first = null;
   let tokens = 0;
   let text = "";
+  const calls = []; // tool calls, assembled from their streamed pieces by index
   let pending = false;
   const paint = () => {
     pending = false;
     body.innerHTML = renderMarkdown(text); // escaped first: see markdown.js
+    for (const call of calls) {
+      const pre = document.createElement("pre");
+      pre.className = "tool-call";
+      pre.textContent = `${call.name}(${call.arguments})`; // text, never markup
+      body.append(pre);
+    }
     const now = performance.now();
     if (first !== null) stat("ttft", `${((first - start) / 1000).toFixed(2)} s to first token`);
     if (first !== null && tokens > 1 && now > first) stat("tps", `${((tokens - 1) / ((now - first) / 1000)).toFixed(1)} tok/s`);
@@ -144,6 +173,12 @@ async function generate() {
         if (first === null) first = performance.now();
         text += choice.delta.content;
       }
+      for (const piece of (choice.delta && choice.delta.tool_calls) || []) {
+        if (first === null) first = performance.now();
+        const call = (calls[piece.index] ||= { name: "", arguments: "" });
+        if (piece.function && piece.function.name) call.name = piece.function.name;
+        if (piece.function && piece.function.arguments) call.arguments += piece.function.arguments;
+      }
       if (choice.finish_reason) finish = choice.finish_reason;
       stat("state", "streaming…");
       if (!pending) {
@@ -152,7 +187,7 @@ async function generate() {
       }
     });
     paint();
-    stat("state", finish === "length" ? "stopped at max tokens" : "done");
+    stat("state", finish === "length" ? "stopped at max tokens" : finish === "tool_calls" ? "tool calls" : "done");
   } catch (error) {
     paint();
     if (error.name === "AbortError") {
@@ -174,7 +209,9 @@ async function generate() {
     }
   } finally {
     controller = null;
-    if (text) history.push({ role: "assistant", content: text });
+    // The playground runs no tools: a call stays in the history as text, so the next turn is valid.
+    const said = [text, ...calls.map((call) => `[called ${call.name}(${call.arguments})]`)].filter(Boolean);
+    if (said.length) history.push({ role: "assistant", content: said.join("\n") });
     message.dataset.done = "true";
     setBusy(false);
     if (!failed) stat("acceptance", acceptanceText(before, await counters()));
