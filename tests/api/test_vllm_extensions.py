@@ -151,6 +151,19 @@ def test_seeds_in_range_work_and_reproduce(client, seed):
     assert _post(client, "/v1/completions", body)["choices"][0]["text"] == first
 
 
+# ------------------------------------------------------------------ the routers' SGLang fields
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_the_fields_routers_add_are_accepted_at_their_defaults_only(client, path):
+    """vLLM's production-stack router and SGLang's router add these to every request they forward."""
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": CONVERSATION[:1]}
+    body = {**body, "max_tokens": 2}
+    _post(client, path, {**body, "no_stop_trim": False, "return_hidden_states": False})
+    for name in ("no_stop_trim", "return_hidden_states"):
+        assert_error(client.post(path, json={**body, name: True}), 400, name)
+
+
 # ------------------------------------------------------------------ prompt_logprobs
 
 

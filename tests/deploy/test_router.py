@@ -1,11 +1,8 @@
 """Two helix replicas (separate processes) behind a real router from PyPI (`vllm-router`, vLLM's Rust
 router), on loopback only: spread, prefix-aware routing, and failover when a replica dies.
 
-Known failure (strict xfail, so it flips to a failure once fixed): the router re-serializes every
-request with SGLang's extra fields (`no_stop_trim`, `return_hidden_states`, all at their defaults),
-and helix answers 400 "Unrecognized request argument supplied: no_stop_trim". vLLM ignores unknown
-fields with a warning; helix's request parsing (api/body.py, api/protocol/) has to accept these at
-their default values before this passes.
+The router re-serializes every request with SGLang's extra fields (`no_stop_trim`,
+`return_hidden_states`, at their defaults), which helix accepts at those values.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ import pytest
 from tests.api.conftest import wait_until
 from tests.deploy.conftest import free_port
 
-ROUTER_FIELDS_REFUSED = "helix refuses the router's added SGLang fields (no_stop_trim) with 400"
-pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.xfail(strict=True, reason=ROUTER_FIELDS_REFUSED)]
+pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 
 def start_replica(model_dir, log_dir) -> tuple[subprocess.Popen, str]:

@@ -54,3 +54,7 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     return_token_ids: bool | None = None
     # Structured outputs (vLLM's extension): one of json, regex, choice, grammar, json_object.
     structured_outputs: dict[str, Any] | None = None
+    # SGLang's fields, which its router and vLLM's production-stack router add to every request they
+    # forward: accepted at their defaults (what helix does anyway), refused otherwise.
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False

@@ -32,6 +32,9 @@ def build_sampling_params(
 ) -> SamplingParams:
     """The `SamplingParams` of a request; a `ParameterError` names the parameter the client sent."""
     check_seed(request.seed)
+    for name in ("no_stop_trim", "return_hidden_states"):  # the routers' fields, at their defaults only
+        if getattr(request, name):
+            raise bad_request(f"{name}: true is not supported; leave it out or false.", name)
     values: dict[str, Any] = {
         "n": request.n,
         "max_tokens": max_tokens,
