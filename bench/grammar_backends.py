@@ -110,7 +110,7 @@ def main() -> int:
         for schema_name, schema in TYPICAL_SCHEMAS.items():
             text = json.dumps(INSTANCES[schema_name], separators=(",", ":"))
             token_ids = hf_tokenizer.encode(text, add_special_tokens=False)
-            compile_ms = milliseconds(lambda: compile_schema(schema), args.repeats)
+            compile_ms = milliseconds(lambda c=compile_schema, s=schema: c(s), args.repeats)
             walks = []
             for _ in range(args.repeats):
                 matcher = new_matcher(schema)

@@ -3,7 +3,6 @@ out of file descriptors neither floods the log nor stops the service for good.""
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import signal

@@ -14,7 +14,6 @@ import select
 import socket
 import threading
 import time
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
