@@ -101,8 +101,8 @@ class Sampler:
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Raw logits `[N, V]` (any float dtype) -> float32 processed logits `[N, V]`.
 
-        Applies logit_bias, min_tokens masking, penalties, then the grammar's token bitmask. Never modifies `logits`; returns a
-        float32 view of it when no row needs processing.
+        Applies logit_bias, min_tokens masking, penalties, then the grammar's token bitmask. Never
+        modifies `logits`; returns a float32 view of it when no row needs processing.
         """
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         if not any(needs_processing(row) for row in rows):
