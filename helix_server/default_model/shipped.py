@@ -56,8 +56,8 @@ def with_default_model(config: EngineConfig) -> EngineConfig:
     unless speculative decoding was configured (a method, `none` included, or a draft model), the
     shipped draft becomes its proposer, with the configured `num_speculative_tokens` or, when none
     is set, "auto": the pair is so small that the draft costs a third of a target step, so fixed
-    depths only pay off one request at a time (see the README's measurements), and "auto" backs off
-    under load. A config that names a model is returned unchanged.
+    depths only pay off one request at a time (measured in docs/default-model.md), and "auto" backs
+    off under load. A config that names a model is returned unchanged.
     """
     if config.model.model:
         return config
