@@ -5,8 +5,8 @@
 //
 // Each query row attends exactly the keys its position allows (causal, optionally a sliding
 // window): no padding, no gathered copy, one op per layer instead of a gather, a mask and SDPA.
-// Every row is computed on its own with one fixed order of operations (scores key by key, a
-// max, exponentials, their sum in key order, the values weighted in key order), so its result
+// Every row is computed on its own with one fixed order of operations (each score by one fixed
+// tree, a max, exponentials, their sum in key order, the values weighted in key order), so its result
 // depends on its query and its keys only: not on the batch, nor on how many query tokens its
 // request has in the step (a decode and the same position verified among drafts agree bitwise).
 
@@ -32,57 +32,92 @@ using helix_vec::store_lanes;
 using helix_vec::tail_mask;
 using helix_vec::to_float;
 
-// q . k for head_dim values (q already float32): 16-lane partial sums in order, then a fixed lane
-// reduction.
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t dim) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < dim; i += kLanes) {
-    acc = _mm512_fmadd_ps(load_lanes(q + i, dim - i), load_lanes(k + i, dim - i), acc);
+// q . k_u for 16 keys at once: key u's products are summed over head_dim 16 lanes at a time, in
+// order, then its 16 lanes by one fixed tree, the same for every key and lane, so a key's score
+// does not depend on the keys beside it. `key_at(u)` points at key u's head_dim values; keys past
+// `n` score 0 and are not read.
+template <typename T, typename KeyAt>
+inline __m512 dot16(const float* q, const KeyAt& key_at, int64_t n, int64_t dim) {
+  __m512 p[kLanes];
+  for (int64_t u = 0; u < kLanes; ++u) {
+    __m512 acc = _mm512_setzero_ps();
+    if (u < n) {
+      const T* k = key_at(u);
+      for (int64_t i = 0; i < dim; i += kLanes) acc = _mm512_fmadd_ps(load_lanes(q + i, dim - i), load_lanes(k + i, dim - i), acc);
+    }
+    p[u] = acc;
   }
-  return _mm512_reduce_add_ps(acc);
+  // Lanes within each 128-bit quarter: (a0 + a2) + (a1 + a3), four keys to a vector.
+  __m512 quarter[4];
+  for (int g = 0; g < 4; ++g) {
+    __m512* v = p + 4 * g;
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+    quarter[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Then the quarters: (q0 + q1) + (q2 + q3); key u ends in lane u.
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(quarter[0], quarter[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quarter[0], quarter[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(quarter[2], quarter[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quarter[2], quarter[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// One query row (float32) over keys [first, last]: out = sum_j softmax(scale * q . k_j) v_j.
-// `slot(j)` is key j's flat slot in the cache; `row_stride` the values between slots.
-template <typename T, typename SlotOf>
-void attend_row(const float* q, const T* key_cache, const T* value_cache, int64_t row_stride, int64_t dim,
-                int64_t first, int64_t last, float scale, const SlotOf& slot, std::vector<float>& scores, T* out) {
-  const int64_t count = last - first + 1;
-  scores.resize(count);
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < count; ++j) {
-    scores[j] = dot(q, key_cache + slot(first + j) * row_stride, dim) * scale;
-    max_score = std::max(max_score, scores[j]);
+// Softmax weights of one query row (float32) over its `count` keys, from key `first` on:
+// weights[j] = e^(s_j - max) with s_j = scale * q . k_(first + j); returns 1 / sum of the weights
+// (summed 16 keys at a time in key order). `offsets[j]` is key j's offset in the cache.
+template <typename T>
+float softmax_weights(const float* q, const T* key_head, const int64_t* offsets, int64_t first, int64_t count,
+                      int64_t dim, float scale, float* weights) {
+  const __m512 scale_vec = _mm512_set1_ps(scale);
+  __m512 max_vec = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < count; j += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, count - j);
+    const auto key_at = [&](int64_t u) { return key_head + offsets[first + j + u]; };
+    const __m512 s = _mm512_mul_ps(dot16<T>(q, key_at, n, dim), scale_vec);
+    _mm512_mask_storeu_ps(weights + j, tail_mask(n), s);
+    max_vec = _mm512_mask_max_ps(max_vec, tail_mask(n), max_vec, s);
   }
-  // Weights e^(s - max) and their sum, 16 keys at a time in key order.
-  const __m512 max_vec = _mm512_set1_ps(max_score);
+  const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max_vec));
   __m512 sum_vec = _mm512_setzero_ps();
   for (int64_t j = 0; j < count; j += kLanes) {
     const __mmask16 mask = tail_mask(count - j);
-    const __m512 weight = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores.data() + j), max_vec)));
-    _mm512_mask_storeu_ps(scores.data() + j, mask, weight);
+    const __m512 weight = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, weights + j), max_score)));
+    _mm512_mask_storeu_ps(weights + j, mask, weight);
     sum_vec = _mm512_add_ps(sum_vec, weight);
   }
-  const float inv_sum = 1.0f / _mm512_reduce_add_ps(sum_vec);
-  // Values weighted in key order, up to 4 vectors of head_dim at a time (head_dim <= 64 in one pass).
+  return 1.0f / _mm512_reduce_add_ps(sum_vec);
+}
+
+// out_h = inv_sum_h * sum_j weights_h[j] v_(first + j), in key order, for H query heads that share
+// their keys (one GQA group, one position): each value vector is read once for all H heads.
+template <int H, typename T>
+void weighted_values(const float* const* weights, const float* inv_sum, const T* value_head, const int64_t* offsets,
+                     int64_t first, int64_t count, int64_t dim, T* const* out) {
   for (int64_t i = 0; i < dim; i += 4 * kLanes) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    __mmask16 masks[4];
+    __m512 acc[H][4];
     int64_t lanes[4];  // values of head_dim in each of the 4 vectors (0 past its end)
     for (int v = 0; v < 4; ++v) {
       lanes[v] = std::clamp<int64_t>(dim - i - v * kLanes, 0, kLanes);
-      masks[v] = tail_mask(lanes[v]);
+      for (int h = 0; h < H; ++h) acc[h][v] = _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < count; ++j) {
-      const T* value = value_cache + slot(first + j) * row_stride + i;
-      const __m512 weight = _mm512_set1_ps(scores[j]);
-      for (int v = 0; v < 4; ++v)
-        if (lanes[v] > 0) acc[v] = _mm512_fmadd_ps(weight, load_lanes(value + v * kLanes, lanes[v]), acc[v]);
+      const T* value = value_head + offsets[first + j] + i;
+      __m512 vec[4];
+      for (int v = 0; v < 4; ++v) vec[v] = lanes[v] > 0 ? load_lanes(value + v * kLanes, lanes[v]) : _mm512_setzero_ps();
+      for (int h = 0; h < H; ++h) {
+        const __m512 weight = _mm512_set1_ps(weights[h][j]);
+        for (int v = 0; v < 4; ++v)
+          if (lanes[v] > 0) acc[h][v] = _mm512_fmadd_ps(weight, vec[v], acc[h][v]);
+      }
     }
-    const __m512 inv = _mm512_set1_ps(inv_sum);
-    for (int v = 0; v < 4; ++v)
-      if (lanes[v] > 0) store_lanes(out + i + v * kLanes, masks[v], _mm512_mul_ps(acc[v], inv));
+    for (int h = 0; h < H; ++h) {
+      const __m512 inv = _mm512_set1_ps(inv_sum[h]);
+      for (int v = 0; v < 4; ++v)
+        if (lanes[v] > 0) store_lanes(out[h] + i + v * kLanes, tail_mask(lanes[v]), _mm512_mul_ps(acc[h][v], inv));
+    }
   }
 }
 
@@ -154,25 +189,47 @@ void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const int64_t group = heads / kv_heads;
   const int64_t row_stride = kv_heads * dim;  // values between consecutive slots of one head
+  constexpr int64_t kHeadsAtOnce = 4;          // query heads whose value sums share one pass over the values
   // One task per (request, KV head): its query heads and tokens share the keys' cache lines.
   at::parallel_for(0, num_requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> q_row(dim);  // the query row widened to float32
+    std::vector<int64_t> offsets;                 // key j's offset in the cache, per slot
+    std::vector<float> q_rows(kHeadsAtOnce * dim);  // query rows widened to float32
+    std::vector<float> weights;                   // [kHeadsAtOnce, keys]
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, kv_head = task % kv_heads;
       const int64_t* table = tables + r * max_blocks;
-      const auto slot = [&](int64_t j) { return table[j / block_size] * block_size + j % block_size; };
+      offsets.resize(lens[r]);
+      for (int64_t j0 = 0; j0 < lens[r]; j0 += block_size)
+        for (int64_t j = j0; j < std::min(lens[r], j0 + block_size); ++j)
+          offsets[j] = (table[j0 / block_size] * block_size + (j - j0)) * row_stride;
+      weights.resize(kHeadsAtOnce * lens[r]);
       const T* k_head = kp + kv_head * dim;
       const T* v_head = vp + kv_head * dim;
       for (int64_t t = 0; t < query_len; ++t) {
         const int64_t position = lens[r] - query_len + t;
         const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, position - sliding_window + 1) : 0;
+        const int64_t count = position - first + 1;
         const int64_t row = r * query_len + t;
-        for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-          const T* q = qp + row * q_stride + h * dim;
-          for (int64_t i = 0; i < dim; ++i) q_row[i] = to_float(q[i]);
-          attend_row(q_row.data(), k_head, v_head, row_stride, dim, first, position, scale, slot, scores,
-                     op + (row * heads + h) * dim);
+        for (int64_t h0 = kv_head * group; h0 < (kv_head + 1) * group; h0 += kHeadsAtOnce) {
+          const int64_t n_heads = std::min(kHeadsAtOnce, (kv_head + 1) * group - h0);
+          const float* head_weights[kHeadsAtOnce];
+          float inv_sum[kHeadsAtOnce];
+          T* outs[kHeadsAtOnce];
+          for (int64_t h = 0; h < n_heads; ++h) {
+            const T* q = qp + row * q_stride + (h0 + h) * dim;
+            float* q_row = q_rows.data() + h * dim;
+            for (int64_t i = 0; i < dim; ++i) q_row[i] = to_float(q[i]);
+            float* w = weights.data() + h * lens[r];
+            inv_sum[h] = softmax_weights(q_row, k_head, offsets.data(), first, count, dim, scale, w);
+            head_weights[h] = w;
+            outs[h] = op + (row * heads + h0 + h) * dim;
+          }
+          switch (n_heads) {
+            case 1: weighted_values<1>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
+            case 2: weighted_values<2>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
+            case 3: weighted_values<3>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
+            default: weighted_values<4>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
+          }
         }
       }
     }
