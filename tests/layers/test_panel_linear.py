@@ -12,12 +12,24 @@ from torch import nn
 
 from helix_server.layers import cpu_kernels
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
-from helix_server.layers.panel_linear import PANEL_WIDTH, PanelLinear, pack_panels, panel_linear_supported
+from helix_server.layers.panel_linear import (
+    PANEL_WIDTH,
+    PanelLinear,
+    amx_available,
+    pack_amx_panels,
+    pack_panels,
+    panel_linear_supported,
+)
 from helix_server.models import load_model
 from tests.fixtures.tiny_models import make_tiny_model
 
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels_supported(), reason="helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler"
+)
+# A property of the CPU (Intel Sapphire Rapids and later), not of the build: the suite's AMX tests
+# run wherever AMX is there.
+needs_amx = pytest.mark.skipif(
+    not (cpu_kernels_supported() and "amx_bf16" in open("/proc/cpuinfo").read()), reason="this CPU has no AMX"
 )
 
 
@@ -137,9 +149,10 @@ def test_a_float32_model_on_the_cpu_runs_its_projections_on_the_panel_kernel(tmp
         logits = bf16.compute_logits(hidden)
         # Logits are the float32 sums, not rounded to bfloat16 (bfloat16 rounding makes ties).
         assert logits.dtype == torch.float32 and bf16.lm_head.float_out
-        widened = torch.ops.helix.panel_linear(hidden.float(), bf16.lm_head.panels.float(), None,
-                                               bf16.lm_head.out_features)
-        assert torch.equal(logits, widened)
+        rounded = torch.ops.helix.amx_linear if bf16.lm_head.use_amx else torch.ops.helix.panel_linear
+        rounded = rounded(hidden, bf16.lm_head.panels, None, bf16.lm_head.out_features, False)
+        assert logits.dtype == torch.float32 and torch.equal(logits.bfloat16(), rounded)
+        assert not torch.equal(logits, rounded.float())
         torch.testing.assert_close(logits, plain_bf16.compute_logits(hidden).float(), atol=2e-2, rtol=2e-2)
 
 
@@ -155,7 +168,7 @@ def test_bfloat16_panels_sum_in_float32_and_round_once(bias):
     x = torch.randn(40, 300, generator=generator).bfloat16()
     x[3, 5] = float("nan")  # a NaN row stays NaN (rounded to the quiet NaN), the others are untouched
     with torch.inference_mode():
-        got = PanelLinear(weight, b)(x)
+        got = PanelLinear(weight, b, use_amx=False)(x)
         widened = PanelLinear(weight.float(), None if b is None else b.float())(x.float())
     assert got.dtype == torch.bfloat16
     finite = [row for row in range(x.shape[0]) if row != 3]
@@ -164,12 +177,13 @@ def test_bfloat16_panels_sum_in_float32_and_round_once(bias):
 
 
 @needs_kernels
-def test_a_bfloat16_row_is_bitwise_the_same_in_any_batch():
-    """The reason for the bfloat16 kernel: oneDNN's bfloat16 rows change with the row count on CPUs
+@pytest.mark.parametrize("use_amx", [False, pytest.param(True, marks=needs_amx)])
+def test_a_bfloat16_row_is_bitwise_the_same_in_any_batch(use_amx):
+    """The reason for the bfloat16 kernels: oneDNN's bfloat16 rows change with the row count on CPUs
     with AMX; these never do (2,048 inputs: the widest reduction of a wide MLP)."""
     assert load_cpu_kernels()
     generator = torch.Generator().manual_seed(2)
-    layer = PanelLinear(torch.randn(512, 2048, generator=generator).bfloat16(), None)
+    layer = PanelLinear(torch.randn(512, 2048, generator=generator).bfloat16(), None, use_amx=use_amx)
     x = torch.randn(48, 2048, generator=generator).bfloat16()
     with torch.inference_mode():
         together = layer(x)
@@ -208,3 +222,78 @@ def test_a_failed_build_falls_back_with_the_compilers_message(tmp_path, monkeypa
         assert cpu_kernels._load_once.__wrapped__() is False
     assert "build or load failed" in caplog.text and "broken.cpp" in caplog.text
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # nothing half-written is kept
+
+
+def test_pack_amx_panels_puts_input_pairs_of_16_outputs_side_by_side():
+    weight = torch.arange(35 * 40, dtype=torch.float32).view(35, 40) + 1  # 3 panels; inputs padded to 64
+    panels = pack_amx_panels(weight)
+    assert panels.shape == (3, 32, PANEL_WIDTH, 2) and panels.is_contiguous()
+    for n in range(35):
+        for k in range(40):
+            assert panels[n // PANEL_WIDTH, k // 2, n % PANEL_WIDTH, k % 2] == weight[n, k]
+    assert not panels[2, :, 3:].any() and not panels[:, 20:].any()  # padding outputs and inputs are zero
+
+
+@needs_amx
+def test_amx_is_found_where_the_cpu_has_it():
+    # Not a skip inside: on an AMX CPU, a kernel that cannot get AMX must fail the suite.
+    assert amx_available()
+    assert PanelLinear(torch.randn(16, 32).bfloat16(), None).use_amx
+    assert not PanelLinear(torch.randn(16, 32), None).use_amx  # float32 keeps the panel kernel
+
+
+@needs_amx
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(35, 24), (16 * 13 + 5, 96), (576, 1536)])  # padded inputs; 1, 2, 3-panel groups
+def test_amx_sums_are_float32_close_to_a_float64_reference_and_rounded_once(shape, bias):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(*shape, generator=generator).bfloat16()
+    b = torch.randn(shape[0], generator=generator) if bias else None
+    x = torch.randn(70, shape[1], generator=generator).bfloat16()
+    x[5, 3] = float("nan")  # a NaN row stays NaN, the others are untouched
+    rounded, sums = PanelLinear(weight, b, use_amx=True), PanelLinear(weight, b, float_out=True, use_amx=True)
+    reference = nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    # float32 sums of exact bfloat16 products: 16 ulps of the sum of magnitudes (observed: a few).
+    tolerance = 16 * 2**-23 * (x.abs().double() @ weight.abs().double().T + (0 if b is None else b.abs().double()))
+    finite = [row for row in range(70) if row != 5]
+    with torch.inference_mode():
+        for rows in (1, 2, 15, 16, 17, 31, 32, 33, 70):
+            got, exact = rounded(x[:rows]), sums(x[:rows])
+            assert got.dtype == torch.bfloat16 and exact.dtype == torch.float32
+            assert torch.equal(got, exact.bfloat16())  # one rounding of the float32 sum
+            keep = [row for row in finite if row < rows]
+            assert ((exact[keep].double() - reference[keep]).abs() <= tolerance[keep]).all(), rows
+            if rows > 5:
+                assert exact[5].isnan().all()
+
+
+@needs_amx
+def test_amx_rows_do_not_depend_on_the_other_rows_or_the_thread_count():
+    generator = torch.Generator().manual_seed(4)
+    layer = PanelLinear(torch.randn(200, 1100, generator=generator).bfloat16(), None, float_out=True, use_amx=True)
+    x = torch.randn(80, 1100, generator=generator).bfloat16()
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        batch = layer(x)
+        for start, rows in ((0, 1), (7, 1), (3, 16), (20, 17), (40, 40), (1, 33)):
+            assert torch.equal(layer(x[start : start + rows]), batch[start : start + rows]), (start, rows)
+        try:
+            torch.set_num_threads(1)
+            single = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(single, batch)
+
+
+@needs_amx
+def test_amx_refuses_bad_operands_with_a_message():
+    layer = PanelLinear(torch.randn(32, 40).bfloat16(), None, use_amx=True)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="x has 65 features, W 64"):
+            layer(torch.randn(2, 65).bfloat16())
+        with pytest.raises(RuntimeError, match="x must be 2-D bfloat16"):
+            layer(torch.randn(2, 40))
+        assert layer(torch.randn(0, 40).bfloat16()).shape == (0, 32)
+        x = torch.randn(40, 3).bfloat16().t()  # non-contiguous rows are copied, not misread
+        torch.testing.assert_close(layer(x).float(), nn.functional.linear(x.float(), layer.unpacked_weight().float()),
+                                   atol=2e-2, rtol=2e-2)

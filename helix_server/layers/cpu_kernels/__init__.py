@@ -12,7 +12,8 @@ with AVX-512F and a GCC-compatible C++ compiler (`$CXX`, else `c++` or `g++`). A
 when the build fails (logged once, with the compiler's message), it returns False and the callers
 keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-kernels`).
 
-Ops: `helix::panel_linear` (`panel_gemm.cpp`, used by `helix_server.layers.panel_linear`);
+Ops: `helix::panel_linear` (`panel_gemm.cpp`) and `amx_linear` / `amx_supported` (`amx_linear.cpp`,
+bfloat16 on AMX), used by `helix_server.layers.panel_linear`;
 `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `store_kv_` (`fused_ops.cpp`) and
 `paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`; `quant_linear`
 (`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks), used by `helix_server.layers.quantized_linear`.
@@ -41,7 +42,7 @@ from helix_server.platform.device import cpu_flags
 logger = logging.getLogger("helix_server")
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(_HERE / name for name in ("panel_gemm.cpp", "fused_ops.cpp", "paged_attention.cpp", "quant_gemm.cpp"))
+SOURCES = tuple(_HERE / name for name in ("panel_gemm.cpp", "amx_linear.cpp", "fused_ops.cpp", "paged_attention.cpp", "quant_gemm.cpp"))
 HEADERS = (_HERE / "vec_math.h",)
 # Measured with g++ (torch 2.13): compiling all sources takes ~45 s of CPU time, the largest one
 # (panel_gemm.cpp) ~20 s. Used only to tell the user how long a first build should take on idle CPUs.
