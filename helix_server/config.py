@@ -189,6 +189,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Prometheus metric names: "helix" (helix:...), "vllm" (vLLM's vllm:... names and model_name
     # label, for routers and autoscalers built on vLLM) or "both".
     metrics_name_prefix: str = "helix"
+    # Most responses of the Responses API kept for `previous_response_id` and GET (oldest forgotten
+    # first); 0 stores none.
+    max_stored_responses: int = 1000
 
 
 class HelixConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -199,6 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_name_prefix", "server", metrics_name_prefix, "Prometheus metric names: helix "
             "(helix:num_requests_running, ...), vllm (vLLM's vllm:... names with a model_name label, for "
             "routers and autoscalers) or both."),
+    Setting("max_stored_responses", "server", int, "Most Responses API responses kept in memory for "
+            "previous_response_id and GET /v1/responses/{id} (oldest forgotten first; 0 stores none)."),
     Setting("enable_auto_tool_choice", "server", boolean, "Allow tool_choice 'auto' (needs a tool-call "
             "parser; --no-enable-auto-tool-choice refuses it with 400)."),
 )

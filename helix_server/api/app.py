@@ -21,6 +21,7 @@ from helix_server.api.routes.helix import HelixController
 from helix_server.api.routes.metrics import metrics
 from helix_server.api.routes.openai import CompletionsController, ModelsController
 from helix_server.api.routes.playground import playground_routes
+from helix_server.api.routes.responses import ResponsesController
 from helix_server.api.routes.tokenize import TokenizeController
 from helix_server.api.state import STATE_KEY, ServerState
 from helix_server.config import HelixConfig
@@ -55,6 +56,7 @@ def create_app(
         route_handlers=[
             ModelsController,
             CompletionsController,
+            ResponsesController,
             HealthController,
             TokenizeController,
             HelixController,

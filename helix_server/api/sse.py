@@ -30,6 +30,11 @@ def sse_event(payload: Any) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
+def named_sse_event(name: str, payload: Any) -> bytes:
+    """`event: <name>` then `data: <json>`: the framing of the Responses and Messages APIs."""
+    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(payload) + b"\n\n"
+
+
 def error_event(error: APIError) -> bytes:
     """`data: {"error": {...}}`: how an error after the first byte reaches the client."""
     return sse_event(error.envelope())

@@ -10,6 +10,7 @@ from litestar import Request
 
 from helix_server.api.errors import model_not_found, service_unavailable
 from helix_server.api.metrics import ServerMetrics
+from helix_server.api.serving.response_store import ResponseStore
 from helix_server.config import HelixConfig
 from helix_server.engine.async_engine import AsyncEngine
 
@@ -66,6 +67,11 @@ class ServerState:
     draining: bool = False
     active: ActiveRequests = field(default_factory=ActiveRequests)
     background_tasks: set[asyncio.Task] = field(default_factory=set)
+    # The Responses API's stored responses (`--max-stored-responses`).
+    responses: ResponseStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.responses = ResponseStore(self.config.server.max_stored_responses)
 
     def check_model(self, model: str | None) -> None:
         """404 `model_not_found` unless `model` is omitted or the served name."""
