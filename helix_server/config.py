@@ -189,6 +189,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Prometheus metric names: "helix" (helix:...), "vllm" (vLLM's vllm:... names and model_name
     # label, for routers and autoscalers built on vLLM) or "both".
     metrics_name_prefix: str = "helix"
+    # Answer requests that name any model with the served model (Claude Code sends its own model
+    # names); by default an unknown name is a 404 model_not_found.
+    accept_any_model_name: bool = False
     # Most responses of the Responses API kept for `previous_response_id` and GET (oldest forgotten
     # first); 0 stores none.
     max_stored_responses: int = 1000

@@ -201,6 +201,9 @@ SETTINGS: tuple[Setting, ...] = (
             "routers and autoscalers) or both."),
     Setting("max_stored_responses", "server", int, "Most Responses API responses kept in memory for "
             "previous_response_id and GET /v1/responses/{id} (oldest forgotten first; 0 stores none)."),
+    Setting("accept_any_model_name", "server", boolean, "Serve requests naming any model with the served "
+            "model (Claude Code and other clients send their own model names; default: an unknown name is a "
+            "404)."),
     Setting("enable_auto_tool_choice", "server", boolean, "Allow tool_choice 'auto' (needs a tool-call "
             "parser; --no-enable-auto-tool-choice refuses it with 400)."),
 )

@@ -18,6 +18,7 @@ from helix_server.api.metrics import MetricsLabels, ServerMetrics
 from helix_server.api.openapi import openapi_config
 from helix_server.api.routes.health import HealthController
 from helix_server.api.routes.helix import HelixController
+from helix_server.api.routes.messages import MessagesController
 from helix_server.api.routes.metrics import metrics
 from helix_server.api.routes.openai import CompletionsController, ModelsController
 from helix_server.api.routes.playground import playground_routes
@@ -57,6 +58,7 @@ def create_app(
             ModelsController,
             CompletionsController,
             ResponsesController,
+            MessagesController,
             HealthController,
             TokenizeController,
             HelixController,

@@ -1,4 +1,7 @@
-"""Map every exception to OpenAI's error envelope: never a 422, never Litestar's own error body."""
+"""Map every exception to OpenAI's error envelope: never a 422, never Litestar's own error body.
+
+`to_api_error` says which `APIError` an exception stands for; the Anthropic routes write the same
+errors in Anthropic's envelope (`serving.messages_errors`)."""
 
 from __future__ import annotations
 
@@ -40,26 +43,23 @@ def error_response(error: APIError) -> Response:
     )
 
 
-def api_error_handler(request: Request, exc: APIError) -> Response:
-    """Our own errors, as they are."""
-    return error_response(exc)
+def to_api_error(request: Request, exc: Exception) -> APIError:
+    """The `APIError` any exception a handler raised stands for (a bug is logged and becomes a 500
+    without internals). Each API's handlers write it in their own envelope."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ParameterError):  # bad input found by `SamplingParams` or the engine
+        return APIError(400, exc.message, INVALID_REQUEST, exc.param, exc.code)
+    if isinstance(exc, (EngineDeadError, EngineOverloadedError)):  # 503 with Retry-After
+        return engine_error(exc)
+    if isinstance(exc, HTTPException) and exc.status_code < 500:  # Litestar's own (404, 405, 413, ...)
+        return _http_error(request, exc)
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return APIError(500, "The server had an error while processing your request.", SERVER_ERROR)
 
 
-def parameter_error_handler(request: Request, exc: ParameterError) -> Response:
-    """Bad input found by `SamplingParams` or the engine: 400 naming the param."""
-    return error_response(APIError(400, exc.message, INVALID_REQUEST, exc.param, exc.code))
-
-
-def engine_error_handler(request: Request, exc: EngineDeadError | EngineOverloadedError) -> Response:
-    """The engine loop is gone, or its queue is full / the request waited too long: 503."""
-    return error_response(engine_error(exc))
-
-
-def http_exception_handler(request: Request, exc: HTTPException) -> Response:
-    """Litestar's own errors (404, 405, 413, ...) in OpenAI's envelope."""
+def _http_error(request: Request, exc: HTTPException) -> APIError:
     status = exc.status_code
-    if status >= 500:
-        return unexpected_error_handler(request, exc)
     kind, code = _HTTP_KINDS.get(status, (INVALID_REQUEST, None))
     message = exc.detail
     if status == 404:
@@ -68,8 +68,12 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response:
         message = f"Method {request.method} is not allowed on {request.url.path}."
     elif status == 413:
         message = "The request body is too large."
-    headers = dict(exc.headers or {})
-    return error_response(APIError(status, message, kind, None, code, headers))
+    return APIError(status, message, kind, None, code, dict(exc.headers or {}))
+
+
+def openai_error_handler(request: Request, exc: Exception) -> Response:
+    """Every error in OpenAI's envelope."""
+    return error_response(to_api_error(request, exc))
 
 
 def disconnected_handler(request: Request, exc: ClientDisconnected) -> Response:
@@ -78,22 +82,9 @@ def disconnected_handler(request: Request, exc: ClientDisconnected) -> Response:
     return Response(content=b"", status_code=499)
 
 
-def unexpected_error_handler(request: Request, exc: Exception) -> Response:
-    """A bug: log it, answer 500 without internals."""
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(
-        APIError(500, "The server had an error while processing your request.", SERVER_ERROR)
-    )
-
-
 def exception_handlers() -> dict:
     """The app's handler table (most specific class wins)."""
     return {
-        APIError: api_error_handler,
-        ParameterError: parameter_error_handler,
-        EngineDeadError: engine_error_handler,
-        EngineOverloadedError: engine_error_handler,
         ClientDisconnected: disconnected_handler,
-        HTTPException: http_exception_handler,
-        Exception: unexpected_error_handler,
+        Exception: openai_error_handler,
     }

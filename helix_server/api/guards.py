@@ -1,4 +1,4 @@
-"""Route guards: bearer-token auth and refusing new work while draining.
+"""Route guards: API-key auth (bearer token or `x-api-key`) and refusing new work while draining.
 
 Routes marked `opt={"public": True}` (/health, /ready, /metrics) skip both: probes and scrapers need
 no key, and they must keep answering while the server drains.
@@ -22,25 +22,33 @@ def _is_public(handler: BaseRouteHandler) -> bool:
 
 
 def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-    """401 unless `Authorization: Bearer <api_key>` matches (constant-time), when a key is set."""
+    """401 unless `Authorization: Bearer <api_key>` or (Anthropic's header) `x-api-key: <api_key>`
+    matches (constant-time), when a key is set."""
     state = connection.app.state[STATE_KEY]
     api_key = state.config.server.api_key
     if not api_key or _is_public(handler):
         return
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    valid = scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode("utf-8"), api_key.encode("utf-8")
+    x_api_key = connection.headers.get("x-api-key")
+    if scheme.lower() == "bearer" and _matches(token.strip(), api_key):
+        return
+    if x_api_key is not None and _matches(x_api_key.strip(), api_key):
+        return
+    raise APIError(
+        401,
+        "Incorrect API key provided."
+        if header or x_api_key is not None
+        else "Missing API key: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY').",
+        AUTHENTICATION,
+        None,
+        "invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
     )
-    if not valid:
-        raise APIError(
-            401,
-            "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer KEY'.",
-            AUTHENTICATION,
-            None,
-            "invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+
+
+def _matches(token: str, api_key: str) -> bool:
+    return hmac.compare_digest(token.encode("utf-8"), api_key.encode("utf-8"))
 
 
 def refuse_while_draining(connection: ASGIConnection, handler: BaseRouteHandler) -> None:

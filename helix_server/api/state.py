@@ -74,8 +74,9 @@ class ServerState:
         self.responses = ResponseStore(self.config.server.max_stored_responses)
 
     def check_model(self, model: str | None) -> None:
-        """404 `model_not_found` unless `model` is omitted or the served name."""
-        if model is not None and model != self.model_name:
+        """404 `model_not_found` unless `model` is omitted or the served name (any name with
+        `--accept-any-model-name`)."""
+        if model is not None and model != self.model_name and not self.config.server.accept_any_model_name:
             raise model_not_found(model)
 
     def admit(self) -> None:
