@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from helix_server.layers.attention.paged_inputs import PagedInputs
+
 
 @dataclass
 class PrefillChunk:
@@ -73,6 +75,10 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     # The dtype of queries and keys (masks are built in it).
     dtype: torch.dtype = torch.float32
+    # The same rows as one flat layout for backends that attend every row in one launch (Triton):
+    # set by a runner that builds it directly (CUDA graphs), else derived on first use
+    # (`paged_inputs.paged_inputs_of`).
+    paged: PagedInputs | None = None
     # Masks depend only on the metadata, the sliding window and the GQA group size, so the first
     # layer builds them and the others reuse them.
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
