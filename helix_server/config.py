@@ -26,6 +26,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     # float32 on an AVX-512 CPU: helix's own kernels (compiled on first use); False: torch's.
     cpu_kernels: bool = True
+    # One of QUANTIZATION_METHODS: a safetensors model's linear weights quantized at load ("int8":
+    # weight-only, per output channel); None: the checkpoint's own weights.
+    quantization: str | None = None
     # Chat messages' text may contain the tokenizer's control tokens (trusted clients only); False:
     # they are encoded as plain text, so a message can't forge a turn.
     allow_special_tokens_in_content: bool = False
@@ -102,6 +105,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
 METRICS_NAME_PREFIXES = ("helix", "vllm", "both")
 
 SPECULATIVE_METHODS = ("none", "draft", "ngram", "layer-skip")
+# `--quantization` methods (weights quantized at load).
+QUANTIZATION_METHODS = ("int8",)
 # Drafted tokens per step when `num_speculative_tokens` is not set: adapted, so that speculation
 # never makes a default setup much slower (a fixed depth with drafts that are rarely accepted can).
 DEFAULT_SPECULATIVE_TOKENS: int | str = "auto"

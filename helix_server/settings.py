@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from helix_server.config import (
     METRICS_NAME_PREFIXES,
+    QUANTIZATION_METHODS,
     SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
@@ -88,6 +89,16 @@ def speculative_method(text: str) -> str:
     return method
 
 
+def quantization(text: str) -> str | None:
+    """`--quantization`: int8, or "none" for the checkpoint's own weights."""
+    method = text.strip().lower()
+    if method == "none":
+        return None
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"{text!r} is not one of none, {', '.join(QUANTIZATION_METHODS)}")
+    return method
+
+
 def metrics_name_prefix(text: str) -> str:
     """`--metrics-name-prefix`: helix | vllm | both."""
     prefix = text.strip().lower()
@@ -142,6 +153,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
     Setting("cpu_kernels", "model", boolean, "float32/bfloat16 on an AVX-512 CPU: run helix's own kernels, compiled "
             "on first use (--no-cpu-kernels: torch's only)."),
+    Setting("quantization", "model", quantization, "int8: quantize a safetensors model's linear weights at "
+            "load (weight-only, symmetric, one scale per output channel; about a quarter of float32's "
+            "bytes) | none."),
     Setting("allow_special_tokens_in_content", "model", boolean, "Chat messages may contain control tokens "
             "such as <|im_start|> (trusted clients only; by default they are encoded as plain text)."),
     Setting("block_size", "cache", int, "Tokens per KV cache block."),

@@ -84,7 +84,13 @@ def load_components(
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
     model = load_model(
-        model_dir, dtype, device, progress=progress, max_model_len=max_model_len, cpu_kernels=config.model.cpu_kernels
+        model_dir,
+        dtype,
+        device,
+        progress=progress,
+        max_model_len=max_model_len,
+        cpu_kernels=config.model.cpu_kernels,
+        quantization=config.model.quantization,
     )
     tokenizer = load_tokenizer(Path(config.model.tokenizer) if config.model.tokenizer else model_dir)
 

@@ -20,7 +20,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from helix_server.errors import UnsupportedModelError
+from helix_server.config import QUANTIZATION_METHODS
+from helix_server.errors import ParameterError, UnsupportedModelError
+from helix_server.layers.cpu_kernels import load_cpu_kernels
+from helix_server.layers.int8_linear import Int8Linear, quantize_linear_layers
 from helix_server.layers.linear import bulk_float32_supported, cpu_packing_supported
 from helix_server.layers.panel_linear import panel_linear_supported
 from helix_server.models.gguf_checkpoint import GGUFCheckpoint, find_gguf_file
@@ -97,6 +100,7 @@ def load_model(
     max_model_len: int | None = None,
     pack_for_cpu: bool = True,
     cpu_kernels: bool = True,
+    quantization: str | None = None,
 ) -> nn.Module:
     """Build the registered model for `model_dir` on `device` in `dtype` and load its weights.
 
@@ -109,8 +113,17 @@ def load_model(
     activations, RoPE and attention then run helix's kernels too, see
     `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
     a bfloat16 model on a CPU without AMX computes its long prompt chunks in float32 (faster there).
+    `quantization="int8"` turns every projection and the LM head of a safetensors model into an
+    `Int8Linear` (see `helix_server.layers.int8_linear`), on helix's CPU kernel where it builds.
     """
+    check_quantization(quantization)
     gguf_file = find_gguf_file(model_dir)
+    if gguf_file is not None and quantization is not None:
+        raise ParameterError(
+            f"--quantization {quantization} applies to safetensors models; {gguf_file.name} is a GGUF "
+            "file, whose weights load in their own quantized format",
+            "quantization",
+        )
     gguf = GGUFCheckpoint(gguf_file) if gguf_file is not None else None
     hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)
@@ -138,6 +151,8 @@ def load_model(
     else:
         model.load_weights(iter_checkpoint(model_dir, files), progress=callback)
     model.build_rope_cache(device, dtype, max_model_len)
+    if quantization == "int8":
+        _quantize_int8(model)
     if pack_for_cpu:
         helix_kernels = cpu_kernels and panel_linear_supported(torch.device(device), dtype)
         if helix_kernels or cpu_packing_supported(torch.device(device), dtype):
@@ -150,4 +165,26 @@ def load_model(
             else:
                 kernels = "oneDNN's pre-packed linear layers"
             logger.info("%s on the CPU: %s", Path(model_dir).name, kernels)
+    if quantization == "int8" and cpu_kernels and torch.device(device).type == "cpu" and load_cpu_kernels():
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.use_cpu_kernels()
     return model
+
+
+def check_quantization(quantization: str | None) -> None:
+    """Raise `ParameterError` naming `quantization` unless it is None or one of `QUANTIZATION_METHODS`."""
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise ParameterError(
+            f"--quantization {quantization!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}",
+            "quantization",
+        )
+
+
+def _quantize_int8(model: nn.Module) -> None:
+    """Every projection and the LM head to `Int8Linear` (a tied LM head gets its own int8 copy of
+    the embedding matrix, with float32 logits; the embedding lookup stays float)."""
+    quantize_linear_layers(model.model)
+    head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    bias = None if model.lm_head is None else model.lm_head.bias
+    model.lm_head = Int8Linear(head, bias, float_out=True)
