@@ -370,3 +370,42 @@ def test_overload_is_529_streaming_or_not(timed_server):
         assert int(reply.headers["retry-after"]) >= 1
     assert waited < 10
     wait_until(lambda: engine_idle(timed_server), timeout=30, what="engine idle")
+
+
+def scrape_aborted(live) -> float:
+    text = httpx.get(live.url + "/metrics", timeout=10).text
+    (line,) = [
+        x for x in text.splitlines() if x.startswith('helix:request_success_total{finished_reason="abort"')
+    ]
+    return float(line.split()[-1])
+
+
+# A schema whose only value is 2000+ characters long: the answer can't end early (no EOS allowed).
+ENDLESS = {
+    "format": {
+        "type": "json_schema",
+        "schema": {
+            "type": "object",
+            "properties": {"a": {"type": "string", "minLength": 2000}},
+            "required": ["a"],
+        },
+    }
+}
+
+
+def test_client_disconnect_aborts_streaming_or_not(timed_server):
+    body = {"model": MODEL_NAME, "max_tokens": 3000, "messages": ASK, "output_config": ENDLESS}
+    before = scrape_aborted(timed_server)
+    with (
+        httpx.Client(base_url=timed_server.url, timeout=30) as client,
+        client.stream("POST", "/v1/messages", json={**body, "stream": True}) as response,
+    ):
+        lines = response.iter_lines()  # kept: a collected iterator closes the connection
+        assert next(lines) == "event: message_start"
+        wait_until(lambda: timed_server.engine.stats().num_requests_running == 1, what="request running")
+    wait_until(lambda: engine_idle(timed_server), timeout=10, what="idle after disconnect")
+    assert scrape_aborted(timed_server) == before + 1
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(timed_server.url + "/v1/messages", json=body, timeout=httpx.Timeout(30, read=0.5))
+    wait_until(lambda: engine_idle(timed_server), timeout=10, what="idle after disconnect")
+    assert scrape_aborted(timed_server) == before + 2

@@ -111,7 +111,7 @@ class MessagesService:
         blocks = ContentBlocks(self.tools)
         blocks.feed(seq.text, final=True)
         usage = MessageUsage(len(self.prompt_token_ids), len(seq.token_ids))
-        reason = stop_reason(seq.finish_reason, seq.stop_reason, blocks.has_calls)
+        reason = stop_reason(seq.finish_reason, seq.stop_reason, blocks.called_tools)
         return Response(content=self._message(blocks.content(), usage, reason), status_code=200)
 
     async def _events(self, generation: Generation) -> AsyncGenerator[bytes, None]:
@@ -131,7 +131,7 @@ class MessagesService:
                     for event in blocks.feed(seq.text, final=seq.finish_reason is not None):
                         yield named_event(event)
                     if seq.finish_reason is not None:
-                        reason = stop_reason(seq.finish_reason, seq.stop_reason, blocks.has_calls)
+                        reason = stop_reason(seq.finish_reason, seq.stop_reason, blocks.called_tools)
                         yield named_event(
                             MessageDelta(StopDelta(*reason), OutputUsage(counter.completion_tokens))
                         )

@@ -44,7 +44,7 @@ class ContentBlocks:
         self._json: dict[int, str] = {}  # tool_use block index -> its input's JSON text so far
 
     @property
-    def has_calls(self) -> bool:
+    def called_tools(self) -> bool:
         """Whether the answer holds a tool call."""
         return bool(self._json)
 
