@@ -22,6 +22,7 @@ from torch import nn
 
 from helix_server.config import QUANTIZATION_METHODS
 from helix_server.errors import ParameterError, UnsupportedModelError
+from helix_server.layers.attention.selector import describe_attention_backend, use_device_attention
 from helix_server.layers.cpu_kernels import load_cpu_kernels
 from helix_server.layers.int8_linear import Int8Linear, quantize_linear_layers
 from helix_server.layers.linear import bulk_float32_supported, cpu_packing_supported
@@ -169,6 +170,9 @@ def load_model(
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.use_cpu_kernels()
+    if torch.device(device).type != "cpu":
+        use_device_attention(model, device)
+        logger.info("%s on %s: %s", Path(model_dir).name, device, describe_attention_backend(device))
     return model
 
 
