@@ -6,6 +6,8 @@ The tiny random model writes no tool calls on its own, so tool use is asked for 
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import jsonschema
 import pytest
@@ -174,8 +176,6 @@ def test_two_turn_tool_loop(sdk, hf_tokenizer):
     )
     assert second.stop_reason in ("end_turn", "max_tokens", "tool_use")
     # The history reached the chat template as the OpenAI-style conversation it stands for.
-    import json
-
     openai_history = [
         *ASK,
         {
