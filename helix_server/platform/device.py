@@ -24,7 +24,7 @@ _DTYPE_ALIASES: dict[str, torch.dtype | None] = {
     "half": torch.float16,
 }
 
-_DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, directml, directml:N"
+_DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, xpu, xpu:N, directml, directml:N"
 
 
 def _import_directml() -> Any | None:
@@ -36,6 +36,12 @@ def _import_directml() -> Any | None:
     return torch_directml
 
 
+def _xpu_available() -> bool:
+    """Whether this torch build sees an Intel XPU (`torch.xpu`, torch >= 2.4)."""
+    xpu = getattr(torch, "xpu", None)
+    return xpu is not None and xpu.is_available()
+
+
 def is_directml(device: torch.device) -> bool:
     """True for a DirectML device (torch's `privateuseone` type)."""
     return device.type == "privateuseone"
@@ -44,13 +50,16 @@ def is_directml(device: torch.device) -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     """The torch device for `--device`: auto | cpu | cuda | cuda:N | directml | directml:N.
 
-    `auto` picks CUDA when available, else DirectML when `torch_directml` imports, else the CPU.
+    `auto` picks CUDA (NVIDIA, or AMD through ROCm builds) when available, else an Intel XPU, else
+    DirectML when `torch_directml` imports, else the CPU.
     Asking for a device that is not available raises `ParameterError` (param "device").
     """
     spec = name.strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
+        if _xpu_available():
+            return torch.device("xpu", torch.xpu.current_device())
         dml = _import_directml()
         if dml is not None and dml.is_available():
             return dml.device(dml.default_device())
@@ -77,6 +86,16 @@ def resolve_device(name: str = "auto") -> torch.device:
                 param="device",
             )
         return torch.device("cuda", index)
+    if kind == "xpu":
+        if not _xpu_available():
+            raise ParameterError(f"device {name!r} requested but torch sees no Intel XPU", param="device")
+        index = torch.xpu.current_device() if index is None else index
+        if index >= torch.xpu.device_count():
+            raise ParameterError(
+                f"device {name!r} requested but only {torch.xpu.device_count()} XPU device(s) exist",
+                param="device",
+            )
+        return torch.device("xpu", index)
     if kind in ("directml", "dml"):
         dml = _import_directml()
         if dml is None or not dml.is_available():
@@ -198,7 +217,10 @@ def device_description(device: torch.device) -> str:
     """A one-line human description of `device` for start-up logs and /health."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name} (CUDA {torch.version.cuda}, {props.total_memory / 2**30:.1f} GiB)"
+        runtime = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+        return f"{props.name} ({runtime}, {props.total_memory / 2**30:.1f} GiB)"
+    if device.type == "xpu":
+        return f"{torch.xpu.get_device_name(device)} (Intel XPU {device.index or 0})"
     if is_directml(device):
         dml = _import_directml()
         index = device.index or 0

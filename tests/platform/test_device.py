@@ -130,3 +130,22 @@ def test_unavailable_directml_is_a_clear_error():
 def test_cpu_memory_and_description():
     assert free_device_memory(CPU) is None
     assert device_description(CPU).startswith("CPU (")
+
+
+def test_unavailable_xpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    with pytest.raises(ParameterError, match="no Intel XPU") as info:
+        resolve_device("xpu")
+    assert info.value.param == "device"
+
+
+def test_auto_picks_an_xpu_after_cuda_and_xpu_n_is_checked(monkeypatch):
+    """Intel XPUs that torch exposes are selectable (they run the portable attention path)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(torch.xpu, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("xpu", 0)
+    assert resolve_device("xpu:1") == torch.device("xpu", 1)
+    with pytest.raises(ParameterError, match="only 2 XPU"):
+        resolve_device("xpu:2")
