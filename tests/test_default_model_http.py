@@ -1,4 +1,4 @@
-"""`helix-server serve` with no model: the shipped pair over HTTP completes Python.
+"""`helix-server serve --model helix-pycoder-tiny`: the shipped pair over HTTP completes Python.
 
 A real server process (the command a user runs), greedy decoding. The Python check is also run on a
 random-weight model with the same tokenizer, where it must fail: it tells trained output apart.
@@ -6,13 +6,7 @@ random-weight model with the same tokenizer, where it must fail: it tells traine
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,48 +15,17 @@ import pytest
 from helix_server import LLM, SamplingParams
 from helix_server.default_model import DEFAULT_SERVED_MODEL_NAME, default_target_dir
 from tests.fixtures.python_text import looks_like_python
+from tests.fixtures.serve_process import serve_process
 
 PROMPT = "def fibonacci(n):"
 MAX_TOKENS = 64
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url():
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "helix_server", "serve", "--port", str(port), "--dtype", "float32",
-         "--num-kv-blocks", "256", "--log-level", "warning"],
-        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("server not ready after 90 s")
-            time.sleep(0.2)
+    with serve_process("--model", DEFAULT_SERVED_MODEL_NAME, "--dtype", "float32", "--num-kv-blocks", "256",
+                       "--log-level", "warning", ready_timeout=90) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_fibonacci_completion_over_http_looks_like_python(server_url: str) -> None:

@@ -1,9 +1,11 @@
-"""The trained default model that ships with the package, and how a config without a model uses it.
+"""helix-pycoder-tiny: the tiny trained pair that ships with the package, and how a config serves it.
 
 `weights/target` is a small Llama trained by the project (`helix-server train-default`) on the
 Python standard library's source; `weights/draft` is a much smaller model with the same tokenizer,
 distilled on the target, used as speculative decoding's proposer. Both are plain Hugging Face
-directories. Each holds `MANIFEST_FILE`, which records how it was trained and evaluated.
+directories. Each holds `MANIFEST_FILE`, which records how it was trained and evaluated. The pair is
+the test suite's fast real model and a named option (`--model helix-pycoder-tiny`); the model served
+without `--model` is SmolLM2-135M-Instruct (`helix_server.default_model.choice`).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ def default_draft_dir() -> Path:
 
 
 def ensure_default_model() -> Path:
-    """The shipped target model's directory; `FileNotFoundError` if the package lacks it."""
+    """helix-pycoder-tiny's (the shipped target's) directory; `FileNotFoundError` if the package lacks it."""
     target = default_target_dir()
     missing = [name for name in _REQUIRED_FILES if not (target / name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"the embedded default model is missing from {target} ({', '.join(missing)}); reinstall "
+            f"helix-pycoder-tiny is missing from {target} ({', '.join(missing)}); reinstall "
             "helix-server, pass --model DIR, or train it with `helix-server train-default --output "
             f"{WEIGHTS_DIR}`."
         )
@@ -49,18 +51,16 @@ def read_manifest(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
 
 
-def with_default_model(config: EngineConfig) -> EngineConfig:
-    """`config`, or, when it names no model, `config` set up for the shipped pair.
+def with_pycoder_tiny(config: EngineConfig) -> EngineConfig:
+    """`config` set up to serve the shipped pair (`--model helix-pycoder-tiny`).
 
     The target becomes the model (served as `DEFAULT_SERVED_MODEL_NAME` unless a name is set) and,
     unless speculative decoding was configured (a method, `none` included, or a draft model), the
     shipped draft becomes its proposer, with the configured `num_speculative_tokens` or, when none
     is set, "auto": the pair is so small that the draft costs a third of a target step, so fixed
     depths only pay off one request at a time (measured in docs/default-model.md), and "auto" backs
-    off under load. A config that names a model is returned unchanged.
+    off under load.
     """
-    if config.model.model:
-        return config
     model = msgspec.structs.replace(
         config.model,
         model=str(ensure_default_model()),

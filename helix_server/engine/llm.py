@@ -28,8 +28,8 @@ class LLM:
     `max_num_batched_tokens`, `max_num_seqs`, `max_n`, `tokenizer`, and speculative decoding's
     `speculative_method`, `draft_model`, `num_speculative_tokens` (an int or "auto"),
     `max_speculative_tokens`, `ngram_min`, `ngram_max`, `draft_layers`. `model=None` loads the
-    embedded default model, with its draft model as speculative proposer unless speculative
-    decoding is configured (`speculative_method="none"` turns it off).
+    default model, SmolLM2-135M-Instruct (`"helix-pycoder-tiny"`: the tiny pair that ships inside
+    helix, with its draft model as speculative proposer unless speculative decoding is configured).
     """
 
     def __init__(self, model: str | None = None, **settings) -> None:

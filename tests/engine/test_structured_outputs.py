@@ -120,8 +120,8 @@ def test_mask_is_per_row_and_free_rows_are_untouched():
 
 
 def test_embedded_default_model_with_its_draft_model():
-    """The embedded model's own tokenizer works with the grammar backend, speculation on or off."""
-    llm = LLM()
+    """helix-pycoder-tiny's own tokenizer works with the grammar backend, speculation on or off."""
+    llm = LLM("helix-pycoder-tiny")
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     spec = StructuredOutputSpec("json", json.dumps({**schema, "additionalProperties": False}))
     texts = []
