@@ -312,6 +312,8 @@ def test_x_api_key_and_bearer(secured):
         post(secured, headers={"x-api-key": KEY + "x"}, **body), 401, "authentication_error"
     )
     assert post(secured, headers={"x-api-key": KEY}, **body).status_code == 200
+    # Claude Code's form: a beta query flag and beta headers.
+    assert post(secured, "/v1/messages?beta=true", headers={"x-api-key": KEY}, **body).status_code == 200
     assert post(secured, headers={"Authorization": f"Bearer {KEY}"}, **body).status_code == 200
     # The OpenAI routes take x-api-key too, and keep their own envelope for a wrong key.
     chat = {"model": MODEL_NAME, "messages": ASK, "max_tokens": 2}
