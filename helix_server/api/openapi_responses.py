@@ -33,6 +33,10 @@ UNAVAILABLE = (
 RETRY_AFTER = {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
 WWW_AUTHENTICATE = {"description": "`Bearer`.", "schema": {"type": "string"}}
 SSE_DESCRIPTION = "With `stream: true`: server-sent events, `data: {chunk}` ... then `data: [DONE]`."
+EVENTS_DESCRIPTION = (
+    "With `stream: true`: server-sent events, `event: <type>` / `data: {event}` pairs (no `[DONE]`)."
+)
+RESPONSE_NOT_FOUND = "No stored response has this id (`response_not_found`)."
 
 # Errors particular to one operation, beyond the rules in `_errors_for`.
 EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
@@ -40,6 +44,11 @@ EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
     ("/generate/stream", "get"): {"400": BAD_REQUEST},
     ("/health", "get"): {"503": "The engine loop is dead or stuck (the body also carries the details)."},
     ("/ready", "get"): {"503": "Warming up, shutting down, or the engine loop is not running."},
+    ("/v1/responses", "post"): {
+        "404": "`previous_response_id` names no stored response, or an unknown model."
+    },
+    ("/v1/responses/{response_id}", "get"): {"404": RESPONSE_NOT_FOUND},
+    ("/v1/responses/{response_id}", "delete"): {"404": RESPONSE_NOT_FOUND},
 }
 EXTRA_ERRORS.update({(path, "head"): errors for (path, method), errors in list(EXTRA_ERRORS.items())})
 
@@ -47,6 +56,7 @@ EXTRA_ERRORS.update({(path, "head"): errors for (path, method), errors in list(E
 STREAMS: dict[tuple[str, str], str] = {
     ("/v1/completions", "post"): "json+sse",
     ("/v1/chat/completions", "post"): "json+sse",
+    ("/v1/responses", "post"): "json+events",
     ("/generate/stream", "get"): "sse",
     ("/generate/stream", "post"): "sse",
 }
@@ -128,9 +138,9 @@ def _document_success(key: tuple[str, str], responses: dict[str, Any]) -> None:
     if stream == "sse":
         ok["content"] = event_stream
         ok["description"] = "Server-sent events."
-    elif stream == "json+sse":
+    elif stream in ("json+sse", "json+events"):
         ok["content"] = {**ok.get("content", {"application/json": {}}), **event_stream}
-        ok["description"] = f"JSON; {SSE_DESCRIPTION}"
+        ok["description"] = f"JSON; {SSE_DESCRIPTION if stream == 'json+sse' else EVENTS_DESCRIPTION}"
     elif key in PLAIN_TEXT:
         ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
         ok["description"] = "Prometheus text exposition format (version 0.0.4)."

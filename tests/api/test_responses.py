@@ -8,11 +8,15 @@ model can't choose tools on its own, so `required` / named `tool_choice` (a gram
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
+from transformers import AutoTokenizer
 
 from tests.api.conftest import MODEL_NAME, assert_error, engine_idle, start_live_server, wait_until
 
@@ -45,6 +49,22 @@ def server(long_model_dir):
 @pytest.fixture(scope="module")
 def sdk(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(long_model_dir):
+    return AutoTokenizer.from_pretrained(str(long_model_dir))
+
+
+def template_ids(hf_tokenizer, messages: list[dict], tools: list[dict]) -> list[int]:
+    """transformers' own rendering of chat `messages` with the Responses `tools` in chat form."""
+    chat_tools = [
+        {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in tools
+    ]
+    text = hf_tokenizer.apply_chat_template(
+        messages, tools=chat_tools, add_generation_prompt=True, tokenize=False
+    )
+    return hf_tokenizer.encode(text, add_special_tokens=False)
 
 
 def post(server, **body) -> httpx.Response:
@@ -111,7 +131,18 @@ def test_json_schema_format_create_and_stream(sdk):
     jsonschema.validate(json.loads(final.output_text), FORECAST)
 
 
-def test_forced_tool_call_and_a_two_turn_loop(sdk):
+def test_parse_with_a_pydantic_model(sdk):
+    class Forecast(BaseModel):
+        city: str = Field(max_length=10)
+        sky: Literal["sunny", "rainy"]
+
+    response = sdk.responses.parse(
+        model=MODEL_NAME, input="Weather in Oslo?", text_format=Forecast, max_output_tokens=120
+    )
+    assert isinstance(response.output_parsed, Forecast)
+
+
+def test_forced_tool_call_and_a_two_turn_loop(sdk, hf_tokenizer):
     first = sdk.responses.create(
         model=MODEL_NAME,
         input=[{"role": "user", "content": "What time is it in UTC?"}],
@@ -129,12 +160,7 @@ def test_forced_tool_call_and_a_two_turn_loop(sdk):
         model=MODEL_NAME,
         input=[
             {"role": "user", "content": "What time is it in UTC?"},
-            {
-                "type": "function_call",
-                "call_id": call.call_id,
-                "name": call.name,
-                "arguments": call.arguments,
-            },
+            call.model_dump(exclude_none=True),  # the output item as it came
             {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"},
         ],
         tools=[GET_TIME],
@@ -142,7 +168,23 @@ def test_forced_tool_call_and_a_two_turn_loop(sdk):
         temperature=0,
     )
     assert second.output and second.output[0].type == "message"
-    assert second.usage.input_tokens > first.usage.input_tokens
+    # The prompt is the chat template's rendering of the same conversation and tools.
+    history = [
+        {"role": "user", "content": "What time is it in UTC?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.call_id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.call_id, "content": "12:00"},
+    ]
+    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
 
 
 def test_streamed_tool_call_matches_the_final_response(sdk):
@@ -312,3 +354,36 @@ def test_store_disabled(long_model_dir):
         assert_error(post(live, input="x", previous_response_id=response["id"]), 404, "previous_response_id")
     finally:
         live.stop()
+
+
+def test_openapi_documents_the_routes(server):
+    schema = httpx.get(server.url + "/docs/openapi.json").json()
+    create = schema["paths"]["/v1/responses"]["post"]
+    assert "text/event-stream" in create["responses"]["200"]["content"]
+    assert "input" in create["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    stored = schema["paths"]["/v1/responses/{response_id}"]
+    assert {"get", "delete"} <= set(stored) and "404" in stored["get"]["responses"]
+
+
+def aborted(server) -> float:
+    """The server's count of aborted requests, from /metrics."""
+    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "helix:request_success_total" and sample.labels["finished_reason"] == "abort":
+                return sample.value
+    return 0.0
+
+
+def test_a_client_that_leaves_a_stream_aborts_the_request(server):
+    before = aborted(server)
+    body = {"model": MODEL_NAME, "input": "x", "stream": True, "max_output_tokens": 3000, "ignore_eos": True}
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", server.v1 + "/responses", json=body) as response,
+    ):
+        lines = response.iter_lines()  # keep a reference: a collected iterator closes the connection
+        assert next(lines) == "event: response.created"
+        wait_until(lambda: server.engine.stats().num_requests_running == 1, what="request running")
+    wait_until(lambda: engine_idle(server), timeout=10, what="idle after the client left")
+    assert aborted(server) == before + 1
+    assert post(server, input="x", max_output_tokens=1).status_code == 200
