@@ -69,9 +69,15 @@ def openai_tools() -> list[dict]:
     ]
 
 
-def template_ids(hf_tokenizer, messages, tools=None) -> list[int]:
+def template_ids(hf_tokenizer, messages, tools=None, prefill: bool = False) -> list[int]:
     """transformers' own rendering of OpenAI-style `messages`, tokenized."""
-    text = hf_tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    text = hf_tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        add_generation_prompt=not prefill,
+        continue_final_message=prefill,
+        tokenize=False,
+    )
     return hf_tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -113,6 +119,16 @@ def test_stop_sequence(sdk):
     )
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
     assert stopped.content[0].text == text[: text.find(stop)]
+
+
+def test_prefill_continues_the_last_assistant_message(sdk, hf_tokenizer):
+    prefilled = [*ASK, {"role": "assistant", "content": "The answer is ("}]
+    message = sdk.messages.create(
+        model=MODEL_NAME, max_tokens=4, messages=prefilled, extra_body={"temperature": 0}
+    )
+    assert message.usage.input_tokens == len(template_ids(hf_tokenizer, prefilled, prefill=True))
+    answered = template_ids(hf_tokenizer, prefilled)
+    assert message.usage.input_tokens != len(answered)
 
 
 def schema_of(name: str) -> dict:

@@ -53,7 +53,15 @@ async def render(
     tools = ToolCalling.from_request(
         chat, server.tool_call_parser, server.enable_auto_tool_choice, tokenizer.hf.chat_template
     )
-    prompt = await chat_prompt(chat.messages, tokenizer, tools=tools.tools if tools is not None else None)
+    # Prefill: a last assistant message is continued, not answered (the reply holds only the new text).
+    prefill = body.messages[-1].role == "assistant"
+    prompt = await chat_prompt(
+        chat.messages,
+        tokenizer,
+        add_generation_prompt=not prefill,
+        continue_final_message=prefill,
+        tools=tools.tools if tools is not None else None,
+    )
     return chat, prompt, tools
 
 
