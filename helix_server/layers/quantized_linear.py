@@ -19,9 +19,11 @@ row r, input features in order, each block in ggml's own struct layout, little-e
 
 Dequantization here matches `gguf.quants.dequantize` bitwise (same float32 operations in the same
 order). `QuantizedLinear` computes y = x W^T on the CPU, after `use_cpu_kernels()`, with helix's
-AVX-512 kernel for Q8_0, Q4_0 and Q4_1 segments (`cpu_kernels/quant_gemm.cpp`: it reads the packed
-blocks directly, each weight dequantized as gguf does, and a row's result never depends on the
-other rows of the batch); the other segments, and other devices, take the portable path:
+AVX-512 kernels for every block type (`cpu_kernels/quant_gemm.cpp`: Q8_0, Q4_0, Q4_1;
+`cpu_kernels/quant_gemm_k.cpp`: Q4_K, Q5_K, Q6_K: they read the packed blocks directly, each weight
+dequantized to the same float32 bits as here, and a row's result never depends on the other rows
+of the batch); float segments (F32/F16/BF16 shards fused with quantized ones), and other devices,
+take the portable path:
 dequantizing a chunk of output rows at a time (never the whole float weight at once) and
 multiplying in float32 with torch, whose rows' last bits can change with the batch size.
 """
@@ -132,8 +134,16 @@ def _dequant_bf16(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
-# The block types `helix::quant_linear` reads, and its code for each.
-NATIVE_TYPE_CODES = {GGMLQuantizationType.Q8_0: 0, GGMLQuantizationType.Q4_0: 1, GGMLQuantizationType.Q4_1: 2}
+# The block types helix's CPU kernels read: the op (`quant_gemm.cpp`'s `quant_linear` for 32-weight
+# blocks, `quant_gemm_k.cpp`'s `quant_linear_k` for 256-weight super-blocks) and its code for each.
+NATIVE_KERNELS = {
+    GGMLQuantizationType.Q8_0: ("quant_linear", 0),
+    GGMLQuantizationType.Q4_0: ("quant_linear", 1),
+    GGMLQuantizationType.Q4_1: ("quant_linear", 2),
+    GGMLQuantizationType.Q4_K: ("quant_linear_k", 0),
+    GGMLQuantizationType.Q5_K: ("quant_linear_k", 1),
+    GGMLQuantizationType.Q6_K: ("quant_linear_k", 2),
+}
 
 _DEQUANT = {
     GGMLQuantizationType.Q8_0: _dequant_q8_0,
@@ -213,8 +223,8 @@ class QuantizedLinear(nn.Module):
         self.native = False  # `use_cpu_kernels`: native-kernel segments run `helix::quant_linear`
 
     def use_cpu_kernels(self) -> None:
-        """Run the segments helix's CPU kernel reads (Q8_0, Q4_0, Q4_1) on it (CPU tensors, after
-        `load_cpu_kernels()` returned True)."""
+        """Run the segments helix's CPU kernels read (`NATIVE_KERNELS`: every block type) on them
+        (CPU tensors, after `load_cpu_kernels()` returned True)."""
         self.native = True
 
     def segments(self) -> list[tuple[GGMLQuantizationType, torch.Tensor]]:
@@ -230,9 +240,10 @@ class QuantizedLinear(nn.Module):
         chunk_rows = max(1, CHUNK_WEIGHTS // self.in_features)
         parts: list[torch.Tensor] = []
         for qtype, packed in self.segments():
-            code = NATIVE_TYPE_CODES.get(qtype) if self.native else None
-            if code is not None:
-                parts.append(torch.ops.helix.quant_linear(x32, packed, code, packed.shape[0]))  # [T, rows]
+            kernel = NATIVE_KERNELS.get(qtype) if self.native else None
+            if kernel is not None:
+                op, code = kernel
+                parts.append(getattr(torch.ops.helix, op)(x32, packed, code, packed.shape[0]))  # [T, rows]
                 continue
             for start in range(0, packed.shape[0], chunk_rows):
                 weight = dequantize_rows(packed[start : start + chunk_rows], qtype)  # [rows, in] f32

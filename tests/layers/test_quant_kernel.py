@@ -1,5 +1,6 @@
-"""helix's AVX-512 kernel over GGUF's packed blocks (`helix::quant_linear`, `cpu_kernels/quant_gemm.cpp`)
-against gguf's own dequantization."""
+"""helix's AVX-512 kernels over GGUF's packed blocks (`helix::quant_linear`, `cpu_kernels/quant_gemm.cpp`:
+Q8_0, Q4_0, Q4_1; `helix::quant_linear_k`, `cpu_kernels/quant_gemm_k.cpp`: Q4_K, Q5_K, Q6_K) against
+gguf's own dequantization and the portable path's (`dequantize_rows`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
+from helix_server.layers.quantized_linear import NATIVE_KERNELS, dequantize_rows
+from tests.fixtures.gguf_files import random_k_blocks
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (a dependency) writes and reads the blocks")
 
@@ -15,24 +18,29 @@ pytestmark = pytest.mark.skipif(
     not cpu_kernels_supported(), reason="helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler"
 )
 
-# The op's quantization type codes.
-TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}
+TYPES = [qtype.name for qtype in NATIVE_KERNELS]
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256 weights (the others: blocks of 32)
 
 
 def packed(weight: np.ndarray, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 [N, K] -> (raw blocks uint8 [N, bytes per row], gguf's dequantized float32 [N, K])."""
+    """float32 [N, K] -> (raw blocks uint8 [N, bytes per row], gguf's dequantized float32 [N, K]).
+    K-quant blocks (which gguf's Python package does not quantize) are random, with small scales."""
     qtype = getattr(gguf.GGMLQuantizationType, name)
-    raw = gguf.quants.quantize(weight, qtype)  # uint8 [N, bytes per row]
+    if name in K_TYPES:
+        raw = random_k_blocks(weight.shape, qtype, seed=int(weight.shape[0]))
+    else:
+        raw = gguf.quants.quantize(weight, qtype)  # uint8 [N, bytes per row]
     return torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(gguf.quants.dequantize(raw, qtype))
 
 
 def quant_linear(x: torch.Tensor, raw: torch.Tensor, name: str) -> torch.Tensor:
+    op, code = NATIVE_KERNELS[getattr(gguf.GGMLQuantizationType, name)]
     with torch.inference_mode():
-        return torch.ops.helix.quant_linear(x, raw, TYPES[name], raw.shape[0])
+        return getattr(torch.ops.helix, op)(x, raw, code, raw.shape[0])
 
 
-@pytest.mark.parametrize("name", list(TYPES))
-@pytest.mark.parametrize("shape", [(40, 64), (576, 1536), (37, 96)])
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("shape", [(40, 256), (576, 1536), (37, 512)])
 def test_quant_linear_matches_gguf_dequantization(name, shape):
     assert load_cpu_kernels()
     rng = np.random.default_rng(0)
@@ -47,12 +55,28 @@ def test_quant_linear_matches_gguf_dequantization(name, shape):
     assert ((got.double() - reference).abs() <= tolerance + 1e-30).all()
 
 
-@pytest.mark.parametrize("name", list(TYPES))
+@pytest.mark.parametrize("name", TYPES)
+def test_the_kernel_dequantizes_every_weight_to_the_portable_paths_bits(name):
+    """x = the identity: each output is one weight times 1 plus zeros, so y = W^T exactly, as the
+    kernel dequantized it; it must be `dequantize_rows`' float32 (and gguf's) bit for bit, but for
+    the sign of zero weights (a sum of zeros is +0)."""
+    assert load_cpu_kernels()
+    raw, from_gguf = packed(np.random.default_rng(2).standard_normal((24, 512)).astype(np.float32), name)
+    qtype = getattr(gguf.GGMLQuantizationType, name)
+    portable = dequantize_rows(raw, qtype)  # [24, 512]
+    assert torch.equal(portable, from_gguf) and portable.abs().max().item() > 0
+    got = quant_linear(torch.eye(512), raw, name)  # [512, 24]
+    nonzero = portable != 0
+    assert torch.equal(got.T[nonzero].view(torch.int32), portable[nonzero].view(torch.int32))
+    assert not got.T[~nonzero].any()
+
+
+@pytest.mark.parametrize("name", TYPES)
 def test_a_rows_result_is_bitwise_the_same_in_any_batch_and_thread_count(name):
     assert load_cpu_kernels()
     rng = np.random.default_rng(1)
-    raw, _ = packed(rng.standard_normal((300, 256)).astype(np.float32), name)
-    x = torch.from_numpy(rng.standard_normal((21, 256)).astype(np.float32))
+    raw, _ = packed(rng.standard_normal((300, 512)).astype(np.float32), name)
+    x = torch.from_numpy(rng.standard_normal((21, 512)).astype(np.float32))
     together = quant_linear(x, raw, name)
     for rows in (1, 2, 5, 8, 9, 16):
         assert torch.equal(quant_linear(x[:rows], raw, name), together[:rows]), rows
@@ -76,3 +100,14 @@ def test_bad_operands_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="float32"):
         quant_linear(torch.zeros(1, 32, dtype=torch.float64), raw, "Q4_0")
 
+
+
+def test_bad_k_quant_operands_are_refused_with_a_message():
+    assert load_cpu_kernels()
+    raw = torch.zeros(4, 144, dtype=torch.uint8)  # one Q4_K super-block per row: 256 inputs
+    with pytest.raises(RuntimeError, match="not a multiple of 256"):
+        quant_linear(torch.zeros(1, 128), raw, "Q4_K")
+    with pytest.raises(RuntimeError, match=r"weight must be contiguous uint8 \[4, 210\]"):
+        quant_linear(torch.zeros(1, 256), raw, "Q6_K")  # Q6_K super-blocks are 210 bytes
+    with pytest.raises(RuntimeError, match="unknown quantization type"):
+        torch.ops.helix.quant_linear_k(torch.zeros(1, 256), raw, 3, 4)

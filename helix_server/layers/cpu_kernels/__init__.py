@@ -16,7 +16,8 @@ Ops: `helix::panel_linear` (`panel_gemm.cpp`) and `amx_linear` / `amx_supported`
 bfloat16 on AMX), used by `helix_server.layers.panel_linear`;
 `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `store_kv_` (`fused_ops.cpp`) and
 `paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`; `quant_linear`
-(`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks), used by `helix_server.layers.quantized_linear`;
+(`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks) and `quant_linear_k` (`quant_gemm_k.cpp`: Q4_K, Q5_K,
+Q6_K super-blocks), used by `helix_server.layers.quantized_linear`;
 `int8_linear` (`quant_gemm_int8.cpp`: int8 weights, a scale per output row), used by
 `helix_server.layers.int8_linear`.
 """
@@ -47,7 +48,13 @@ _HERE = Path(__file__).parent
 SOURCES = tuple(
     _HERE / name
     for name in (
-        "panel_gemm.cpp", "amx_linear.cpp", "fused_ops.cpp", "paged_attention.cpp", "quant_gemm.cpp", "quant_gemm_int8.cpp"
+        "panel_gemm.cpp",
+        "amx_linear.cpp",
+        "fused_ops.cpp",
+        "paged_attention.cpp",
+        "quant_gemm.cpp",
+        "quant_gemm_k.cpp",
+        "quant_gemm_int8.cpp",
     )
 )
 HEADERS = (_HERE / "vec_math.h",)
