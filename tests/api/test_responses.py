@@ -270,6 +270,44 @@ def test_sse_bytes_text_then_tool_call(server):
     assert b"tool_call>" not in raw.content
 
 
+def test_a_codex_style_request(server):
+    """The shape of Codex CLI's requests: instructions, input_text parts, a function tool with
+    `strict`, tool_choice auto, store false, include, prompt_cache_key, client_metadata; streamed."""
+    shell = {
+        "type": "function",
+        "name": "shell",
+        "description": "Runs a shell command.",
+        "strict": False,
+        "parameters": {
+            "type": "object",
+            "properties": {"command": {"type": "array", "items": {"type": "string"}}},
+        },
+    }
+    body = {
+        "model": MODEL_NAME,
+        "instructions": "You are a coding agent.",
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List files."}]}
+        ],
+        "tools": [shell],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "reasoning": None,
+        "store": False,
+        "stream": True,
+        "include": [],
+        "prompt_cache_key": "thread-1",
+        "client_metadata": {"originator": "codex_cli_rs"},
+        "text": {"verbosity": "medium"},
+        "max_output_tokens": 8,
+    }
+    raw = httpx.post(server.v1 + "/responses", json=body, timeout=60)
+    assert raw.status_code == 200, raw.text
+    events = read_events(raw.content)
+    assert events[0][0] == "response.created" and events[-1][0] == "response.incomplete"
+    assert events[-1][1]["response"]["store"] is False
+
+
 def test_store_previous_response_id_get_and_delete(server, sdk):
     first = sdk.responses.create(model=MODEL_NAME, input="def add(a, b):", max_output_tokens=4, temperature=0)
     assert first.store is True

@@ -34,6 +34,8 @@ class ResponsesRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True)
     reasoning: dict[str, Any] | None = None
     max_tool_calls: int | None = None
     prompt_cache_retention: str | None = None
+    # Codex CLI's request tags; they change nothing.
+    client_metadata: dict[str, str] | None = None
     # Not supported: refused when set.
     background: bool | None = None
     conversation: Any | None = None

@@ -66,8 +66,8 @@ def text_format_spec(text: dict[str, Any] | None) -> StructuredOutputSpec | None
     extra = sorted(set(text) - {"format", "verbosity"})
     if extra:
         raise bad_request(f"Unrecognized field of text: {extra[0]}", f"text.{extra[0]}")
-    if text.get("verbosity") is not None:
-        reject("text.verbosity")
+    if text.get("verbosity") not in (None, "medium"):  # medium, OpenAI's default, asks for nothing
+        reject("text.verbosity", f"text.verbosity {text['verbosity']!r}")
     fmt = text.get("format")
     if fmt is None:
         return None
