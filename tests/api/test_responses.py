@@ -223,18 +223,15 @@ def test_sse_bytes_text_then_tool_call(server):
     """A grammar makes the model write text then a Hermes call (tool_choice auto parses it): one
     message item, then one function_call item, each opened and closed in OpenAI's order."""
     written = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
-    raw = httpx.post(
-        server.v1 + "/responses",
-        json={
-            "model": MODEL_NAME,
-            "input": "Time?",
-            "tools": [GET_TIME],
-            "stream": True,
-            "max_output_tokens": 200,
-            "structured_outputs": {"grammar": f"start: {json.dumps(written)}\n"},
-        },
-        timeout=60,
-    )
+    body = {
+        "model": MODEL_NAME,
+        "input": "Time?",
+        "tools": [GET_TIME],
+        "stream": True,
+        "max_output_tokens": 200,
+        "structured_outputs": {"grammar": f"start: {json.dumps(written)}\n"},
+    }
+    raw = httpx.post(server.v1 + "/responses", json=body, timeout=60)
     assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
     events = read_events(raw.content)
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
@@ -268,6 +265,11 @@ def test_sse_bytes_text_then_tool_call(server):
     assert (call["type"], call["name"], call["arguments"]) == ("function_call", "get_time", '{"zone": "CET"}')
     assert final["usage"]["output_tokens"] > 0
     assert b"tool_call>" not in raw.content
+    # The whole (non-streamed) answer is the same parse.
+    whole = post(server, **{k: v for k, v in body.items() if k not in ("model", "stream")}).json()
+    assert [(i["type"], i.get("content"), i.get("arguments")) for i in whole["output"]] == [
+        (i["type"], i.get("content"), i.get("arguments")) for i in final["output"]
+    ]
 
 
 def test_a_codex_style_request(server):
