@@ -1,22 +1,36 @@
-"""Correctness and speed of helix on an accelerator (CUDA), in one short run.
+"""Correctness and speed of helix on an accelerator, in one run that writes one JSON file.
 
-1. For every supported architecture (tiny seeded models): greedy generation through the whole engine
-   on the device equals transformers `generate` on the same device (float32, TF32 off), and prompt
-   logprobs match transformers' log-softmax.
-2. Batch invariance on the device: 16 staggered requests on a KV pool small enough to force
-   preemption give each request exactly its solo output.
-3. Throughput of the 125M benchmark model (bench_models.py) in bfloat16: helix vs transformers
-   `generate` (one at a time and as one padded batch), same workload as bench/throughput.py.
+Correctness
+  1. every supported architecture (tiny seeded models, float32, TF32 off): greedy generation through
+     the whole engine on the device equals transformers `generate` on the same device, and prompt
+     logprobs match transformers' log-softmax;
+  2. batch invariance: 16 staggered requests on a KV pool small enough to force preemption give
+     each request exactly its solo output;
+  3. speculative equality: greedy with a draft model equals greedy without it (in the speed
+     section's dtype, at batch 1 and 16).
+Speed (a TinyLlama-1.1B-shaped Llama with random weights, bfloat16 on a GPU)
+  4. the device's memory bandwidth, from timed copies of a large buffer;
+  5. batch-1 decode: seconds per token against the bandwidth bound (the bytes a step streams:
+     every weight but the embedding table, plus the KV cache it reads);
+  6. 64 concurrent requests through helix against transformers `generate` on them as one static
+     left-padded batch (requested tokens only);
+  7. speculative decoding with a 2-layer draft (the target's first layers), 4 drafts per step, at
+     batch 1 and 16.
 
-    python bench/device_check.py [--device cuda] [--out results.json]
+    python bench/device_check.py --device cuda --out device_check.json      # on a GPU: everything
+    python bench/device_check.py --device cpu --tiny --out /tmp/check.json  # a small smoke run
+
+`--tiny` shrinks every model and workload so that the whole script runs on a CPU in minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -28,14 +42,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_models import bench_model_dir  # noqa: E402
-from throughput import make_workload, run_hf_one_at_a_time, run_hf_padded_batch  # noqa: E402
+from device_models import TINY_SHAPE, TINYLLAMA_SHAPE, random_llama_pair, weight_bytes
 
-from helix_server import LLM, SamplingParams  # noqa: E402
-from helix_server.default_model import build_bpe_tokenizer, default_corpus  # noqa: E402
-from helix_server.engine.core import EngineCore  # noqa: E402
-from helix_server.engine.llm import engine_config_from_settings  # noqa: E402
-from tests.fixtures.tiny_models import ARCH_PRESETS, make_tiny_model  # noqa: E402
+from helix_server import LLM, SamplingParams
+from helix_server.default_model import build_bpe_tokenizer, default_corpus
+from helix_server.engine.core import EngineCore
+from helix_server.engine.llm import engine_config_from_settings
+from tests.fixtures.tiny_models import ARCH_PRESETS, make_tiny_model
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def release(*objects) -> None:
+    """Drop engines and models before the next one loads (the GPU holds one at a time)."""
+    del objects
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
 
 
 def tiny_model(root: Path, tokenizer_dir: Path, arch: str) -> Path:
@@ -46,12 +76,12 @@ def tiny_model(root: Path, tokenizer_dir: Path, arch: str) -> Path:
     return out
 
 
-def check_architectures(root: Path, device: str) -> dict:
+def check_architectures(root: Path, tokenizer_dir: Path, device: str, tiny: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
-    tokenizer_dir = build_bpe_tokenizer(root / "tokenizer", vocab_size=512, corpus=default_corpus(200_000))
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(3, 60))] for _ in range(5)]
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(3, 60))] for _ in range(2 if tiny else 5)]
+    max_tokens = 8 if tiny else 24
     results = {}
     for arch in ARCH_PRESETS:
         model_dir = tiny_model(root, tokenizer_dir, arch)
@@ -61,13 +91,14 @@ def check_architectures(root: Path, device: str) -> dict:
         with torch.inference_mode():
             for prompt in prompts:
                 ids = torch.tensor([prompt], device=device)
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False)
                 expected.append(out[0, len(prompt) :].tolist())
-            reference = torch.log_softmax(hf(torch.tensor([prompts[0]], device=device)).logits[0].float(), -1)
+            reference = torch.log_softmax(hf(torch.tensor([prompts[0]], device=device)).logits[0].float(), -1).cpu()
+        release(hf)
         llm = LLM(model=str(model_dir), dtype="float32", device=device, block_size=8, num_kv_blocks=128)
-        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-        got = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+        got = [r.outputs[0].token_ids for r in llm.generate(prompts, greedy(max_tokens))]
         scored = llm.generate([prompts[0]], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+        release(llm)
         diffs = [
             abs(entry.logprob - reference[i, prompts[0][i + 1]].item())
             for i, entry in enumerate(scored.prompt_logprobs[1:])
@@ -81,10 +112,8 @@ def check_batch_invariance(model_dir: Path, device: str) -> dict:
     rng = random.Random(7)
     workload = [([rng.randrange(3, 500) for _ in range(rng.randint(2, 90))], rng.randint(4, 40)) for _ in range(16)]
     solo_llm = LLM(model=str(model_dir), dtype="float32", device=device, num_kv_blocks=256)
-    solo = [
-        solo_llm.generate([p], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0].token_ids
-        for p, n in workload
-    ]
+    solo = [solo_llm.generate([p], greedy(n))[0].outputs[0].token_ids for p, n in workload]
+    release(solo_llm)
     config = engine_config_from_settings(
         str(model_dir), dtype="float32", device=device, block_size=8, num_kv_blocks=16,
         max_num_batched_tokens=32, max_num_seqs=16,
@@ -96,82 +125,195 @@ def check_batch_invariance(model_dir: Path, device: str) -> dict:
     while arrivals or engine.has_unfinished_requests():
         while arrivals and arrivals[0][0] <= step:
             _, i = arrivals.pop(0)
-            engine.add_request(str(i), workload[i][0], SamplingParams(temperature=0, max_tokens=workload[i][1], ignore_eos=True))
+            engine.add_request(str(i), workload[i][0], greedy(workload[i][1]))
         for output in engine.step():
             results[int(output.request_id)].extend(output.outputs[0].token_ids)
         step += 1
     same = sum(results[i] == solo[i] for i in range(len(workload)))
-    out = {"equal_to_solo": f"{same}/{len(workload)}", "preemptions": engine.scheduler.num_preemptions_total}
+    out = {"equal_to_solo": f"{same}/{len(workload)}", "preemptions": engine.stats().num_preemptions_total}
+    release(engine)
     print("batch invariance", out, flush=True)
     return out
 
 
-def throughput(device: str, dtype: str) -> dict:
+def memory_bandwidth(device: str, num_bytes: int, repeats: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (read + write), best of `repeats`."""
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    release(source, target)
+    return 2 * num_bytes / best
+
+
+def workload(num: int, vocab: int, seed: int, prompt_range: tuple[int, int], output_range: tuple[int, int]):
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(10, vocab - 10) for _ in range(rng.randint(*prompt_range))], rng.randint(*output_range))
+        for _ in range(num)
+    ]
+
+
+def timed(device: str, fn):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def decode_batch1(
+    llm: LLM, model_dir: Path, device: str, dtype: torch.dtype, bandwidth: float, new_tokens: int, shape: dict
+) -> dict:
+    """Seconds per decoded token at batch 1 (a 16-token prompt; the difference between generating
+    `new_tokens` and 1 token, so the prompt does not count), median of 3, against the bound."""
+    prompt = list(range(10, 26))
+    per_token = []
+    for _ in range(3):
+        one, _ = timed(device, lambda: llm.generate([prompt], greedy(1)))
+        many, _ = timed(device, lambda: llm.generate([prompt], greedy(new_tokens)))
+        per_token.append((many - one) / (new_tokens - 1))
+    seconds = statistics.median(per_token)
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    element = torch.empty((), dtype=dtype).element_size()
+    mean_context = len(prompt) + new_tokens / 2
+    kv = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * element * mean_context
+    # Every weight but the embedding table (a step reads one row of it), plus the KV cache read.
+    streamed = weight_bytes(model_dir) - shape["vocab_size"] * shape["hidden_size"] * element + kv
+    bound = streamed / bandwidth
+    out = {
+        "seconds_per_token": seconds,
+        "tokens_per_s": 1 / seconds,
+        "bytes_per_step": streamed,
+        "bound_seconds_per_token": bound,
+        "fraction_of_bandwidth_bound": bound / seconds,
+    }
+    print("batch-1 decode", out, flush=True)
+    return out
+
+
+def concurrent_vs_hf(llm: LLM, model_dir: Path, device: str, dtype: torch.dtype, requests) -> dict:
+    """All requests at once through helix, then through transformers as one left-padded batch."""
     from transformers import AutoModelForCausalLM
 
-    model_dir = bench_model_dir()
-    workload = make_workload(16, 32000, seed=0)
-    requested = sum(n for _, n in workload)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    requested = sum(n for _, n in requests)
+    helix_seconds, _ = timed(
+        device, lambda: llm.generate([p for p, _ in requests], [greedy(n) for _, n in requests])
+    )
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    on_device = workload
-
-    class DeviceModel:  # run_hf_* build CPU tensors; move them to the device
-        def generate(self, input_ids, attention_mask=None, **kw):
-            return hf.generate(input_ids.to(device), attention_mask=attention_mask.to(device), **kw).cpu()
-
-    wrapped = DeviceModel()
+    longest = max(len(p) for p, _ in requests)
+    ids = torch.zeros(len(requests), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, _) in enumerate(requests):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        mask[row, longest - len(prompt) :] = 1
+    max_new = max(n for _, n in requests)
     with torch.inference_mode():
-        run_hf_one_at_a_time(wrapped, [(on_device[0][0][:16], 4)])
-        hf_seq, _, _ = run_hf_one_at_a_time(wrapped, on_device)
-        hf_batch = run_hf_padded_batch(wrapped, on_device, pad_id=0)
-    del hf
-    llm = LLM(model=str(model_dir), dtype=dtype, device=device, max_num_seqs=16)
-    llm.generate([on_device[0][0][:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    start = time.perf_counter()
-    for prompt, n in on_device:
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    helix_seq = time.perf_counter() - start
-    start = time.perf_counter()
-    llm.generate([p for p, _ in on_device], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in on_device])
-    helix_conc = time.perf_counter() - start
+        hf.generate(ids[:1, -8:].to(device), attention_mask=mask[:1, -8:].to(device), max_new_tokens=2)
+        hf_seconds, _ = timed(device, lambda: hf.generate(
+            ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new, min_new_tokens=max_new,
+            do_sample=False,
+        ))
+    release(hf)
     out = {
-        "dtype": dtype,
+        "num_requests": len(requests),
         "requested_tokens": requested,
-        "tokens_per_s": {
-            "hf_one_at_a_time": requested / hf_seq,
-            "hf_padded_batch": requested / hf_batch,
-            "helix_one_at_a_time": requested / helix_seq,
-            "helix_concurrent": requested / helix_conc,
-        },
-        "ratios": {
-            "batch1_helix_over_hf": hf_seq / helix_seq,
-            "concurrent_helix_over_hf_one_at_a_time": hf_seq / helix_conc,
-            "concurrent_helix_over_hf_padded_batch": hf_batch / helix_conc,
-        },
+        "helix_tokens_per_s": requested / helix_seconds,
+        "hf_padded_batch_tokens_per_s": requested / hf_seconds,
+        "helix_over_hf": hf_seconds / helix_seconds,
     }
-    print("throughput", json.dumps(out, indent=2), flush=True)
+    print("concurrent", out, flush=True)
     return out
+
+
+def speculative(base: LLM, spec: LLM, device: str, prompts_by_batch: dict[int, list[list[int]]], max_tokens: int) -> dict:
+    """Greedy with the draft against without it: the same tokens, and the time it takes."""
+    out = {}
+    for batch, prompts in prompts_by_batch.items():
+        base_s, base_out = timed(device, lambda p=prompts: base.generate(p, greedy(max_tokens)))
+        before = spec.engine.stats()
+        spec_s, spec_out = timed(device, lambda p=prompts: spec.generate(p, greedy(max_tokens)))
+        after = spec.engine.stats()
+        drafted = after.spec_num_draft_tokens_total - before.spec_num_draft_tokens_total
+        accepted = after.spec_num_accepted_tokens_total - before.spec_num_accepted_tokens_total
+        same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(base_out, spec_out))
+        out[f"batch_{batch}"] = {
+            "greedy_equal": f"{same}/{len(prompts)}",
+            "speedup": base_s / spec_s,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "base_tokens_per_s": batch * max_tokens / base_s,
+            "spec_tokens_per_s": batch * max_tokens / spec_s,
+        }
+        print("speculative", batch, out[f"batch_{batch}"], flush=True)
+    return out
+
+
+def speed(root: Path, tokenizer_dir: Path, device: str, tiny: bool) -> dict:
+    shape = TINY_SHAPE if tiny else TINYLLAMA_SHAPE
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype_name = str(dtype).removeprefix("torch.")
+    target, draft = random_llama_pair(root / "speed", shape, dtype, device, tokenizer_dir)
+    report = {"model_shape": shape, "dtype": dtype_name}
+    report["memory_bandwidth_gb_s"] = memory_bandwidth(device, (64 if tiny else 2048) << 20) / 1e9
+    print("memory bandwidth GB/s", report["memory_bandwidth_gb_s"], flush=True)
+    num_requests = 8 if tiny else 64
+    requests = workload(num_requests, shape["vocab_size"], 0, (16, 96 if tiny else 512), (8, 32) if tiny else (32, 256))
+    max_tokens = 16 if tiny else 128
+    spec_prompts = {b: [p[:64] for p, _ in requests[:b]] for b in (1, 4 if tiny else 16)}
+    settings = {"dtype": dtype_name, "device": device, "max_num_seqs": num_requests, "enable_prefix_caching": False,
+                    "num_kv_blocks": num_requests * (1024 // 16)}
+    llm = LLM(model=str(target), **settings)
+    llm.generate([requests[0][0][:16]], greedy(4))  # warm-up (kernels, graphs, allocator)
+    bandwidth = report["memory_bandwidth_gb_s"] * 1e9
+    report["decode_batch1"] = decode_batch1(llm, target, device, dtype, bandwidth, 16 if tiny else 128, shape)
+    spec = LLM(model=str(target), draft_model=str(draft), num_speculative_tokens=4, **settings)
+    spec.generate([requests[0][0][:16]], greedy(4))
+    report["speculative"] = speculative(llm, spec, device, spec_prompts, max_tokens)
+    release(spec)
+    report["concurrent"] = concurrent_vs_hf(llm, target, device, dtype, requests)
+    release(llm)
+    return report
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="device_check.json")
-    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="small models and workloads (a CPU smoke run)")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    report = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
-              "torch": torch.__version__}
+    from helix_server.layers.attention.selector import describe_attention_backend
+
+    on_cuda = args.device.startswith("cuda")
+    report = {
+        "device": torch.cuda.get_device_name(0) if on_cuda else args.device,
+        "torch": torch.__version__,
+        "attention": describe_attention_backend(args.device),
+        "tiny": args.tiny,
+    }
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        report["architectures"] = check_architectures(root, args.device)
-        report["batch_invariance"] = check_batch_invariance(root / "llama", args.device)
-    if not args.skip_throughput:
-        report["throughput"] = throughput(args.device, "bfloat16")
+        tokenizer_dir = build_bpe_tokenizer(root / "tokenizer", vocab_size=512, corpus=default_corpus(200_000))
+        if not args.skip_correctness:
+            report["architectures"] = check_architectures(root, tokenizer_dir, args.device, args.tiny)
+            report["batch_invariance"] = check_batch_invariance(root / "llama", args.device)
+        if not args.skip_speed:
+            report["speed"] = speed(root, tokenizer_dir, args.device, args.tiny)
+    report["seconds"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(report, indent=2))
+    print("wrote", args.out, flush=True)
     return 0
 
 
