@@ -2,7 +2,8 @@
 
 Litestar documents each operation's 200 from the handler's return type; helix's handlers return raw
 `Response`s and raise `APIError`s, so `document_responses` adds what the server really answers: every
-error as OpenAI's envelope (`#/components/schemas/ErrorResponse`), the SSE endpoints as
+error as OpenAI's envelope (`#/components/schemas/ErrorResponse`; Anthropic's `AnthropicError` on
+the /v1/messages routes), the SSE endpoints as
 `text/event-stream`, `/metrics` as `text/plain`, and the bearer scheme on every route that needs the
 key. Which routes are public (no key, answered while draining) is read from the app's handlers.
 """
@@ -17,9 +18,14 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from helix_server.api.guards import PUBLIC
+from helix_server.api.protocol.anthropic_events import AnthropicError
 from helix_server.api.protocol.common import ErrorResponse
 
 ERROR_SCHEMA = "ErrorResponse"
+# Anthropic's routes answer errors in Anthropic's envelope, with 529 where the others send 503.
+ANTHROPIC_ERROR_SCHEMA = "AnthropicError"
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+ANTHROPIC_BAD_REQUEST = "Invalid request: the error's message names the field at fault."
 BEARER = "bearer"
 METHODS = ("get", "head", "post", "put", "patch", "delete")
 
@@ -47,6 +53,9 @@ EXTRA_ERRORS: dict[tuple[str, str], dict[str, str]] = {
     ("/v1/responses", "post"): {
         "404": "`previous_response_id` names no stored response, or an unknown model."
     },
+    ("/v1/messages", "post"): {
+        "404": "An unknown model (unless the server runs with --accept-any-model-name)."
+    },
     ("/v1/responses/{response_id}", "get"): {"404": RESPONSE_NOT_FOUND},
     ("/v1/responses/{response_id}", "delete"): {"404": RESPONSE_NOT_FOUND},
 }
@@ -57,6 +66,7 @@ STREAMS: dict[tuple[str, str], str] = {
     ("/v1/completions", "post"): "json+sse",
     ("/v1/chat/completions", "post"): "json+sse",
     ("/v1/responses", "post"): "json+events",
+    ("/v1/messages", "post"): "json+events",
     ("/generate/stream", "get"): "sse",
     ("/generate/stream", "post"): "sse",
 }
@@ -96,15 +106,29 @@ def document_responses(app: Litestar, schema: dict[str, Any]) -> dict[str, Any]:
             # Litestar's own error entries (its validation format) leave through our handlers too.
             for status in [s for s in responses if s[0] in "45" and s not in errors]:
                 errors[status] = responses[status].get("description") or BAD_REQUEST
+            if path in ANTHROPIC_PATHS:
+                errors = _anthropic_errors(errors, responses)
             for status, description in sorted(errors.items()):
-                responses[status] = _error_response(status, description)
+                schema_name = ANTHROPIC_ERROR_SCHEMA if path in ANTHROPIC_PATHS else ERROR_SCHEMA
+                responses[status] = _error_response(status, description, schema_name)
     return schema
 
 
 def _envelope_schemas() -> dict[str, Any]:
-    """`ErrorResponse` and the `ErrorDetail` it refers to, as component schemas."""
-    _, schemas = msgspec.json.schema_components([ErrorResponse], ref_template="#/components/schemas/{name}")
+    """`ErrorResponse`, Anthropic's `AnthropicError` and what they refer to, as component schemas."""
+    _, schemas = msgspec.json.schema_components(
+        [ErrorResponse, AnthropicError], ref_template="#/components/schemas/{name}"
+    )
     return schemas
+
+
+def _anthropic_errors(errors: dict[str, str], responses: dict[str, Any]) -> dict[str, str]:
+    """An Anthropic route's errors: 503 becomes 529 `overloaded_error`, 400s name the field in the message."""
+    responses.pop("503", None)
+    renamed = {"529" if status == "503" else status: description for status, description in errors.items()}
+    if "400" in renamed:
+        renamed["400"] = ANTHROPIC_BAD_REQUEST
+    return renamed
 
 
 def _errors_for(key: tuple[str, str], is_public: bool, has_body: bool) -> dict[str, str]:
@@ -119,12 +143,12 @@ def _errors_for(key: tuple[str, str], is_public: bool, has_body: bool) -> dict[s
     return errors
 
 
-def _error_response(status: str, description: str) -> dict[str, Any]:
+def _error_response(status: str, description: str, schema_name: str = ERROR_SCHEMA) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
     }
-    if status == "503":
+    if status in ("503", "529"):
         response["headers"] = {"Retry-After": RETRY_AFTER}
     elif status == "401":
         response["headers"] = {"WWW-Authenticate": WWW_AUTHENTICATE}

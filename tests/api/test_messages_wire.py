@@ -278,6 +278,25 @@ def test_openai_routes_keep_their_envelope(server):
     assert_error(response, 404, "model", "model_not_found")
 
 
+def test_openapi_documents_anthropic_errors_and_events(server):
+    schema = httpx.get(server.url + "/docs/openapi.json", timeout=30).json()
+    messages = schema["paths"]["/v1/messages"]["post"]
+    assert "text/event-stream" in messages["responses"]["200"]["content"]
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert (
+            "529" in responses and "503" not in responses and "retry-after" in str(responses["529"]).lower()
+        )
+        for status in ("400", "401", "413", "529"):
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/AnthropicError", (path, status)
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert (
+        chat["503"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
+    )
+    assert schema["components"]["schemas"]["AnthropicError"]["properties"]["type"]["enum"] == ["error"]
+
+
 def test_structured_output_format(server):
     schema = {
         "type": "object",
