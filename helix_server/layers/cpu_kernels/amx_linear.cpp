@@ -50,18 +50,20 @@ bool amx_permitted() {
   return permitted;
 }
 
-// Palette 1, all 8 tiles 16 rows x 64 bytes.
+// Palette 1, all 8 tiles 64 bytes wide and 16 rows high, except that a call of fewer than 16 rows
+// gives its A tile (tmm0) and C tiles (tmm4-6) just its `a_rows` rows, so x needs no padding.
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
   uint8_t start_row = 0;
   uint8_t reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-  TileConfig() {
+  explicit TileConfig(int64_t a_rows) {
     for (int t = 0; t < 8; ++t) {
       colsb[t] = 64;
       rows[t] = kTileRows;
     }
+    for (int t : {0, 4, 5, 6}) rows[t] = static_cast<uint8_t>(a_rows);
   }
 };
 
@@ -155,7 +157,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void run_groups(
     int64_t k_pad, int64_t m, Out* y, int64_t n_len, int64_t num_panels, const float* bias) {
   const int64_t panel_len = k_pad * kPanel;
   const int64_t k_blocks = k_pad / kTileK;
-  const TileConfig config;
+  const TileConfig config(std::min(m, kTileRows));
   _tile_loadconfig(&config);
   for (int64_t g = begin; g < end; ++g) {
     const int64_t p0 = g * group;
@@ -213,8 +215,9 @@ at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& panels, const c1
   }
   at::Tensor y = at::empty({m, n_len}, x_in.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   if (m == 0 || n_len == 0) return y;
-  // A tiles read whole tiles: 16 rows at a time, all k_pad inputs; pad x with zeros where it is short.
-  const int64_t m_pad = (m + kTileRows - 1) / kTileRows * kTileRows;
+  // A tiles read all k_pad inputs, and beyond 16 rows whole tiles of 16 rows: pad x with zeros
+  // where it is short.
+  const int64_t m_pad = m <= kTileRows ? m : (m + kTileRows - 1) / kTileRows * kTileRows;
   at::Tensor x = x_in.contiguous();
   if (m_pad != m || k_pad != k_len) {
     at::Tensor padded = at::zeros({m_pad, k_pad}, x.options());
