@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncGenerator
 
 import msgspec
@@ -19,7 +17,6 @@ from helix_server.api.protocol.chat import (
     ChatResponseMessage,
     ChatStreamChoice,
 )
-from helix_server.api.serving.accumulate import ResultAccumulator
 from helix_server.api.serving.generation import Generation
 from helix_server.api.serving.logprobs import chat_logprobs, prompt_logprobs
 from helix_server.api.serving.params import (
@@ -30,11 +27,10 @@ from helix_server.api.serving.params import (
     reject,
 )
 from helix_server.api.serving.prompts import chat_prompt, echo_text, reply_role
-from helix_server.api.serving.respond import respond
+from helix_server.api.serving.service import GenerationService
 from helix_server.api.serving.tools import ToolCalling, ToolStream
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
-from helix_server.api.state import ServerState
 from helix_server.sampling_params import SamplingParams
 
 # Fields that select features we do not have: refused whenever they are set.
@@ -58,15 +54,11 @@ def check_chat_features(body: ChatCompletionRequest) -> None:
         reject("modalities", "Output modalities other than 'text'")
 
 
-class ChatService:
+class ChatService(GenerationService):
     """Turns one validated `ChatCompletionRequest` into an engine request and an OpenAI response."""
 
-    def __init__(self, state: ServerState, body: ChatCompletionRequest) -> None:
-        self.state = state
-        self.body = body
-        self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.tokenizer = state.engine.tokenizer
+    id_prefix = "chatcmpl-"
+    body: ChatCompletionRequest
 
     def _check(self) -> tuple[SamplingParams, bool]:
         body = self.body
@@ -115,26 +107,17 @@ class ChatService:
         self.role = reply_role(body.messages, body.add_generation_prompt)
         self.echo = echo_text(body.messages, self.role) if body.echo else ""
         self.n = params.n
-
-        def start():
-            return Generation.start(
-                self.state, self.request_id, [prompt.token_ids], params, "messages", cache_salt=self.body.cache_salt
-            )
-
-        return await respond(
-            self.state,
+        return await self.run(
             request,
-            start,
-            stream=bool(self.body.stream),
+            [prompt.token_ids],
+            params,
+            "messages",
             events=lambda g: self._events(g, include_usage),
             collect=self._collect,
         )
 
     async def _collect(self, generation: Generation) -> Response:
-        results = ResultAccumulator([self.prompt_token_ids], self.n)
-        async for index, output in generation.outputs():
-            results.add(index, output)
-        results.raise_if_failed()
+        results = await self.results(generation, self.n)
         choices = []
         streams = self._tool_streams()
         for choice_index, _, seq in results.choices():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncGenerator
 
 import msgspec
@@ -17,7 +15,6 @@ from helix_server.api.protocol.completions import (
     CompletionResponse,
     CompletionStreamResponse,
 )
-from helix_server.api.serving.accumulate import ResultAccumulator
 from helix_server.api.serving.generation import Generation
 from helix_server.api.serving.logprobs import LegacyLogprobsBuilder, merge_legacy, prompt_logprobs
 from helix_server.api.serving.params import (
@@ -28,22 +25,17 @@ from helix_server.api.serving.params import (
     reject,
 )
 from helix_server.api.serving.prompts import Prompt, completion_prompts
-from helix_server.api.serving.respond import respond
+from helix_server.api.serving.service import GenerationService
 from helix_server.api.serving.usage import UsageCounter
 from helix_server.api.sse import DONE, error_event, sse_event
-from helix_server.api.state import ServerState
 from helix_server.sampling_params import SamplingParams
 
 
-class CompletionService:
+class CompletionService(GenerationService):
     """Turns one validated `CompletionRequest` into engine requests and an OpenAI response."""
 
-    def __init__(self, state: ServerState, body: CompletionRequest) -> None:
-        self.state = state
-        self.body = body
-        self.request_id = f"cmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.tokenizer = state.engine.tokenizer
+    id_prefix = "cmpl-"
+    body: CompletionRequest
 
     def _check(self) -> tuple[SamplingParams, bool]:
         body = self.body
@@ -68,18 +60,11 @@ class CompletionService:
         params, include_usage = self._check()
         self.prompts = await completion_prompts(self.body.prompt, self.tokenizer)
         self.n = params.n
-        token_prompts = [p.token_ids for p in self.prompts]
-
-        def start():
-            return Generation.start(
-                self.state, self.request_id, token_prompts, params, "prompt", cache_salt=self.body.cache_salt
-            )
-
-        return await respond(
-            self.state,
+        return await self.run(
             request,
-            start,
-            stream=bool(self.body.stream),
+            [p.token_ids for p in self.prompts],
+            params,
+            "prompt",
             events=lambda g: self._events(g, include_usage),
             collect=self._collect,
         )
@@ -101,10 +86,7 @@ class CompletionService:
     # ----------------------------------------------------------------- non-streaming
 
     async def _collect(self, generation: Generation) -> Response:
-        results = ResultAccumulator([p.token_ids for p in self.prompts], self.n)
-        async for index, output in generation.outputs():
-            results.add(index, output)
-        results.raise_if_failed()
+        results = await self.results(generation, self.n)
         choices = []
         for choice_index, result, seq in results.choices():
             prompt = self.prompts[choice_index // self.n]
@@ -149,7 +131,7 @@ class CompletionService:
         return sse_event(chunk)
 
     async def _events(self, generation: Generation, include_usage: bool) -> AsyncGenerator[bytes, None]:
-        counter = UsageCounter([p.token_ids for p in self.prompts])
+        counter = UsageCounter(self.prompt_ids)
         builders: dict[int, LegacyLogprobsBuilder | None] = {}
         echo_logprobs: dict[int, list] = {}
         sent_prompt_ids: set[int] = set()

@@ -11,7 +11,6 @@ for chat completions.
 from __future__ import annotations
 
 import time
-import uuid
 
 from litestar import Request, Response
 
@@ -26,17 +25,16 @@ from helix_server.api.protocol.responses import (
     ResponsesRequest,
     ResponseUsage,
 )
-from helix_server.api.serving.accumulate import ResultAccumulator
 from helix_server.api.serving.generation import Generation
 from helix_server.api.serving.params import build_sampling_params
 from helix_server.api.serving.prompts import chat_prompt
-from helix_server.api.serving.respond import respond
 from helix_server.api.serving.response_store import StoredResponse
 from helix_server.api.serving.responses_input import input_messages, output_messages
 from helix_server.api.serving.responses_options import check_options, text_format_spec
 from helix_server.api.serving.responses_output import OutputBuilder
 from helix_server.api.serving.responses_stream import response_events
 from helix_server.api.serving.responses_tools import tool_calling
+from helix_server.api.serving.service import GenerationService
 from helix_server.api.state import ServerState
 from helix_server.sampling_params import SamplingParams
 
@@ -52,23 +50,20 @@ def response_not_found(response_id: str, param: str) -> APIError:
     )
 
 
-class ResponsesService:
+class ResponsesService(GenerationService):
     """Turns one `ResponsesRequest` into an engine request and a Responses API answer."""
 
+    id_prefix = "resp_"
+    body: ResponsesRequest
+
     def __init__(self, state: ServerState, body: ResponsesRequest) -> None:
-        self.state = state
-        self.body = body
-        self.response_id = f"resp_{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.tokenizer = state.engine.tokenizer
+        super().__init__(state, body)
         self.store = body.store is not False and state.responses.enabled
 
     def _check(self) -> SamplingParams:
         body = self.body
         self.state.check_model(body.model)
         check_options(body)
-        if body.instructions is not None and not isinstance(body.instructions, str):
-            raise bad_request("instructions must be a string.", "instructions")
         self.history: list[ChatMessage] = []
         if body.previous_response_id is not None:
             stored = self.state.responses.get(body.previous_response_id)
@@ -108,32 +103,17 @@ class ResponsesService:
             self.tokenizer,
             tools=self.tools.tools if self.tools is not None else None,
         )
-        self.prompt_token_ids = prompt.token_ids
-
-        def start():
-            return Generation.start(
-                self.state,
-                self.response_id,
-                [prompt.token_ids],
-                params,
-                "input",
-                cache_salt=self.body.cache_salt,
-            )
-
-        return await respond(
-            self.state,
+        return await self.run(
             request,
-            start,
-            stream=bool(self.body.stream),
+            [prompt.token_ids],
+            params,
+            "input",
             events=lambda generation: response_events(self, generation),
             collect=self._collect,
         )
 
     async def _collect(self, generation: Generation) -> Response:
-        results = ResultAccumulator([self.prompt_token_ids], 1)
-        async for index, output in generation.outputs():
-            results.add(index, output)
-        results.raise_if_failed()
+        results = await self.results(generation)
         _, _, seq = next(results.choices())
         builder = OutputBuilder(self.tools)
         builder.feed(seq.text, final=True, incomplete=seq.finish_reason == "length")
@@ -144,7 +124,7 @@ class ResponsesService:
         """The response object with the request's settings echoed and `builder`'s items."""
         body = self.body
         return ResponseObject(
-            id=self.response_id,
+            id=self.request_id,
             created_at=self.created,
             model=self.state.model_name,
             status=status,

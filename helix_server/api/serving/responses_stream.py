@@ -38,7 +38,7 @@ async def response_events(service: ResponsesService, generation: Generation) -> 
     """The whole event stream of one response."""
     frame = _Numbering()
     builder = OutputBuilder(service.tools)
-    counter = UsageCounter([service.prompt_token_ids])
+    counter = UsageCounter(service.prompt_ids)
     yield frame(ResponseEvent("response.created", -1, service.response("in_progress")))
     yield frame(ResponseEvent("response.in_progress", -1, service.response("in_progress")))
     finish_reason = None
@@ -60,7 +60,7 @@ async def response_events(service: ResponsesService, generation: Generation) -> 
         kind = "response.incomplete" if response.status == "incomplete" else "response.completed"
         yield frame(ResponseEvent(kind, -1, response))
     except Exception as exc:  # noqa: BLE001 - the engine's refusals, or a bug that stream_error logs
-        for event in _failure(service, stream_error(exc, f"response stream {service.response_id}"), builder):
+        for event in _failure(service, stream_error(exc, f"response stream {service.request_id}"), builder):
             yield frame(event)
 
 
