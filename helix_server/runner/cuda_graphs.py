@@ -25,9 +25,16 @@ import torch
 from helix_server.layers.attention.builder import MAX_BATCHED_QUERY_LEN, SequenceChunk
 from helix_server.layers.attention.metadata import AttentionMetadata, ForwardContext
 from helix_server.layers.attention.paged_inputs import PagedInputs
+from helix_server.layers.attention.selector import TRITON, attention_backend
 
 # Padding wastes at most a third of a step below 512 tokens.
 _SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def cuda_graphs_enabled(device: torch.device, enforce_eager: bool) -> bool:
+    """Whether steps on `device` replay CUDA graphs: CUDA with the Triton attention backend, unless
+    `--enforce-eager`."""
+    return not enforce_eager and attention_backend(device) == TRITON
 
 
 def capture_sizes(max_num_tokens: int) -> list[int]:

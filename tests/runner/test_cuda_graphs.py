@@ -12,10 +12,17 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its own jit functions read it then
 pytest.importorskip("triton")
 
+from helix_server.layers.attention import selector
 from helix_server.layers.attention.builder import SequenceChunk, allocate_kv_caches, build_forward_context
 from helix_server.layers.attention.triton_backend import use_triton_attention
 from helix_server.models.loader import load_model
-from helix_server.runner.cuda_graphs import CudaGraphRunner, bucket, capture_sizes, pad_step
+from helix_server.runner.cuda_graphs import (
+    CudaGraphRunner,
+    bucket,
+    capture_sizes,
+    cuda_graphs_enabled,
+    pad_step,
+)
 from tests.fixtures.tiny_models import make_tiny_model
 
 BLOCK_SIZE = 4
@@ -27,6 +34,16 @@ def test_capture_sizes_and_buckets():
     assert capture_sizes(512)[-3:] == [256, 384, 512]
     sizes = capture_sizes(64)
     assert [bucket(n, sizes) for n in (1, 3, 5, 9, 13, 33, 64, 65)] == [1, 4, 8, 12, 16, 48, 64, None]
+
+
+def test_graphs_only_on_cuda_with_triton_and_not_with_enforce_eager(monkeypatch):
+    monkeypatch.setattr(selector, "triton_available", lambda: True)
+    assert cuda_graphs_enabled(torch.device("cuda", 0), enforce_eager=False)
+    assert not cuda_graphs_enabled(torch.device("cuda", 0), enforce_eager=True)
+    assert not cuda_graphs_enabled(torch.device("cpu"), enforce_eager=False)
+    assert not cuda_graphs_enabled(torch.device("xpu"), enforce_eager=False)
+    monkeypatch.setattr(selector, "triton_available", lambda: False)
+    assert not cuda_graphs_enabled(torch.device("cuda", 0), enforce_eager=False)
 
 
 def test_pad_step_pads_with_rows_that_write_and_read_nothing():
