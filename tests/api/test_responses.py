@@ -187,6 +187,55 @@ def test_forced_tool_call_and_a_two_turn_loop(sdk, hf_tokenizer):
     assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
 
 
+def test_previous_response_id_continues_a_tool_loop(sdk, hf_tokenizer):
+    """Only the call's output is sent; the stored first turn (input and function call) comes before it."""
+    ask = "What time is it in CET?"
+    first = sdk.responses.create(
+        model=MODEL_NAME,
+        input=ask,
+        tools=[GET_TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=100,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    second = sdk.responses.create(
+        model=MODEL_NAME,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "13:00"}],
+        tools=[GET_TIME],
+        max_output_tokens=2,
+    )
+    history = [
+        {"role": "user", "content": ask},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.call_id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.call_id, "content": "13:00"},
+    ]
+    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
+
+
+def test_the_api_key_guards_the_routes(long_model_dir):
+    live = start_live_server(long_model_dir, server={"api_key": "sesame"})
+    try:
+        assert_error(post(live, input="x", max_output_tokens=1), 401, code="invalid_api_key")
+        assert_error(httpx.get(f"{live.v1}/responses/resp_x"), 401, code="invalid_api_key")
+        client = openai.OpenAI(base_url=live.v1, api_key="sesame", max_retries=0, timeout=60)
+        response = client.responses.create(model=MODEL_NAME, input="x", max_output_tokens=1)
+        assert client.responses.retrieve(response.id).id == response.id
+    finally:
+        live.stop()
+
+
 def test_streamed_tool_call_matches_the_final_response(sdk):
     with sdk.responses.stream(
         model=MODEL_NAME,
