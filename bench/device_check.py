@@ -198,6 +198,26 @@ def decode_batch1(
     return out
 
 
+def host_syncs(llm: LLM, device: str, new_tokens: int) -> dict | None:
+    """Device-to-host synchronisations torch reports (`set_sync_debug_mode`) while one request
+    decodes `new_tokens` tokens; CUDA only (None elsewhere)."""
+    if not device.startswith("cuda"):
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            llm.generate([list(range(10, 26))], greedy(new_tokens))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    out = {"syncs": len(syncs), "generated_tokens": new_tokens, "first": syncs[:5]}
+    print("host syncs", out, flush=True)
+    return out
+
+
 def concurrent_vs_hf(llm: LLM, model_dir: Path, device: str, dtype: torch.dtype, requests) -> dict:
     """All requests at once through helix, then through transformers as one left-padded batch."""
     from transformers import AutoModelForCausalLM
@@ -274,6 +294,7 @@ def speed(root: Path, tokenizer_dir: Path, device: str, tiny: bool) -> dict:
     llm.generate([requests[0][0][:16]], greedy(4))  # warm-up (kernels, graphs, allocator)
     bandwidth = report["memory_bandwidth_gb_s"] * 1e9
     report["decode_batch1"] = decode_batch1(llm, target, device, dtype, bandwidth, 16 if tiny else 128, shape)
+    report["host_syncs_batch1"] = host_syncs(llm, device, 16)
     spec = LLM(model=str(target), draft_model=str(draft), num_speculative_tokens=4, **settings)
     spec.generate([requests[0][0][:16]], greedy(4))
     report["speculative"] = speculative(llm, spec, device, spec_prompts, max_tokens)

@@ -63,7 +63,7 @@ def llama_tensor_shapes(shape: dict, num_layers: int) -> dict[str, tuple[int, ..
 
 def random_llama_pair(
     root: Path, shape: dict, dtype: torch.dtype, device: str, tokenizer_dir: Path, draft_layers: int = 2,
-    epsilon: float = 0.2, seed: int = 0,
+    epsilon: float = 0.02, seed: int = 0,
 ) -> tuple[Path, Path]:
     """(target dir, draft dir): a random Llama of `shape`, and a draft made of its first
     `draft_layers` layers (embeddings and head shared). The target's later layers write into the
