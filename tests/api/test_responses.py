@@ -476,3 +476,40 @@ def test_a_client_that_leaves_a_stream_aborts_the_request(server):
     wait_until(lambda: engine_idle(server), timeout=10, what="idle after the client left")
     assert aborted(server) == before + 1
     assert post(server, input="x", max_output_tokens=1).status_code == 200
+
+
+def test_an_engine_failure_mid_stream_ends_with_error_and_response_failed(long_model_dir):
+    live = start_live_server(long_model_dir)
+    original = live.engine.core.step
+    try:
+        body = {
+            "model": MODEL_NAME,
+            "input": "x",
+            "stream": True,
+            "max_output_tokens": 3000,
+            "ignore_eos": True,
+        }
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream("POST", live.v1 + "/responses", json=body) as response,
+        ):
+            chunks = response.iter_bytes()
+            received = b""
+            while b"response.output_text.delta" not in received:
+                received += next(chunks)
+
+            def broken_step():
+                raise RuntimeError("injected engine bug")
+
+            live.engine.core.step = broken_step
+            received += b"".join(chunks)
+        events = read_events(received)
+        assert [name for name, _ in events[-2:]] == ["error", "response.failed"]
+        error, failed = events[-2][1], events[-1][1]["response"]
+        assert error["code"] == "engine_dead" and error["message"]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "engine_dead"
+        assert failed["output"] and failed["output"][0]["type"] == "message"
+        assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    finally:
+        live.engine.core.step = original
+        live.stop()
