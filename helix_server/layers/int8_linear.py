@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from helix_server.layers.quantized_linear import CHUNK_WEIGHTS
+from helix_server.layers.quantized_linear import CHUNK_WEIGHTS, kernel_op_suffix
 
 INT8_MAX = 127
 
@@ -46,16 +46,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.to(weight.device))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.float_out = float_out
-        self.native = False  # `use_cpu_kernels`: `helix::int8_linear`
+        self.native = False  # `use_cpu_kernels`: `helix::int8_linear` (or its AVX2 twin)
+        self.op_suffix = ""
 
-    def use_cpu_kernels(self) -> None:
-        """Run on helix's CPU kernel (CPU tensors, after `load_cpu_kernels()` returned True)."""
+    def use_cpu_kernels(self, isa: str | None = None) -> None:
+        """Run on helix's CPU kernel (CPU tensors, after `load_quant_kernels()` returned True), in
+        `isa` ("avx512" or "avx2"; default: this CPU's; both give the same bits)."""
+        self.op_suffix = kernel_op_suffix(isa)
         self.native = True
 
     def forward(self, x: torch.Tensor, bulk_start: int | None = None) -> torch.Tensor:  # [T, in] -> [T, out]
         x32 = x.to(torch.float32).contiguous()
         if self.native:
-            out = torch.ops.helix.int8_linear(x32, self.weight, self.weight_scale)  # [T, out] f32
+            out = getattr(torch.ops.helix, "int8_linear" + self.op_suffix)(x32, self.weight, self.weight_scale)  # [T, out]
         else:
             out = self._portable(x32)
         if self.bias is not None:
@@ -73,7 +76,7 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, native={self.native}"
+            f"bias={self.bias is not None}, native={self.native}{self.op_suffix}"
         )
 
 

@@ -36,6 +36,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from helix_server.layers.cpu_kernels import quant_kernel_isa
+
 QK_K = 256
 # Output rows dequantized per step of the portable matmul: at most this many float32 weights
 # (1 MiB, within a core's L2 for its matmul). Measured on SmolLM2-135M's Q4_1 projections, one
@@ -164,6 +166,15 @@ QUANTIZED_TYPES = tuple(t for t in _DEQUANT if t not in (
 SUPPORTED_TYPES = tuple(_DEQUANT)
 
 
+def kernel_op_suffix(isa: str | None = None) -> str:
+    """The suffix of the quantized-weight ops for `isa` ("avx512": none, "avx2": "_avx2"; None: this
+    CPU's, `quant_kernel_isa()`)."""
+    isa = quant_kernel_isa() if isa is None else isa
+    if isa not in ("avx512", "avx2"):
+        raise ValueError(f"no quantized-weight kernels for {isa!r} (avx512 or avx2)")
+    return "_avx2" if isa == "avx2" else ""
+
+
 def dequantize_rows(packed: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Float32 weights of packed rows: uint8 [rows, bytes_per_row] -> float32 [rows, in_features]."""
     _, type_size = GGML_QUANT_SIZES[qtype]
@@ -220,11 +231,14 @@ class QuantizedLinear(nn.Module):
         self.out_features = sum(w.out_features for w in merged)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.float_out = float_out
-        self.native = False  # `use_cpu_kernels`: native-kernel segments run `helix::quant_linear`
+        self.native = False  # `use_cpu_kernels`: native-kernel segments run helix's ops
+        self.op_suffix = ""  # "_avx2": the AVX2 twins of the ops
 
-    def use_cpu_kernels(self) -> None:
+    def use_cpu_kernels(self, isa: str | None = None) -> None:
         """Run the segments helix's CPU kernels read (`NATIVE_KERNELS`: every block type) on them
-        (CPU tensors, after `load_cpu_kernels()` returned True)."""
+        (CPU tensors, after `load_quant_kernels()` returned True), in `isa` ("avx512" or "avx2";
+        default: `quant_kernel_isa()`, this CPU's; both give the same bits)."""
+        self.op_suffix = kernel_op_suffix(isa)
         self.native = True
 
     def segments(self) -> list[tuple[GGMLQuantizationType, torch.Tensor]]:
@@ -243,7 +257,7 @@ class QuantizedLinear(nn.Module):
             kernel = NATIVE_KERNELS.get(qtype) if self.native else None
             if kernel is not None:
                 op, code = kernel
-                parts.append(getattr(torch.ops.helix, op)(x32, packed, code, packed.shape[0]))  # [T, rows]
+                parts.append(getattr(torch.ops.helix, op + self.op_suffix)(x32, packed, code, packed.shape[0]))  # [T, rows]
                 continue
             for start in range(0, packed.shape[0], chunk_rows):
                 weight = dequantize_rows(packed[start : start + chunk_rows], qtype)  # [rows, in] f32
@@ -256,5 +270,6 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         types = ",".join(t.name for t in self.qtypes)
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, qtypes={types}, native={self.native}"
+            f"in_features={self.in_features}, out_features={self.out_features}, qtypes={types}, "
+            f"native={self.native}{self.op_suffix}"
         )

@@ -23,10 +23,11 @@ from torch import nn
 from helix_server.config import QUANTIZATION_METHODS
 from helix_server.errors import ParameterError, UnsupportedModelError
 from helix_server.layers.attention.selector import describe_attention_backend, use_device_attention
-from helix_server.layers.cpu_kernels import load_cpu_kernels
+from helix_server.layers.cpu_kernels import load_quant_kernels
 from helix_server.layers.int8_linear import Int8Linear, quantize_linear_layers
 from helix_server.layers.linear import bulk_float32_supported, cpu_packing_supported
 from helix_server.layers.panel_linear import panel_linear_supported
+from helix_server.layers.quantized_linear import QuantizedLinear
 from helix_server.models.gguf_checkpoint import GGUFCheckpoint, find_gguf_file
 from helix_server.models.gguf_loader import load_gguf_weights
 from helix_server.models.hf_config import arch_config_from_hf
@@ -115,7 +116,9 @@ def load_model(
     `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
     a bfloat16 model on a CPU without AMX computes its long prompt chunks in float32 (faster there).
     `quantization="int8"` turns every projection and the LM head of a safetensors model into an
-    `Int8Linear` (see `helix_server.layers.int8_linear`), on helix's CPU kernel where it builds.
+    `Int8Linear` (see `helix_server.layers.int8_linear`). Quantized layers (int8, a GGUF file's
+    blocks) run on helix's CPU kernels where they build and `cpu_kernels` is True, on AVX-512 or
+    AVX2 CPUs, even with `pack_for_cpu` False.
     """
     check_quantization(quantization)
     gguf_file = find_gguf_file(model_dir)
@@ -166,9 +169,9 @@ def load_model(
             else:
                 kernels = "oneDNN's pre-packed linear layers"
             logger.info("%s on the CPU: %s", Path(model_dir).name, kernels)
-    if quantization == "int8" and cpu_kernels and torch.device(device).type == "cpu" and load_cpu_kernels():
-        for module in model.modules():
-            if isinstance(module, Int8Linear):
+    if cpu_kernels and torch.device(device).type == "cpu" and load_quant_kernels():
+        for module in model.modules():  # quantized weights: helix's kernels for this CPU (AVX-512 or AVX2)
+            if isinstance(module, (Int8Linear, QuantizedLinear)) and not module.native:
                 module.use_cpu_kernels()
     if torch.device(device).type != "cpu":
         use_device_attention(model, device)

@@ -127,3 +127,22 @@ def test_bad_operands_are_refused_with_a_message():
         op(torch.zeros(1, 32), q, torch.ones(5))
     with pytest.raises(RuntimeError, match="float32"):
         op(torch.zeros(1, 32, dtype=torch.float64), q, scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(301, 200), (7, 16), (64, 1536), (3, 5)])
+def test_the_avx2_kernel_gives_the_avx512_kernels_bits(shape):
+    layer = _layer(*shape, seed=8, native=True)
+    x = torch.randn(11, shape[1], generator=torch.Generator().manual_seed(9))
+    expected = _run(layer, x)
+    layer.use_cpu_kernels("avx2")
+    assert layer.op_suffix == "_avx2"
+    for rows in (11, 1, 4, 5):
+        assert torch.equal(_run(layer, x[:rows]).view(torch.int32), expected[:rows].view(torch.int32)), rows
+
+
+@needs_kernels
+def test_the_avx2_kernel_refuses_bad_operands_too():
+    assert load_cpu_kernels()
+    with pytest.raises(RuntimeError, match=r"int8_linear_avx2: scale must be contiguous float32 \[4\]"):
+        torch.ops.helix.int8_linear_avx2(torch.zeros(1, 32), torch.zeros(4, 32, dtype=torch.int8), torch.ones(3))

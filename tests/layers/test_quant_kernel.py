@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
-from helix_server.layers.quantized_linear import NATIVE_KERNELS, dequantize_rows
+from helix_server.layers.quantized_linear import NATIVE_KERNELS, dequantize_rows, kernel_op_suffix
 from tests.fixtures.gguf_files import random_k_blocks
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (a dependency) writes and reads the blocks")
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TYPES = [qtype.name for qtype in NATIVE_KERNELS]
+ISAS = ["avx512", "avx2"]  # AVX2's kernels, forced here (this CPU runs either)
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256 weights (the others: blocks of 32)
 
 
@@ -33,21 +34,22 @@ def packed(weight: np.ndarray, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(gguf.quants.dequantize(raw, qtype))
 
 
-def quant_linear(x: torch.Tensor, raw: torch.Tensor, name: str) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, raw: torch.Tensor, name: str, isa: str = "avx512") -> torch.Tensor:
     op, code = NATIVE_KERNELS[getattr(gguf.GGMLQuantizationType, name)]
     with torch.inference_mode():
-        return getattr(torch.ops.helix, op)(x, raw, code, raw.shape[0])
+        return getattr(torch.ops.helix, op + kernel_op_suffix(isa))(x, raw, code, raw.shape[0])
 
 
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("shape", [(40, 256), (576, 1536), (37, 512)])
-def test_quant_linear_matches_gguf_dequantization(name, shape):
+@pytest.mark.parametrize("isa", ISAS)
+def test_quant_linear_matches_gguf_dequantization(name, isa, shape):
     assert load_cpu_kernels()
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(shape).astype(np.float32)
     raw, dequantized = packed(weight, name)
     x = torch.from_numpy(rng.standard_normal((19, shape[1])).astype(np.float32))
-    got = quant_linear(x, raw, name)
+    got = quant_linear(x, raw, name, isa)
     reference = x.double() @ dequantized.double().T
     # float32 sums of exact products of the dequantized weights: a few ulps of the magnitudes' sum.
     tolerance = 16 * 2**-23 * (x.abs().double() @ dequantized.abs().double().T)
@@ -56,7 +58,8 @@ def test_quant_linear_matches_gguf_dequantization(name, shape):
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_the_kernel_dequantizes_every_weight_to_the_portable_paths_bits(name):
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_kernel_dequantizes_every_weight_to_the_portable_paths_bits(name, isa):
     """x = the identity: each output is one weight times 1 plus zeros, so y = W^T exactly, as the
     kernel dequantized it; it must be `dequantize_rows`' float32 (and gguf's) bit for bit, but for
     the sign of zero weights (a sum of zeros is +0)."""
@@ -65,25 +68,26 @@ def test_the_kernel_dequantizes_every_weight_to_the_portable_paths_bits(name):
     qtype = getattr(gguf.GGMLQuantizationType, name)
     portable = dequantize_rows(raw, qtype)  # [24, 512]
     assert torch.equal(portable, from_gguf) and portable.abs().max().item() > 0
-    got = quant_linear(torch.eye(512), raw, name)  # [512, 24]
+    got = quant_linear(torch.eye(512), raw, name, isa)  # [512, 24]
     nonzero = portable != 0
     assert torch.equal(got.T[nonzero].view(torch.int32), portable[nonzero].view(torch.int32))
     assert not got.T[~nonzero].any()
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_a_rows_result_is_bitwise_the_same_in_any_batch_and_thread_count(name):
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_rows_result_is_bitwise_the_same_in_any_batch_and_thread_count(name, isa):
     assert load_cpu_kernels()
     rng = np.random.default_rng(1)
     raw, _ = packed(rng.standard_normal((300, 512)).astype(np.float32), name)
     x = torch.from_numpy(rng.standard_normal((21, 512)).astype(np.float32))
-    together = quant_linear(x, raw, name)
+    together = quant_linear(x, raw, name, isa)
     for rows in (1, 2, 5, 8, 9, 16):
-        assert torch.equal(quant_linear(x[:rows], raw, name), together[:rows]), rows
+        assert torch.equal(quant_linear(x[:rows], raw, name, isa), together[:rows]), rows
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(quant_linear(x, raw, name), together)
+        assert torch.equal(quant_linear(x, raw, name, isa), together)
     finally:
         torch.set_num_threads(threads)
 
@@ -111,3 +115,44 @@ def test_bad_k_quant_operands_are_refused_with_a_message():
         quant_linear(torch.zeros(1, 256), raw, "Q6_K")  # Q6_K super-blocks are 210 bytes
     with pytest.raises(RuntimeError, match="unknown quantization type"):
         torch.ops.helix.quant_linear_k(torch.zeros(1, 256), raw, 3, 4)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_avx2_kernels_give_the_avx512_kernels_bits(name):
+    assert load_cpu_kernels()
+    rng = np.random.default_rng(3)
+    raw, _ = packed(rng.standard_normal((75, 768)).astype(np.float32), name)
+    x = torch.from_numpy(rng.standard_normal((13, 768)).astype(np.float32))
+    expected = quant_linear(x, raw, name, "avx512")
+    assert torch.equal(quant_linear(x, raw, name, "avx2").view(torch.int32), expected.view(torch.int32))
+
+
+def test_bad_operands_are_refused_by_the_avx2_kernels_too():
+    assert load_cpu_kernels()
+    with pytest.raises(RuntimeError, match=r"quant_linear_avx2: weight must be contiguous uint8 \[4, 20\]"):
+        quant_linear(torch.zeros(1, 32), torch.zeros(4, 18, dtype=torch.uint8), "Q4_1", "avx2")
+    with pytest.raises(RuntimeError, match="quant_linear_k_avx2: 128 input features are not a multiple of 256"):
+        quant_linear(torch.zeros(1, 128), torch.zeros(4, 144, dtype=torch.uint8), "Q4_K", "avx2")
+    with pytest.raises(RuntimeError, match="unknown quantization type"):
+        torch.ops.helix.quant_linear_avx2(torch.zeros(1, 32), torch.zeros(4, 18, dtype=torch.uint8), 3, 4)
+
+
+def test_the_kernels_instruction_set_follows_the_cpus_flags(monkeypatch):
+    from helix_server.layers import cpu_kernels
+
+    cases = {
+        frozenset({"avx512f", "avx2", "fma", "f16c"}): "avx512",
+        frozenset({"avx2", "fma", "f16c"}): "avx2",
+        frozenset({"avx2", "fma"}): None,
+        frozenset({"sse4_2"}): None,
+    }
+    for flags, isa in cases.items():
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda flags=flags: flags)
+        assert cpu_kernels.quant_kernel_isa() == isa
+        assert cpu_kernels.cpu_kernels_supported() == (isa == "avx512")
+        assert cpu_kernels.load_quant_kernels() == (isa is not None)
+        assert cpu_kernels.load_cpu_kernels() == (isa == "avx512")
+        if isa is not None:
+            assert kernel_op_suffix() == ("_avx2" if isa == "avx2" else "")
+    with pytest.raises(ValueError, match="no quantized-weight kernels for 'neon'"):
+        kernel_op_suffix("neon")

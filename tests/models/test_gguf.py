@@ -142,7 +142,7 @@ def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(
     shape = {"hidden_size": 256, "intermediate_size": 512} if qtype in K_TYPES else {}
     hf = tiny_hf_model("llama", tie_word_embeddings=tied, **shape)
     path = write_gguf(hf, tokenizer_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
-    model = load_model(path, torch.float32, "cpu", pack_for_cpu=kernels)
+    model = load_model(path, torch.float32, "cpu", pack_for_cpu=kernels, cpu_kernels=kernels)
     assert {m.native for m in model.modules() if isinstance(m, QuantizedLinear)} == ({kernels} if qtype != Q.F16 else set())
 
     layers = model.model.layers[0]

@@ -168,3 +168,20 @@ def test_greedy_is_identical_with_and_without_ngram_speculation(model_dir):
     assert [r.outputs[0].token_ids for r in spec.generate(prompts, params)] == expected
     stats = spec.engine.stats()
     assert stats.spec_num_draft_tokens_total > 0 and stats.spec_num_accepted_tokens_total > 0
+
+
+@needs_kernels
+def test_on_a_cpu_with_avx2_only_the_int8_layers_run_the_avx2_kernel(model_dir, monkeypatch):
+    """The CPU's flags as an AVX2 machine reports them: no AVX-512 kernels (panels, fused ops), the
+    quantized layers on the AVX2 kernel, the same logits as the dequantized float model."""
+    from helix_server.layers import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    model = load_model(model_dir, torch.float32, "cpu", quantization="int8")
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 4 * model.num_layers + 1 and all(m.native and m.op_suffix == "_avx2" for m in layers)
+    token_ids = _token_ids()
+    reference = _dequantized_reference(model_dir)
+    for ours, ref in zip(_run_engine_like(model, token_ids, 8, 0), _run_engine_like(reference, token_ids, 8, 0),
+                         strict=True):
+        assert (ours - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())

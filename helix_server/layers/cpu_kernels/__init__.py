@@ -8,7 +8,8 @@ per machine, torch and source version. `helix-server serve` starts it in the bac
 (`start_building_cpu_kernels()`) before the weights load, and the first layer that needs the
 kernels waits for it; `helix-server build-kernels` (run by `make install`) builds them ahead of
 time. They need x86-64 Linux, a CPU
-with AVX-512F and a GCC-compatible C++ compiler (`$CXX`, else `c++` or `g++`). Anywhere else, or
+with AVX-512F (the quantized-weight kernels: AVX2, FMA and F16C are enough, see `load_quant_kernels`)
+and a GCC-compatible C++ compiler (`$CXX`, else `c++` or `g++`). Anywhere else, or
 when the build fails (logged once, with the compiler's message), it returns False and the callers
 keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-kernels`).
 
@@ -19,7 +20,9 @@ bfloat16 on AMX), used by `helix_server.layers.panel_linear`;
 (`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks) and `quant_linear_k` (`quant_gemm_k.cpp`: Q4_K, Q5_K,
 Q6_K super-blocks), used by `helix_server.layers.quantized_linear`;
 `int8_linear` (`quant_gemm_int8.cpp`: int8 weights, a scale per output row), used by
-`helix_server.layers.int8_linear`.
+`helix_server.layers.int8_linear`; and the same three for CPUs without AVX-512, `quant_linear_avx2`,
+`quant_linear_k_avx2`, `int8_linear_avx2` (`quant_gemm_avx2.cpp`, compiled with AVX2 + FMA + F16C
+only; `quant_kernel_isa()` says which set a CPU runs).
 """
 
 from __future__ import annotations
@@ -55,9 +58,13 @@ SOURCES = tuple(
         "quant_gemm.cpp",
         "quant_gemm_k.cpp",
         "quant_gemm_int8.cpp",
+        "quant_gemm_avx2.cpp",
     )
 )
-HEADERS = (_HERE / "vec_math.h",)
+HEADERS = (_HERE / "vec_math.h", _HERE / "quant_common.h")
+# Sources for CPUs without AVX-512, compiled without it (so that no AVX-512 instruction can slip in).
+AVX2_SOURCES = frozenset({"quant_gemm_avx2.cpp"})
+AVX2_FLAGS = ("-mavx2", "-mf16c")
 # Measured with g++ (torch 2.13): compiling all sources takes ~45 s of CPU time, the largest one
 # (panel_gemm.cpp) ~20 s. Used only to tell the user how long a first build should take on idle CPUs.
 BUILD_CPU_S = 45.0
@@ -74,19 +81,47 @@ def cache_dir() -> Path:
 
 
 def cpu_kernels_supported() -> bool:
-    """Whether this platform can run the kernels at all (before trying to build them)."""
+    """Whether this platform can run the kernels at all, AVX-512 ones included (before trying to
+    build them)."""
+    return _library_supported() and "avx512f" in cpu_flags()
+
+
+def quant_kernel_isa() -> str | None:
+    """Which quantized-weight kernels this CPU runs: "avx512" (AVX-512F: `quant_linear`,
+    `quant_linear_k`, `int8_linear`), "avx2" (AVX2 + FMA + F16C: their `_avx2` twins, same results
+    bit for bit), or None."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return None
+
+
+def load_cpu_kernels() -> bool:
+    """Build (once per machine and torch) and load the kernels; False where they cannot run (no
+    AVX-512: see `load_quant_kernels` for the quantized-weight ones).
+
+    Waits for a build already under way in this process (see `start_building_cpu_kernels`)."""
+    return cpu_kernels_supported() and _load_library()
+
+
+def load_quant_kernels() -> bool:
+    """`load_cpu_kernels` for the quantized-weight kernels only, which also run on AVX2 CPUs (the
+    library loads there; only the ops `quant_kernel_isa` names may be called)."""
+    return quant_kernel_isa() is not None and _load_library()
+
+
+def _library_supported() -> bool:
     return (
         sys.platform.startswith("linux")
         and platform.machine().lower() in ("x86_64", "amd64")
-        and "avx512f" in cpu_flags()
+        and quant_kernel_isa() is not None
         and _compiler() is not None
     )
 
 
-def load_cpu_kernels() -> bool:
-    """Build (once per machine and torch) and load the kernels; False where they cannot run.
-
-    Waits for a build already under way in this process (see `start_building_cpu_kernels`)."""
+def _load_library() -> bool:
     if not _BUILD_LOCK.acquire(blocking=False):
         logger.info("waiting for helix's CPU kernels (being built or loaded in the background) ...")
         _BUILD_LOCK.acquire()
@@ -98,9 +133,9 @@ def load_cpu_kernels() -> bool:
 
 def start_building_cpu_kernels() -> threading.Thread | None:
     """Build and load the kernels in a background thread (None where they cannot run here)."""
-    if not cpu_kernels_supported():
+    if not _library_supported():
         return None
-    thread = threading.Thread(target=load_cpu_kernels, name="helix-cpu-kernels-build", daemon=True)
+    thread = threading.Thread(target=_load_library, name="helix-cpu-kernels-build", daemon=True)
     thread.start()
     return thread
 
@@ -109,15 +144,15 @@ def build_cpu_kernels() -> Path:
     """Build the kernels into the cache now (`helix-server build-kernels`): the library's path.
 
     Raises `RuntimeError` where they cannot run, `subprocess.CalledProcessError` when the compiler fails."""
-    if not cpu_kernels_supported():
-        raise RuntimeError("helix's CPU kernels need x86-64 Linux, AVX-512F and a C++ compiler")
+    if not _library_supported():
+        raise RuntimeError("helix's CPU kernels need x86-64 Linux, AVX-512F or AVX2 and a C++ compiler")
     with _BUILD_LOCK:
         return _build()
 
 
 @functools.cache
 def _load_once() -> bool:
-    if not cpu_kernels_supported():
+    if not _library_supported():
         return False
     try:
         torch.ops.load_library(str(_build()))
@@ -152,7 +187,7 @@ def _build() -> Path:
     ]
     libs = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
     digest = hashlib.sha256()
-    for part in (torch.__version__, str(torch_dir), compiler, *flags, *libs):
+    for part in (torch.__version__, str(torch_dir), compiler, *flags, *libs, *sorted(AVX2_SOURCES), *AVX2_FLAGS):
         digest.update(part.encode() + b"\0")
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
@@ -187,7 +222,10 @@ def _compile_and_link(compiler: str, flags: list[str], libs: list[str], output: 
 
     def compile_one(pair: tuple[Path, Path]) -> None:
         source, obj = pair
-        command = [compiler, *compile_flags, "-c", str(source), "-o", str(obj)]
+        own_flags = compile_flags
+        if source.name in AVX2_SOURCES:
+            own_flags = [flag for flag in compile_flags if flag != "-mavx512f"] + list(AVX2_FLAGS)
+        command = [compiler, *own_flags, "-c", str(source), "-o", str(obj)]
         subprocess.run(command, check=True, capture_output=True, text=True)
 
     with ThreadPoolExecutor(max_workers=_build_workers()) as pool:

@@ -26,17 +26,13 @@
 #include <cstring>
 #include <utility>
 
+#include "quant_common.h"
 #include "vec_math.h"
 
 namespace {
 
+using namespace helix_quant;
 using helix_vec::kLanes;
-
-constexpr int64_t kBlock = 32;  // weights per block, every type here
-
-enum QuantType : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
-
-constexpr int64_t block_bytes(int64_t type) { return type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 20; }
 
 // A float16 (its bits) as a float32 lane broadcast, exactly.
 inline __m512 broadcast_half(const uint8_t* p) {
@@ -45,33 +41,15 @@ inline __m512 broadcast_half(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<int16_t>(bits)));
 }
 
-// Block `b` of a row as its 32 float32 weights: lo = elements 0..15, hi = 16..31.
+// Half `half` of a block as 16 float32 weights.
 template <int64_t Type>
-inline void dequantize_block(const uint8_t* block, __m512& lo, __m512& hi) {
+inline __m512 dequantize_half(const uint8_t* block, int half) {
   const __m512 d = broadcast_half(block);
-  if constexpr (Type == kQ8_0) {
-    const __m128i q_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2));
-    const __m128i q_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 18));
-    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_lo)), d);
-    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q_hi)), d);
-  } else {
-    const uint8_t* nibbles = block + (Type == kQ4_0 ? 2 : 4);
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i q_lo = _mm_and_si128(packed, mask);
-    const __m128i q_hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-    __m512 f_lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q_lo));
-    __m512 f_hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q_hi));
-    if constexpr (Type == kQ4_0) {
-      const __m512 eight = _mm512_set1_ps(8.0f);  // q - 8 is exact in float32
-      lo = _mm512_mul_ps(_mm512_sub_ps(f_lo, eight), d);
-      hi = _mm512_mul_ps(_mm512_sub_ps(f_hi, eight), d);
-    } else {
-      const __m512 m = broadcast_half(block + 2);
-      lo = _mm512_add_ps(_mm512_mul_ps(f_lo, d), m);
-      hi = _mm512_add_ps(_mm512_mul_ps(f_hi, d), m);
-    }
-  }
+  const __m128i q = block_quants<Type>(block, half);
+  if constexpr (Type == kQ8_0) return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+  if constexpr (Type == kQ4_0) return _mm512_mul_ps(_mm512_sub_ps(f, _mm512_set1_ps(8.0f)), d);  // q - 8: exact
+  return _mm512_add_ps(_mm512_mul_ps(f, d), broadcast_half(block + 2));
 }
 
 // y[r, n] for `Rows` rows of x and one output row `w` of `blocks` blocks.
@@ -81,8 +59,7 @@ void row_tile(const float* x, int64_t k_len, const uint8_t* w, int64_t blocks, f
   for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
   constexpr int64_t bytes = block_bytes(Type);
   for (int64_t b = 0; b < blocks; ++b) {
-    __m512 lo, hi;
-    dequantize_block<Type>(w + b * bytes, lo, hi);
+    const __m512 lo = dequantize_half<Type>(w + b * bytes, 0), hi = dequantize_half<Type>(w + b * bytes, 1);
     for (int r = 0; r < Rows; ++r) {
       const float* xr = x + r * k_len + b * kBlock;
       acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo, acc[r]);
@@ -106,30 +83,17 @@ constexpr auto kRowTiles = row_tiles<Type>(std::make_integer_sequence<int, kMaxR
 
 template <int64_t Type>
 void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t m, int64_t k_len, int64_t n_len) {
-  const int64_t blocks = k_len / kBlock;
-  // Threads split the outputs; an output row's blocks stay in L1 while the row tiles walk over them.
-  at::parallel_for(0, n_len, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* wn = w + n * row_bytes;
-      for (int64_t row0 = 0; row0 < m; row0 += kMaxRows) {
-        const int rows_here = static_cast<int>(std::min<int64_t>(kMaxRows, m - row0));
-        kRowTiles<Type>[rows_here - 1](x + row0 * k_len, k_len, wn, blocks, y + row0 * n_len + n, n_len);
-      }
-    }
+  for_each_output_tile(m, n_len, kMaxRows, 16, [&](int64_t n, int64_t row0, int rows) {
+    kRowTiles<Type>[rows - 1](x + row0 * k_len, k_len, w + n * row_bytes, k_len / kBlock, y + row0 * n_len + n, n_len);
   });
 }
 
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
   TORCH_CHECK(quant_type == kQ8_0 || quant_type == kQ4_0 || quant_type == kQ4_1,
               "quant_linear: unknown quantization type ", quant_type);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "quant_linear: x must be 2-D float32");
-  const int64_t k_len = x_in.size(1), bytes = block_bytes(quant_type);
-  TORCH_CHECK(k_len % kBlock == 0, "quant_linear: ", k_len, " input features are not a multiple of 32");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous() &&
-                  weight.size(0) == n_len && weight.size(1) == k_len / kBlock * bytes,
-              "quant_linear: weight must be contiguous uint8 [", n_len, ", ", k_len / kBlock * bytes, "]");
+  check_packed_operands("quant_linear", x_in, weight, n_len, kBlock, block_bytes(quant_type));
   const at::Tensor x = x_in.contiguous();
-  const int64_t m = x.size(0);
+  const int64_t m = x.size(0), k_len = x.size(1);
   at::Tensor y = at::empty({m, n_len}, x.options());
   if (m == 0 || n_len == 0) return y;
   const float* xp = x.data_ptr<float>();

@@ -22,10 +22,12 @@
 #include <cstring>
 #include <utility>
 
+#include "quant_common.h"
 #include "vec_math.h"
 
 namespace {
 
+using helix_quant::check_int8_operands;
 using helix_vec::kLanes;
 using helix_vec::tail_mask;
 
@@ -75,15 +77,8 @@ constexpr std::array<std::array<TileFn, kCols>, sizeof...(R)> all_tiles(std::int
 constexpr auto kTiles = all_tiles(std::make_integer_sequence<int, kMaxRows>{});
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int8_linear: x must be 2-D float32");
-  const int64_t k_len = x_in.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() &&
-                  weight.size(1) == k_len,
-              "int8_linear: weight must be contiguous int8 [out_features, ", k_len, "]");
-  const int64_t n_len = weight.size(0);
-  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.size(0) == n_len,
-              "int8_linear: scale must be contiguous float32 [", n_len, "]");
+  check_int8_operands("int8_linear", x_in, weight, scale);
+  const int64_t k_len = x_in.size(1), n_len = weight.size(0);
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n_len}, x.options());

@@ -1,0 +1,149 @@
+// What helix's quantized-weight kernels share whatever the vector width (plain C++ and SSE2, which every
+// x86-64 CPU has): block sizes, operand checks, the parallel walk over outputs and row tiles, and the
+// decoding of a K-quant super-block's scales and quants (see quant_gemm_k.cpp for the layouts).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <emmintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace helix_quant {
+
+// GGUF blocks of 32 weights (`quant_linear`): type code -> bytes a block.
+enum QuantType : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+constexpr int64_t kBlock = 32;
+constexpr int64_t block_bytes(int64_t type) { return type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 20; }
+
+// GGUF K-quant super-blocks of 256 weights (`quant_linear_k`).
+enum KQuantType : int64_t { kQ4_K = 0, kQ5_K = 1, kQ6_K = 2 };
+constexpr int64_t kSuper = 256;
+constexpr int64_t super_block_bytes(int64_t type) { return type == kQ4_K ? 144 : type == kQ5_K ? 176 : 210; }
+
+// x float32 [M, K] and packed rows uint8 [n_len, K / block * bytes]; raises with `op`'s name otherwise.
+inline void check_packed_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t n_len,
+                                  int64_t block, int64_t bytes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be 2-D float32");
+  const int64_t k_len = x.size(1);
+  TORCH_CHECK(k_len % block == 0, op, ": ", k_len, " input features are not a multiple of ", block);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous() &&
+                  weight.size(0) == n_len && weight.size(1) == k_len / block * bytes,
+              op, ": weight must be contiguous uint8 [", n_len, ", ", k_len / block * bytes, "]");
+}
+
+// x float32 [M, K], q int8 [N, K], scale float32 [N]; raises with `op`'s name otherwise.
+inline void check_int8_operands(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be 2-D float32");
+  const int64_t k_len = x.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() &&
+                  weight.size(1) == k_len,
+              op, ": weight must be contiguous int8 [out_features, ", k_len, "]");
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.size(0) == weight.size(0),
+              op, ": scale must be contiguous float32 [", weight.size(0), "]");
+}
+
+// tile(n, row0, rows) for every output n (threads split the outputs, in chunks of `grain`) and every
+// tile of at most `max_rows` x rows: an output's row tiles run on one thread, its weights hot in L1.
+template <typename Tile>
+void for_each_output_tile(int64_t m, int64_t n_len, int64_t max_rows, int64_t grain, const Tile& tile) {
+  at::parallel_for(0, n_len, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t row0 = 0; row0 < m; row0 += max_rows) tile(n, row0, static_cast<int>(std::min(max_rows, m - row0)));
+  });
+}
+
+// An IEEE half (its bits) as a float, exactly.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);  // inf, NaN
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;  // +-0
+  } else {  // subnormal: normalise
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return half_to_float(bits);
+}
+
+// A K-quant super-block's per-chunk scales: chunk c (weights 16c .. 16c+15) is scale[c] * q - min[c]
+// (Q4_K, Q5_K) or scale[c] * (q - 32) (Q6_K), each scale and min one rounded float32 product as gguf
+// computes them.
+struct KScales {
+  float scale[16];
+  float min[16];
+};
+
+template <int64_t Type>
+inline void k_block_scales(const uint8_t* block, KScales& s) {
+  if constexpr (Type == kQ6_K) {
+    const float d = half_at(block + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(block + 192);
+    for (int c = 0; c < 16; ++c) s.scale[c] = d * static_cast<float>(sc[c]);
+  } else {
+    const float d = half_at(block), dmin = half_at(block + 2);
+    const uint8_t* q = block + 4;
+    for (int j = 0; j < 8; ++j) {
+      const int sc = j < 4 ? q[j] & 63 : (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+      const int m = j < 4 ? q[j + 4] & 63 : (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+      s.scale[2 * j] = s.scale[2 * j + 1] = d * static_cast<float>(sc);
+      s.min[2 * j] = s.min[2 * j + 1] = dmin * static_cast<float>(m);
+    }
+  }
+}
+
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// 16 bytes shifted right by `shift` bits each (bytes are shifted in 16-bit pairs; `mask` drops what
+// crossed over from the neighbour).
+inline __m128i bits_of(__m128i bytes, int shift, int mask) {
+  return _mm_and_si128(_mm_srl_epi16(bytes, _mm_cvtsi32_si128(shift)), _mm_set1_epi8(static_cast<char>(mask)));
+}
+
+// The quants of half `half` (weights 16 half .. 16 half + 15) of a 32-weight block, one byte each:
+// Q8_0 int8, Q4_0 / Q4_1 0..15 (nibble byte j holds weight j low, weight j + 16 high).
+template <int64_t Type>
+inline __m128i block_quants(const uint8_t* block, int half) {
+  if constexpr (Type == kQ8_0) return load16(block + 2 + 16 * half);
+  return bits_of(load16(block + (Type == kQ4_0 ? 2 : 4)), 4 * half, 0x0F);
+}
+
+// The quants of chunk c (weights 16c .. 16c+15) of a K-quant super-block, one byte each: Q4_K 0..15,
+// Q5_K 0..31, Q6_K 0..63 (before its - 32).
+template <int64_t Type>
+inline __m128i k_chunk_quants(const uint8_t* block, int c) {
+  if constexpr (Type == kQ6_K) {
+    const int h = c / 8, nibble = (c % 8) / 4, i0 = (c % 4) * 16, pair = (c % 8) / 2, l0 = (c % 2) * 16;
+    const __m128i low = bits_of(load16(block + 64 * h + i0), 4 * nibble, 0x0F);
+    const __m128i high = bits_of(load16(block + 128 + 32 * h + l0), 2 * pair, 0x03);
+    return _mm_or_si128(low, _mm_slli_epi16(high, 4));  // no carry across bytes
+  } else {
+    const int j = c / 2, half = c % 2;
+    const uint8_t* qs = block + (Type == kQ4_K ? 16 : 48);
+    const __m128i q = bits_of(load16(qs + 32 * (j / 2) + 16 * half), 4 * (j % 2), 0x0F);
+    if constexpr (Type == kQ4_K) return q;
+    return _mm_or_si128(q, _mm_slli_epi16(bits_of(load16(block + 16 + 16 * half), j, 0x01), 4));
+  }
+}
+
+}  // namespace helix_quant
