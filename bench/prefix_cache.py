@@ -38,7 +38,7 @@ from bench_models import BENCH_VOCAB, bench_model_dir  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.config import SchedulerConfig  # noqa: E402
-from helix_server.runner.output import ModelRunnerOutput  # noqa: E402
+from helix_server.step_contract import ModelRunnerOutput  # noqa: E402
 from helix_server.scheduler import Request, RequestStatus, Scheduler  # noqa: E402
 
 BLOCK_SIZE = 16

@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace, config) -> int:
     from helix_server.engine.core import EngineCore
+    from helix_server.platform.process_policy import prepare_process
     from helix_server.sampling_params import SamplingParams
 
+    prepare_process(config.engine.model.device)
     engine = EngineCore(config.engine)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.sampling_seed

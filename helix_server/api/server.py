@@ -14,7 +14,6 @@ is timed out (`header_timeout`, `body_timeout`, `keep_alive_timeout`).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import resource
 import signal
@@ -33,6 +32,7 @@ from helix_server.engine.async_engine import AsyncEngine
 from helix_server.errors import HelixError
 from helix_server.layers.cpu_kernels import start_building_cpu_kernels
 from helix_server.platform.device import resolve_device
+from helix_server.platform.process_policy import freeze_loaded_objects, prepare_process
 
 logger = logging.getLogger("helix_server.api")
 
@@ -108,7 +108,7 @@ def log_startup(engine: AsyncEngine, config: HelixConfig, port: int) -> None:
         runtime.model_dir,
         runtime.device,
         str(runtime.dtype).removeprefix("torch."),
-        engine.core.max_sequence_len,
+        engine.max_sequence_len,
     )
     # (The KV pool's size was logged when it was allocated.)
     scheduler = config.engine.scheduler
@@ -197,6 +197,7 @@ def serve(config: HelixConfig) -> int:
     with sock:
         if uses_cpu_kernels(config):  # compile (first run only) while the weights load
             start_building_cpu_kernels()
+        prepare_process(config.engine.model.device)
         try:
             engine = build_engine(config)
         except (HelixError, OSError, ValueError) as exc:
@@ -204,11 +205,7 @@ def serve(config: HelixConfig) -> int:
             return 1
         app = create_app(engine, config)
         log_startup(engine, config, sock.getsockname()[1])
-        # The model, torch and transformers' modules live as long as the process: move them out of the
-        # cyclic garbage collector's sight, or each full collection walks them all (measured: ~100 ms
-        # pauses in the step loop on a 2-core CPU).
-        gc.collect()
-        gc.freeze()
+        freeze_loaded_objects()
         server = DrainingServer(uvicorn_config(app, server_config), app.state[STATE_KEY], server_config.shutdown_timeout)
         try:
             server.run(sockets=[sock])

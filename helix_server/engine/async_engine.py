@@ -27,11 +27,11 @@ from helix_server.config import EngineConfig
 from helix_server.engine.admission import RETRY_AFTER_SECONDS, check_admission, check_request_size
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import RequestOutput
-from helix_server.engine.runtime import load_components
 from helix_server.engine.stats import EngineStats
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
 from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
-from helix_server.sampling_params import SamplingParams
+from helix_server.runner.loader import load_model
+from helix_server.sampling_params import SamplingParams, StructuredOutputSpec
 
 logger = logging.getLogger("helix_server")
 
@@ -100,6 +100,9 @@ class AsyncEngine:
         self.tokenizer = tokenizer or load_tokenizer(core.runtime.model_dir)
         self.tokenizer.sanitize_chat_content = not core.config.model.allow_special_tokens_in_content
         self.runtime = core.runtime
+        # Read from the event loop: copies of values the engine fixes at construction.
+        self._max_sequence_len = core.max_sequence_len
+        self._max_speculation_depth = core.max_speculation_depth
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,7 +120,7 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress=None) -> AsyncEngine:
-        return cls(EngineCore(config, load_components(config, progress=progress)))
+        return cls(EngineCore(config, load_model(config, progress=progress)))
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -150,6 +153,21 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         """Requests added through this front and not yet fully delivered."""
         return len(self._streams)
+
+    @property
+    def max_sequence_len(self) -> int:
+        """The longest sequence (prompt + completion) a request may reach (fixed at start-up)."""
+        return self._max_sequence_len
+
+    @property
+    def max_speculation_depth(self) -> int:
+        """The most drafts a request may verify per step; 0 without speculative decoding."""
+        return self._max_speculation_depth
+
+    async def compile_structured_output(self, spec: StructuredOutputSpec) -> None:
+        """Compile a request's grammar off the event loop, time-limited (`ParameterError` when it
+        is bad or too slow); the engine thread then finds it compiled."""
+        await self.core.structured.compile_async(spec)
 
     def stats(self) -> EngineStats:
         """The engine's counters and gauges (read without locking: plain values), plus the requests

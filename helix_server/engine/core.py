@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
@@ -21,19 +22,17 @@ from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.kv_events import build_kv_event_publisher
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
-from helix_server.engine.runtime import EngineComponents, load_components
-from helix_server.engine.speculation import AcceptanceMonitor, build_proposer, prior_draft_cost
 from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.structured import StructuredOutputBackend
 from helix_server.engine.structured.manager import StructuredOutputManager
+from helix_server.engine.tokenizer import load_tokenizer
 from helix_server.engine.validation import validate_request
 from helix_server.errors import ParameterError
+from helix_server.runner.loader import LoadedModel, load_model
 from helix_server.runner.model_runner import ModelRunner
-from helix_server.runner.output import ModelRunnerOutput
-from helix_server.runner.sampler import Sampler
 from helix_server.sampling_params import SamplingParams
-from helix_server.scheduler import Request, RequestStatus, Scheduler, SchedulerOutput
-from helix_server.spec.depth_policy import DepthPolicy
+from helix_server.scheduler import Request, RequestStatus, Scheduler
+from helix_server.step_contract import SchedulerOutput
 
 logger = logging.getLogger("helix_server")
 
@@ -45,13 +44,13 @@ class EngineCore:
     calls them directly; `AsyncEngine` from its background thread).
     """
 
-    def __init__(self, config: EngineConfig, components: EngineComponents | None = None) -> None:
-        components = components or load_components(config)
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        loaded = loaded or load_model(config)
         self.config = config
-        self.runtime = components.runtime
-        self.tokenizer = components.tokenizer
-        if self.tokenizer is not None:
-            self.tokenizer.sanitize_chat_content = not config.model.allow_special_tokens_in_content
+        self.runtime = loaded.runtime
+        self.tokenizer = load_tokenizer(Path(config.model.tokenizer) if config.model.tokenizer else self.runtime.model_dir)
+        self.tokenizer.sanitize_chat_content = not config.model.allow_special_tokens_in_content
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(
             config.scheduler,
             self.runtime.block_size,
@@ -62,27 +61,10 @@ class EngineCore:
         self.kv_events = build_kv_event_publisher(config.cache.kv_events_config, self.runtime.block_size)
         if self.kv_events is not None:
             self.scheduler.kv_cache_manager.block_pool.event_sink = self.kv_events.put
-        sampler = Sampler(
-            self.runtime.vocab_size, set(self.runtime.eos_token_ids), self.runtime.device, seed=config.model.seed
-        )
-        proposer = build_proposer(config.speculative, components)
-        self.runner = ModelRunner(
-            components.model, components.kv_caches, self.runtime.block_size, sampler, self.runtime.device, proposer
-        )
-        self.max_speculation_depth = config.speculative.max_depth if proposer is not None else 0
+        self.runner = ModelRunner.from_loaded(loaded, config, set(self.eos_token_ids))
         # Structured outputs: grammars compiled at request entry (`structured.compile_async`).
         self.structured = StructuredOutputBackend(self.tokenizer)
         self.structured_matchers = StructuredOutputManager(self.structured)
-        self.depth_policy = DepthPolicy(
-            max_depth=self.max_speculation_depth,
-            adaptive=config.speculative.adaptive,
-            prior_draft_cost=prior_draft_cost(config.speculative, components) if proposer is not None else 0.0,
-        )
-        # A fixed depth warns when its drafts are rarely accepted (`auto` backs off by itself).
-        fixed_depth = proposer is not None and not config.speculative.adaptive
-        self.acceptance_monitor = AcceptanceMonitor(self.max_speculation_depth) if fixed_depth else None
-        # Seconds the last drafting took: part of the cost of the step that verifies its drafts.
-        self._last_propose_seconds = 0.0
         # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
         self.max_sequence_len = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
         self._requests: dict[str, RequestState] = {}
@@ -144,7 +126,7 @@ class EngineCore:
             leader = leader or request
             request.max_num_tokens = len(prompt_token_ids) + (params.max_tokens or self.max_sequence_len)
             request.max_num_tokens = min(request.max_num_tokens, self.max_sequence_len)
-            request.num_lookahead_tokens = self._speculation_depth(params)
+            request.num_lookahead_tokens = self.runner.num_lookahead_tokens(params.speculation_depth)
             # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
             request.skip_reading_prefix_cache = params.prompt_logprobs is not None
             detokenizer = IncrementalDetokenizer(
@@ -166,11 +148,10 @@ class EngineCore:
             self._parent_of[seq.request.request_id] = state
             self.scheduler.add_request(seq.request)
 
-    def _speculation_depth(self, params: SamplingParams) -> int:
-        """The most drafts per step for a request: the server's maximum, or less if it asks."""
-        if params.speculation_depth is None:
-            return self.max_speculation_depth
-        return min(params.speculation_depth, self.max_speculation_depth)
+    @property
+    def max_speculation_depth(self) -> int:
+        """The most drafts a request may verify per step (0: no speculative decoding)."""
+        return self.runner.max_speculation_depth
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is; its blocks are free when this returns. Returns its final
@@ -191,6 +172,7 @@ class EngineCore:
         """A snapshot of queue sizes, KV pool use and totals (cheap; safe to call from any thread)."""
         scheduler = self.scheduler
         prefix_cache = scheduler.prefix_cache_stats
+        spec = self.runner.spec_counters
         return EngineStats(
             num_requests_running=scheduler.num_running,
             num_requests_waiting=scheduler.num_waiting,
@@ -204,10 +186,10 @@ class EngineCore:
             prompt_tokens_total=self.counters.prompt_tokens,
             generation_tokens_total=self.counters.generation_tokens,
             finished_sequences_total=dict(self.counters.finished_sequences),
-            spec_num_drafts_total=self.counters.spec_num_drafts,
-            spec_num_draft_tokens_total=self.counters.spec_num_draft_tokens,
-            spec_num_accepted_tokens_total=self.counters.spec_num_accepted_tokens,
-            spec_accepted_tokens_per_position_total=dict(self.counters.spec_accepted_per_position),
+            spec_num_drafts_total=spec.num_drafts,
+            spec_num_draft_tokens_total=spec.num_draft_tokens,
+            spec_num_accepted_tokens_total=spec.num_accepted_tokens,
+            spec_accepted_tokens_per_position_total=dict(spec.accepted_per_position),
         )
 
     # ----------------------------------------------------------------- the step
@@ -238,12 +220,13 @@ class EngineCore:
                     touched[state.request_id] = state
             return self._collect(touched)
 
-        step_seconds = time.perf_counter() - started
-        self.depth_policy.observe_step(scheduler_output.total_num_scheduled_tokens, step_seconds)
-        if self.max_speculation_depth:
-            self._observe_outcome(scheduler_output, runner_output, step_seconds)
+        self.runner.observe_step(scheduler_output, runner_output, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        self._count_speculation(runner_output)
+        for request_id, num_drafts in runner_output.num_draft_tokens.items():
+            state = self._parent_of.get(request_id)
+            if state is not None:
+                state.metrics.num_draft_tokens += num_drafts
+                state.metrics.num_accepted_tokens += len(runner_output.sampled_token_ids.get(request_id, ())) - 1
 
         for scheduled in scheduler_output.scheduled:
             state = self._parent_of.get(scheduled.request_id)
@@ -255,7 +238,7 @@ class EngineCore:
             if prompt_logprobs is not None:
                 state.add_prompt_logprobs(scheduled.start_position, prompt_logprobs)
 
-        eos_token_ids = self.runtime.eos_token_ids
+        eos_token_ids = self.eos_token_ids
         for request in updated:
             request_id = request.request_id
             seq = self._sequences.get(request_id)
@@ -279,74 +262,22 @@ class EngineCore:
                 self._fail_request(state, f"structured output failed: {error}")
                 touched[state.request_id] = state
         outputs = self._collect(touched)
-        if self.max_speculation_depth:
+        if self.runner.speculator is not None:
             self._propose([r for r in updated if not r.is_finished])
         return outputs
 
     # ----------------------------------------------------------------- speculative decoding
 
-    def _count_speculation(self, runner_output) -> None:
-        counters = self.counters
-        for request_id, num_drafts in runner_output.num_draft_tokens.items():
-            num_accepted = len(runner_output.sampled_token_ids.get(request_id, ())) - 1
-            counters.spec_num_drafts += 1
-            counters.spec_num_draft_tokens += num_drafts
-            counters.spec_num_accepted_tokens += num_accepted
-            for position in range(num_accepted):
-                counters.spec_accepted_per_position[position] += 1
-            self.depth_policy.observe_verification(request_id, num_drafts, num_accepted)
-            if self.acceptance_monitor is not None:
-                self.acceptance_monitor.observe(num_drafts, num_accepted)
-            state = self._parent_of.get(request_id)
-            if state is not None:
-                state.metrics.num_draft_tokens += num_drafts
-                state.metrics.num_accepted_tokens += num_accepted
-
-    def _observe_outcome(
-        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput, step_seconds: float
-    ) -> None:
-        """Tell the depth policy what this step generated, and what it cost with the drafting that
-        fed it (the last `_propose`)."""
-        sampling = [s for s in scheduler_output.scheduled if s.samples]
-        if sampling and len(sampling) == len(scheduler_output.scheduled):  # decode-only steps compare
-            self.depth_policy.observe_outcome(
-                num_requests=len(sampling),
-                num_drafting=sum(1 for s in sampling if s.num_spec_tokens),
-                num_tokens=sum(len(runner_output.sampled_token_ids.get(s.request_id, ())) for s in sampling),
-                seconds=step_seconds + self._last_propose_seconds,
-            )
-        self._last_propose_seconds = 0.0
-
     def _propose(self, requests: list[Request]) -> None:
-        """Draft the next step's tokens for requests that just got new ones (and may speculate)."""
-        limits, remaining = {}, {}
-        for request in requests:
-            # Leave room for the token the verification adds after the accepted drafts.
-            room = request.max_num_tokens - request.num_tokens - 1
-            limit = min(request.num_lookahead_tokens, room)
-            if limit > 0:
-                limits[request.request_id] = limit
-                remaining[request.request_id] = room + 1
-        if not limits:
-            return
-        backlogs = self.runner.proposal_backlogs([r for r in requests if r.request_id in limits])
-        depths = self.depth_policy.depths(
-            limits, num_batch_tokens=self.scheduler.num_running, backlogs=backlogs, remaining=remaining
+        """Drafts for the next step of requests that just got new tokens; a grammar keeps the
+        prefix of each request's drafts it allows."""
+        proposals = self.runner.propose(
+            requests,
+            self.scheduler.num_running,
+            self.scheduler.kv_cache_manager.get_block_ids,
+            self.structured_matchers.draft_bitmask,
         )
-        if not depths:
-            return
-        candidates = [r for r in requests if r.request_id in depths]
-        block_ids = {r.request_id: self.scheduler.kv_cache_manager.get_block_ids(r.request_id) for r in candidates}
-        started = time.perf_counter()
-        proposal = self.runner.propose(candidates, depths, block_ids, self.structured_matchers.draft_bitmask)
-        self._last_propose_seconds = time.perf_counter() - started
-        # A drafter catching up on whole prompts says nothing about the cost of drafting itself,
-        # but it measures the cost of catching up.
-        if proposal.num_catch_up_tokens <= 2 * len(candidates):
-            self.depth_policy.observe_proposal(max(depths.values()), self._last_propose_seconds)
-        else:
-            self.depth_policy.observe_catch_up(proposal.num_catch_up_tokens, self._last_propose_seconds)
-        for request, drafts in zip(candidates, proposal.token_ids):
+        for request, drafts in proposals:
             request.spec_token_ids = self.structured_matchers.valid_drafts(request, drafts)
 
     # ----------------------------------------------------------------- time limits
@@ -418,8 +349,6 @@ class EngineCore:
     def _take_output(self, state: RequestState) -> RequestOutput | None:
         output = state.take_output()
         if state.finished:
-            for seq in state.sequences:
-                self.depth_policy.forget(seq.request.request_id)
             self.structured_matchers.forget(seq.request.request_id for seq in state.sequences)
         if output is not None:
             for seq in output.outputs:

@@ -14,6 +14,7 @@ from helix_server.default_model import with_default_model
 from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import CompletionOutput, RequestOutput
 from helix_server.engine.tokenizer import Tokenizer
+from helix_server.platform.process_policy import prepare_process
 from helix_server.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -34,6 +35,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **settings) -> None:
         self.config = with_default_model(engine_config_from_settings(model, **settings))
+        prepare_process(self.config.model.device)
         self.engine = EngineCore(self.config)
 
     def get_tokenizer(self) -> Tokenizer:

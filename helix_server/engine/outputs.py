@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from helix_server.runner.output import TokenLogprob
+from helix_server.step_contract import TokenLogprob
 
 
 @dataclass

@@ -12,9 +12,9 @@ import time
 
 from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from helix_server.runner.output import TokenLogprob
 from helix_server.sampling_params import SamplingParams
 from helix_server.scheduler.request import Request, RequestStatus
+from helix_server.step_contract import TokenLogprob
 
 
 class SequenceState:

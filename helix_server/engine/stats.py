@@ -14,12 +14,6 @@ class EngineCounters:
     generation_tokens: int = 0
     # finish reason ("stop", "length", "abort", "error") -> finished sequences
     finished_sequences: Counter = field(default_factory=Counter)
-    # Speculative decoding: verifications that had drafts, drafts verified, drafts accepted, and
-    # accepted drafts by their position in the draft (0-based).
-    spec_num_drafts: int = 0
-    spec_num_draft_tokens: int = 0
-    spec_num_accepted_tokens: int = 0
-    spec_accepted_per_position: Counter = field(default_factory=Counter)
     # Requests refused or dropped, by reason ("queue_full", "queue_timeout").
     rejected: Counter = field(default_factory=Counter)
 

@@ -205,6 +205,16 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
     return dtype
 
 
+def device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes on a CUDA device after returning the caching allocator's unused blocks to
+    the driver; None where there is no reliable query (CPU, DirectML)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()  # what loading freed is not ours to keep
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
 def free_device_memory(device: torch.device) -> int | None:
     """Free bytes on a CUDA device; None where there is no reliable query (CPU, DirectML)."""
     if device.type != "cuda":

@@ -1,23 +1,31 @@
 """Turn a `SchedulerOutput` into tensors, run the model over the paged KV cache, and sample.
 
-The runner owns the KV cache tensors and the per-request sampling state that must outlive a step
-(seeded generators, the q of pending drafts). It never sees HTTP or request queues; what it returns
-is plain Python (`ModelRunnerOutput`).
+The runner owns the KV cache tensors, the sampler and, with speculative decoding, the `Speculator`
+(proposer, depth policy, verification, counters). It never sees HTTP or request queues; what it
+returns is plain Python (`ModelRunnerOutput`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from helix_server.config import EngineConfig
 from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
-from helix_server.runner.generators import RequestGenerators
-from helix_server.runner.output import ModelRunnerOutput, TokenLogprob
-from helix_server.runner.sampler import Sampler, SamplingRow
-from helix_server.runner.spec_decode import DraftBitmask, SpecDecoder
-from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
-from helix_server.scheduler.request import Request
-from helix_server.spec.proposer import Proposal, ProposalRequest, Proposer
+from helix_server.runner.loader import LoadedModel
+from helix_server.sample.generators import RequestGenerators
+from helix_server.sample.sampler import Sampler
+from helix_server.sample.sampling_row import SamplingRow
+from helix_server.spec_decode.draft_chooser import DraftBitmask
+from helix_server.spec_decode.factory import build_speculator
+from helix_server.spec_decode.speculator import SpecCounters, Speculator
+from helix_server.step_contract import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from helix_server.scheduler.request import Request
 
 
 class ModelRunner:
@@ -35,22 +43,55 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         device: torch.device,
-        proposer: Proposer | None = None,
+        generators: RequestGenerators | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
-        self.generators = RequestGenerators(device)
-        self.spec = None if proposer is None else SpecDecoder(proposer, sampler, self.generators)
+        self.generators = generators or RequestGenerators(device)
+        self.speculator = speculator
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, config: EngineConfig, eos_token_ids: set[int]) -> ModelRunner:
+        """The runner of a loaded model: its sampler and, when `config` speculates, its `Speculator`."""
+        runtime = loaded.runtime
+        sampler = Sampler(runtime.vocab_size, eos_token_ids, runtime.device, seed=config.model.seed)
+        generators = RequestGenerators(runtime.device)
+        speculator = build_speculator(
+            config.speculative,
+            sampler,
+            generators,
+            loaded.model,
+            loaded.kv_caches,
+            runtime.block_size,
+            runtime.device,
+            loaded.draft_model,
+            loaded.draft_kv_caches,
+        )
+        return cls(loaded.model, loaded.kv_caches, runtime.block_size, sampler, runtime.device, generators, speculator)
+
+    @property
+    def max_speculation_depth(self) -> int:
+        """The most drafts a request may verify per step (0: no speculative decoding)."""
+        return 0 if self.speculator is None else self.speculator.max_depth
+
+    def num_lookahead_tokens(self, requested: int | None) -> int:
+        """The lookahead (draft) slots a request gets per step; `requested` is its own cap, if any."""
+        return 0 if self.speculator is None else self.speculator.num_lookahead_tokens(requested)
+
+    @property
+    def spec_counters(self) -> SpecCounters:
+        """Speculation's running totals (all zero without speculative decoding)."""
+        return SpecCounters() if self.speculator is None else self.speculator.counters
 
     def release_finished(self, scheduler_output: SchedulerOutput) -> None:
-        """Drop the per-request state (generators, drafts, the drafter's KV bookkeeping) of requests
-        that finished or were preempted; the engine calls this even for a step with nothing to run."""
-        if self.spec is not None:
-            self.spec.forget(scheduler_output.finished_request_ids)
-            self.spec.forget(scheduler_output.preempted_request_ids)
+        """Drop the per-request state (drafts, the drafter's KV bookkeeping) of requests that
+        finished or were preempted; the engine calls this even for a step with nothing to run."""
+        if self.speculator is not None:
+            self.speculator.release(scheduler_output.finished_request_ids, scheduler_output.preempted_request_ids)
 
     @torch.inference_mode()
     def execute_model(
@@ -63,6 +104,19 @@ class ModelRunner:
         output = ModelRunnerOutput()
         if scheduler_output.is_empty:
             return output
+        self._run(scheduler_output, masks, output)
+        return output
+
+    def observe_step(self, scheduler_output: SchedulerOutput, output: ModelRunnerOutput, seconds: float) -> None:
+        """A step took `seconds` end to end (grammar masks included): speculation's depth policy
+        and counters learn from it. Call it before the scheduler's update."""
+        if self.speculator is not None:
+            self.speculator.observe_step(scheduler_output, output, seconds)
+
+    def _run(
+        self, scheduler_output: SchedulerOutput, masks: dict[str, torch.Tensor], output: ModelRunnerOutput
+    ) -> None:
+        """The forward over every scheduled token, then sampling, verification and prompt logprobs."""
 
         num_blocks = self.kv_caches[0][0].shape[0]
         chunks = [SequenceChunk(s.start_position, s.num_new_tokens, s.block_ids) for s in scheduler_output.scheduled]
@@ -104,7 +158,6 @@ class ModelRunner:
             if _wants_prompt_logprobs(scheduled):
                 output.prompt_logprobs[scheduled.request_id] = self._prompt_logprobs(scheduled, hidden[start:end])
             start = end
-        return output
 
     def _verify(
         self,
@@ -118,7 +171,7 @@ class ModelRunner:
         index = torch.tensor([r for rows in row_lists for r in rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[index]).float()  # [sum(s + 1), vocab]
         per_request = list(logits.split([len(rows) for rows in row_lists]))
-        results = self.spec.verify([b for b, _ in verifying], per_request, masks)
+        results = self.speculator.verify([b for b, _ in verifying], per_request, masks)
         for (scheduled, _), result in zip(verifying, results):
             output.sampled_token_ids[scheduled.request_id] = result.token_ids
             output.num_draft_tokens[scheduled.request_id] = result.num_draft_tokens
@@ -129,25 +182,20 @@ class ModelRunner:
     def propose(
         self,
         requests: list[Request],
-        depths: dict[str, int],
-        block_ids: dict[str, list[int]],
+        num_running: int,
+        block_ids_of: Callable[[str], list[int]],
         draft_bitmask: DraftBitmask | None = None,
-    ) -> Proposal:
-        """Draft up to `depths[request_id]` tokens for each request with a depth (for the next
-        step); `Proposal.token_ids` follows the order of those requests in `requests`.
+    ) -> list[tuple[Request, list[int]]]:
+        """Drafts for the next step of requests that just got new tokens, as (request, drafts)
+        (none without speculative decoding). `block_ids_of(request_id)` is a request's block table;
         `draft_bitmask(request, drafts_so_far)` (structured outputs) masks a model drafter's choices."""
-        if self.spec is None:
-            return Proposal(token_ids=[])
-        proposal_requests = [
-            ProposalRequest(r.request_id, r.all_token_ids, r.num_computed_tokens, block_ids[r.request_id], depths[r.request_id])
-            for r in requests
-            if depths.get(r.request_id, 0) > 0
-        ]
-        return self.spec.propose(proposal_requests, {r.request_id: r for r in requests}, draft_bitmask)
+        if self.speculator is None:
+            return []
+        return self.speculator.propose(requests, num_running, block_ids_of, draft_bitmask)
 
     def proposal_backlogs(self, requests: list[Request]) -> dict[str, int]:
         """Per request, the tokens the proposer must catch up on before drafting (empty without one)."""
-        return {} if self.spec is None else self.spec.backlogs(requests)
+        return {} if self.speculator is None else self.speculator.backlogs(requests)
 
     def _sampling_row(self, request: Request, token_bitmask: torch.Tensor | None) -> SamplingRow:
         return SamplingRow(

@@ -2,7 +2,6 @@
 
 from helix_server.scheduler.block_pool import BlockPool, KVBlock
 from helix_server.scheduler.kv_cache_manager import KVCacheManager
-from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
 from helix_server.scheduler.request import Request, RequestStatus
 from helix_server.scheduler.scheduler import Scheduler
 
@@ -12,7 +11,5 @@ __all__ = [
     "KVCacheManager",
     "Request",
     "RequestStatus",
-    "ScheduledRequest",
     "Scheduler",
-    "SchedulerOutput",
 ]

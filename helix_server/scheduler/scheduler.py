@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 from helix_server.scheduler.followers import Followers
 from helix_server.scheduler.kv_cache_manager import KVCacheManager
-from helix_server.scheduler.output import ScheduledRequest, SchedulerOutput
 from helix_server.scheduler.prefix_cache import HashFn, PrefixCacheStats, sha256
 from helix_server.scheduler.request import Request, RequestStatus
+from helix_server.step_contract import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from helix_server.config import SchedulerConfig
-    from helix_server.runner.output import ModelRunnerOutput
+    from helix_server.step_contract import ModelRunnerOutput
 
 
 class Scheduler:

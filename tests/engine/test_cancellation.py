@@ -123,4 +123,4 @@ def test_abort_releases_exactly_what_the_request_held(solo, phase):
     assert engine.queued.num_sequences == 0 and engine.queued.num_prompt_tokens == 0
     if phase == "verifying_drafts":
         engine.step()  # idle: nothing to run, but the runner hears who finished
-        assert not engine.runner.spec.proposer._written  # the drafter forgot the victim too
+        assert not engine.runner.speculator.proposer._written  # the drafter forgot the victim too

@@ -1,5 +1,5 @@
 """A seeded request reproduces its text whatever speculation does: off, any proposer, any depth,
-`auto`, alone, batched, preempted (randomness keyed by (seed, position), see `runner.generators`)."""
+`auto`, alone, batched, preempted (randomness keyed by (seed, position), see `sample.generators`)."""
 
 from __future__ import annotations
 

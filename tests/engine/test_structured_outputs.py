@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from helix_server import LLM, SamplingParams
-from helix_server.runner.sampler import Sampler, SamplingRow
+from helix_server.sample.sampler import Sampler
+from helix_server.sample.sampling_row import SamplingRow
 from helix_server.sampling_params import StructuredOutputSpec
 from tests.fixtures.tiny_models import noisy_copy
 
@@ -78,9 +79,9 @@ def test_constrained_outputs_identical_with_speculation(target_dir, draft_dir, r
     llm = LLM(model=str(target_dir), dtype="float32", num_kv_blocks=512, **settings)
     got = _run(llm, seed)
     assert got == expected[seed]
-    counters = llm.engine.counters
-    assert counters.spec_num_draft_tokens > 0
-    assert 0 < counters.spec_num_accepted_tokens < counters.spec_num_draft_tokens
+    counters = llm.engine.stats()
+    assert counters.spec_num_draft_tokens_total > 0
+    assert 0 < counters.spec_num_accepted_tokens_total < counters.spec_num_draft_tokens_total
     assert len(llm.engine.structured_matchers) == 0  # every finished request's matcher forgotten
 
 
@@ -132,4 +133,4 @@ def test_embedded_default_model_with_its_draft_model():
         assert set(json.loads(output.text)) == {"answer"}
         texts.append(output.text)
     assert texts[0] == texts[1]
-    assert llm.engine.counters.spec_num_draft_tokens > 0
+    assert llm.engine.stats().spec_num_draft_tokens_total > 0

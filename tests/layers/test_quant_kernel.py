@@ -156,3 +156,27 @@ def test_the_kernels_instruction_set_follows_the_cpus_flags(monkeypatch):
             assert kernel_op_suffix() == ("_avx2" if isa == "avx2" else "")
     with pytest.raises(ValueError, match="no quantized-weight kernels for 'neon'"):
         kernel_op_suffix("neon")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_subnormal_and_extreme_half_scales_are_read_exactly(name, isa):
+    """The kernels read a block's float16 scales (d, and min/dmin) with their own conversion in
+    places: subnormal, largest and signed-zero halves must come out as gguf's."""
+    assert load_cpu_kernels()
+    raw, _ = packed(np.random.default_rng(4).standard_normal((16, 256)).astype(np.float32), name)
+    halves = np.array([0x0001, 0x03FF, 0x0200, 0x8001, 0x83FF, 0x0400, 0x7BFF, 0xFBFF, 0x0000, 0x8000, 0x3C00],
+                      dtype=np.uint16)
+    qtype = getattr(gguf.GGMLQuantizationType, name)
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = raw.numpy().reshape(-1, size)
+    offsets = {"Q8_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}[name]
+    for i, offset in enumerate(offsets):
+        chosen = halves[(np.arange(len(blocks)) + 5 * i) % len(halves)]
+        blocks[:, offset : offset + 2] = chosen.view(np.uint8).reshape(-1, 2)
+    portable = dequantize_rows(raw, qtype)  # [16, 256]
+    assert torch.equal(portable, torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype)))
+    got = quant_linear(torch.eye(256), raw, name, isa).T
+    nonzero = portable != 0
+    assert torch.equal(got[nonzero].view(torch.int32), portable[nonzero].view(torch.int32))
+    assert not got[~nonzero].any()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helix_server.config import CacheConfig
-from helix_server.engine.runtime import CUDA_OVERHEAD_BYTES, GIB, size_kv_pool
 from helix_server.errors import ParameterError
+from helix_server.runner.kv_cache import CUDA_OVERHEAD_BYTES, GIB, size_kv_pool
 
 BLOCK_BYTES = 1 << 20  # 1 MiB per block
 
@@ -39,7 +39,7 @@ def test_cuda_pool_is_what_is_left_of_the_utilization_budget(monkeypatch):
 def test_cuda_pool_leaves_room_for_the_attention_gather(monkeypatch):
     from types import SimpleNamespace
 
-    from helix_server.engine.runtime import attention_gather_factor
+    from helix_server.runner.kv_cache import attention_gather_factor
 
     total = 80 * GIB
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

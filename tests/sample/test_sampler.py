@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from helix_server.runner.sampler import Sampler, SamplingRow
+from helix_server.sample.sampler import Sampler
+from helix_server.sample.sampling_row import SamplingRow
 from helix_server.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from helix_server.config import SchedulerConfig
-from helix_server.runner.output import ModelRunnerOutput
-from helix_server.scheduler import Request, RequestStatus, Scheduler, SchedulerOutput
+from helix_server.scheduler import Request, RequestStatus, Scheduler
+from helix_server.step_contract import ModelRunnerOutput, SchedulerOutput
 
 
 def make_scheduler(budget=64, max_seqs=8, block_size=4, num_blocks=64) -> Scheduler:

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from helix_server.config import SchedulerConfig
-from helix_server.runner.output import ModelRunnerOutput
 from helix_server.scheduler import Request, RequestStatus, Scheduler
+from helix_server.step_contract import ModelRunnerOutput
 
 # A few "system prompts" that requests share a prefix of.
 SYSTEM_PROMPTS = [[1, 2, 3, 4, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], [3, 3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [7] * 14]

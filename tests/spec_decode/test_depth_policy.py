@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helix_server.spec.depth_policy import DepthPolicy, expected_tokens
+from helix_server.spec_decode.depth_policy import DepthPolicy, expected_tokens
 
 
 def _policy(alpha_hits: int, alpha_misses: int, draft_step: float, slope: float) -> DepthPolicy:

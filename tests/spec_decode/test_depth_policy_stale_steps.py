@@ -10,7 +10,7 @@ added, and drafts whose acceptance is ~0 can then never pay.
 
 from __future__ import annotations
 
-from helix_server.spec.depth_policy import DepthPolicy
+from helix_server.spec_decode.depth_policy import DepthPolicy
 
 REQUESTS = {f"r{i}": 5 for i in range(4)}
 

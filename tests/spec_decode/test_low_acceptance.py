@@ -12,7 +12,7 @@ import random
 
 from helix_server import LLM, SamplingParams
 from helix_server.config import SpeculativeConfig
-from helix_server.engine.speculation import (
+from helix_server.spec_decode.acceptance_monitor import (
     LOW_ACCEPTANCE_MIN_DRAFTED,
     LOW_ACCEPTANCE_WARN_EVERY_S,
     AcceptanceMonitor,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helix_server.spec.ngram import NgramProposer, propose_ngram
-from helix_server.spec.proposer import ProposalRequest
+from helix_server.spec_decode.ngram import NgramProposer, propose_ngram
+from helix_server.spec_decode.proposer import ProposalRequest
 
 
 def naive_ngram(tokens: list[int], k: int, ngram_min: int, ngram_max: int) -> list[int]:

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from helix_server.spec.rejection_sampler import (
+from helix_server.spec_decode.rejection_sampler import (
     PLACEHOLDER_TOKEN_ID,
     rejection_sample,
     rejection_sample_tensors,

@@ -8,7 +8,7 @@ from helix_server.api.errors import server_error
 from helix_server.api.protocol.common import UsageInfo
 from helix_server.api.serving.usage import usage_info
 from helix_server.engine.outputs import RequestOutput
-from helix_server.runner.output import TokenLogprob
+from helix_server.step_contract import TokenLogprob
 
 
 @dataclass

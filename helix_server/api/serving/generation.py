@@ -51,7 +51,7 @@ class Generation:
         (raises `ParameterError`, `EngineOverloadedError` or `EngineDeadError`)."""
         request_ids = [f"{request_id}-{index}" for index in range(len(prompts))]
         if params.structured_output is not None:  # compiled off the event loop, time-limited
-            await state.engine.core.structured.compile_async(params.structured_output)
+            await state.engine.compile_structured_output(params.structured_output)
         streams = await state.engine.add_requests(prompts, params, request_ids, prompt_param, cache_salt)
         return cls(state, streams)
 

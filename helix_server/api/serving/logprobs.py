@@ -9,7 +9,7 @@ from helix_server.api.protocol.chat import ChatLogprobs, ChatTokenLogprob, ChatT
 from helix_server.api.protocol.common import PromptLogprob, PromptLogprobs
 from helix_server.api.protocol.completions import CompletionLogprobs
 from helix_server.engine.tokenizer import Tokenizer
-from helix_server.runner.output import TokenLogprob
+from helix_server.step_contract import TokenLogprob
 
 
 def _finite(value: float) -> float:

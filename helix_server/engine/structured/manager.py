@@ -18,8 +18,8 @@ import numpy as np
 
 from helix_server.engine.structured.backend import StructuredOutputBackend
 from helix_server.engine.structured.matcher import GrammarMatcher
-from helix_server.scheduler.output import ScheduledRequest
 from helix_server.scheduler.request import Request
+from helix_server.step_contract import ScheduledRequest
 
 logger = logging.getLogger("helix_server")
 

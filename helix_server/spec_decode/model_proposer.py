@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
-from helix_server.spec.proposer import DraftChooser, Proposal, ProposalRequest
+from helix_server.spec_decode.proposer import DraftChooser, Proposal, ProposalRequest
 
 
 class ModelProposer:

@@ -4,7 +4,7 @@ A seeded request's token at position p (its index in prompt + output) is drawn w
 race over V exponentials from a generator seeded with a hash of (seed, p) alone. So the text does not
 depend on the batch, preemption, chunking, or how many draws speculation made before p: three
 identical seeded requests give the same text whatever depth `auto` speculation chooses, and the
-same text as with speculation off. Verification keeps that (see `runner.spec_decode`): a seeded
+same text as with speculation off. Verification keeps that (see `spec_decode.verifier`): a seeded
 row's target token at a draft position is its noisy argmax with that position's noise, and a draft
 is accepted iff it equals it (exact for the target's distribution: it *is* the target's sample). A
 model proposer drafts with the same noise (Gumbel coupling), so a draft that agrees with the target
@@ -14,11 +14,14 @@ is accepted with the probability that both noisy argmaxes agree.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from helix_server.runner.sampler import Sampler
-from helix_server.scheduler.request import Request
+from helix_server.sample.sampler import Sampler
+
+if TYPE_CHECKING:
+    from helix_server.scheduler.request import Request
 
 
 def position_seed(seed: int, position: int) -> int:

@@ -28,45 +28,22 @@ one tensor). Packing logprob ids and ranks as float32 is exact because widths ar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from helix_server.runner.logits_processors import (
+from helix_server.sample.logits_processors import (
     apply_logit_bias,
     apply_min_tokens,
     apply_penalties,
     apply_token_bitmask,
     needs_processing,
 )
-from helix_server.runner.output import TokenLogprob
-from helix_server.sampling_params import SamplingParams
+from helix_server.sample.sampling_row import SamplingRow, is_greedy
+from helix_server.step_contract import TokenLogprob
 
 # float32 represents every integer up to 2**24 exactly: the bound on widths we can pack as floats.
 _MAX_PACKED_INT = 2**24
 _SEED_MODULUS = 2**64  # torch's manual_seed takes an unsigned 64-bit seed
-
-
-def is_greedy(params: SamplingParams) -> bool:
-    """True when the row takes the argmax of its processed logits (no randomness, no draws)."""
-    return params.greedy
-
-
-@dataclass
-class SamplingRow:
-    """One row of the logits matrix: one request's choice of its next token.
-
-    `output_token_ids` are the tokens generated so far (penalties, min_tokens); for speculative
-    verification they include the drafted tokens before this position. `generator` is the request's
-    own generator when `params.seed` is set (see `Sampler.make_generator`), else None.
-    """
-
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    generator: torch.Generator | None = None
-    # Structured outputs: which tokens the grammar allows here, int32 `[num_words]` (None: all).
-    token_bitmask: torch.Tensor | None = None
 
 
 class Sampler:

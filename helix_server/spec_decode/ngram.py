@@ -25,7 +25,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Sequence
 
-from helix_server.spec.proposer import DraftChooser, Proposal, ProposalRequest
+from helix_server.spec_decode.proposer import DraftChooser, Proposal, ProposalRequest
 
 
 def propose_ngram(token_ids: Sequence[int], k: int, ngram_min: int, ngram_max: int) -> list[int]:

@@ -1,14 +1,22 @@
-"""`SchedulerOutput`: the scheduler's decision for one step, the contract with the runner.
+"""The step contract: what the scheduler asks of the runner, and what the runner gives back.
 
-Plain data, no torch. The runner turns it into tensors; the engine hands it back to the scheduler
-together with the runner's `ModelRunnerOutput`.
+`SchedulerOutput` (who runs this step, with how many tokens) goes from the pure-Python side to the
+torch side; `ModelRunnerOutput` (the tokens each request got, their logprobs, drafts verified) comes
+back. Both are plain data (ints, floats, lists): the engine and scheduler never touch tensors, and
+the runner never touches queues. The module belongs to neither side (both import it; it imports
+neither), so the scheduler and runner packages stay independent of each other.
+
+`ScheduledRequest.request` is the scheduler's `Request`; the runner only reads it (its tokens,
+sampling params and drafts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from helix_server.scheduler.request import Request
+if TYPE_CHECKING:
+    from helix_server.scheduler.request import Request
 
 
 @dataclass
@@ -61,3 +69,35 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one chosen token and, optionally, the most likely alternatives.
+
+    `top` holds (token_id, logprob) pairs, most likely first; `rank` is the chosen token's 1-based
+    rank in the distribution (1 = most likely).
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request id: the tokens this step appended (empty for a partial prefill chunk; with
+    speculative decoding, the accepted drafts plus one).
+
+    `logprobs[request_id]` is parallel to `sampled_token_ids[request_id]` when the request asked for
+    logprobs. `prompt_logprobs[request_id]` covers the prompt positions computed this step (the first
+    prompt token has none and appears as None).
+    """
+
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
+    # Speculative decoding: drafts verified this step per request (their accepted count is
+    # len(sampled_token_ids[request_id]) - 1).
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)

@@ -13,12 +13,10 @@ and every column is treated as a token. Token ids at or beyond `width` are ignor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from helix_server.runner.sampler import SamplingRow
+from helix_server.sample.sampling_row import SamplingRow
 
 
 def min_tokens_active(row: SamplingRow) -> bool:

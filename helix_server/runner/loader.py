@@ -1,0 +1,178 @@
+"""Load what the runner runs on: the model (and a draft model), and the KV pool sized for them.
+
+`load_model(config)` resolves the device and dtype, loads the weights, sizes and allocates the KV
+pool, and returns them with a `RuntimeInfo` (the values learned here never go back into the frozen
+config). The tokenizer is the engine's business, not the runner's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from helix_server.config import SPECULATIVE_METHODS, EngineConfig, SpeculativeConfig
+from helix_server.errors import ParameterError
+from helix_server.models import load_hf_config
+from helix_server.models import load_model as load_weights
+from helix_server.platform import device_description, resolve_device, resolve_dtype
+from helix_server.runner.kv_cache import KVCaches, allocate_kv_pool
+
+logger = logging.getLogger("helix_server")
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Facts about the running engine that the config does not hold."""
+
+    model_dir: Path
+    model_name: str
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    num_kv_blocks: int
+    kv_cache_bytes: int
+    # The model's context (--max-model-len, else the checkpoint's max_position_embeddings).
+    max_model_len: int
+    vocab_size: int
+
+    @property
+    def kv_pool_tokens(self) -> int:
+        return self.num_kv_blocks * self.block_size
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model, its KV cache tensors and the runtime facts."""
+
+    model: torch.nn.Module
+    kv_caches: KVCaches
+    runtime: RuntimeInfo
+    # Speculative decoding's draft model ("draft" method) and its own KV caches, on the same blocks.
+    draft_model: torch.nn.Module | None = None
+    draft_kv_caches: KVCaches | None = None
+
+
+def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """Load the model named by `config` and allocate its KV pool.
+
+    The entry points (the CLI, `LLM`) have chosen the model (`with_default_model`): a config that
+    names none is an error here, never a second choice of default.
+    """
+    if not config.model.model:
+        raise ValueError("the config names no model: entry points resolve it with `with_default_model`")
+    model_dir = Path(config.model.model)
+    device = resolve_device(config.model.device)
+    hf_config = load_hf_config(model_dir)
+    dtype = resolve_dtype(config.model.dtype, hf_config, device)
+    max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
+    model = load_weights(
+        model_dir,
+        dtype,
+        device,
+        progress=progress,
+        max_model_len=max_model_len,
+        cpu_kernels=config.model.cpu_kernels,
+        quantization=config.model.quantization,
+        hf_config=hf_config,
+    )
+
+    validate_speculative_config(config.speculative, model.num_layers)
+    draft_model = None
+    if config.speculative.method == "draft":
+        draft_model = _load_draft_model(
+            config.speculative, model, dtype, device, max_model_len, config.model.cpu_kernels
+        )
+
+    pool = allocate_kv_pool(config.cache, config.scheduler, model, draft_model, max_model_len, dtype, device)
+    runtime = RuntimeInfo(
+        model_dir=model_dir,
+        model_name=config.model.served_model_name or model_dir.name,
+        device=device,
+        dtype=dtype,
+        block_size=config.cache.block_size,
+        num_kv_blocks=pool.num_blocks,
+        kv_cache_bytes=pool.num_bytes,
+        max_model_len=max_model_len,
+        vocab_size=model.vocab_size,
+    )
+    logger.info(
+        "model %s on %s (%s), max_model_len %d; KV pool: %d blocks x %d tokens = %d tokens, %.1f MiB",
+        model_dir,
+        device_description(device),
+        str(dtype).removeprefix("torch."),
+        max_model_len,
+        pool.num_blocks,
+        runtime.block_size,
+        runtime.kv_pool_tokens,
+        runtime.kv_cache_bytes / (1 << 20),
+    )
+    return LoadedModel(model, pool.kv_caches, runtime, draft_model, pool.draft_kv_caches)
+
+
+def validate_speculative_config(spec: SpeculativeConfig, num_layers: int) -> None:
+    """Raise `ParameterError` for speculative settings that cannot work with this model."""
+    if spec.method not in SPECULATIVE_METHODS:
+        raise ParameterError(
+            f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {spec.method!r}.",
+            "speculative_method",
+        )
+    depth = spec.depth
+    if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
+        raise ParameterError(
+            f"num_speculative_tokens must be a count >= 0 or 'auto', got {depth!r}.", "num_speculative_tokens"
+        )
+    if spec.max_speculative_tokens < 1:
+        raise ParameterError("max_speculative_tokens must be at least 1.", "max_speculative_tokens")
+    if spec.method == "draft" and not spec.draft_model:
+        raise ParameterError("speculative_method 'draft' needs --draft-model.", "draft_model")
+    if not 1 <= spec.ngram_min <= spec.ngram_max:
+        raise ParameterError("ngram_min and ngram_max need 1 <= ngram_min <= ngram_max.", "ngram_min")
+    if spec.method == "layer-skip" and num_layers < 2:
+        raise ParameterError("layer-skip needs a model with at least 2 layers.", "draft_layers")
+    if spec.draft_layers is not None and not 1 <= spec.draft_layers < num_layers:
+        raise ParameterError(
+            f"draft_layers must be between 1 and {num_layers - 1} (the model has {num_layers} layers).",
+            "draft_layers",
+        )
+
+
+def _load_draft_model(
+    spec: SpeculativeConfig,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+    cpu_kernels: bool,
+) -> torch.nn.Module:
+    draft_dir = Path(spec.draft_model)
+    draft = load_weights(draft_dir, dtype, device, max_model_len=max_model_len, cpu_kernels=cpu_kernels)
+    if draft.vocab_size != model.vocab_size:
+        raise ParameterError(
+            f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from the model's "
+            f"({model.vocab_size}); a draft must share the target's tokenizer.",
+            "draft_model",
+        )
+    if draft.max_position_embeddings < max_model_len:
+        raise ParameterError(
+            f"the draft model's context ({draft.max_position_embeddings}) is shorter than max_model_len "
+            f"({max_model_len}).",
+            "draft_model",
+        )
+    logger.info("draft model %s: %d layers", draft_dir, draft.num_layers)
+    return draft
+
+
+def _max_model_len(requested: int | None, max_position_embeddings: int) -> int:
+    if requested is None:
+        return max_position_embeddings
+    if requested < 1 or requested > max_position_embeddings:
+        raise ParameterError(
+            f"max_model_len must be between 1 and the model's max_position_embeddings "
+            f"({max_position_embeddings}), got {requested}.",
+            "max_model_len",
+        )
+    return requested

@@ -1,0 +1,1 @@
+"""Sampling: logits processors, the sampler (next tokens and logprobs) and seeded generators."""
