@@ -363,6 +363,7 @@ def test_store_previous_response_id_get_and_delete(server, sdk):
     first = sdk.responses.create(model=MODEL_NAME, input="def add(a, b):", max_output_tokens=4, temperature=0)
     assert first.store is True
     assert sdk.responses.retrieve(first.id).output_text == first.output_text
+    assert_error(httpx.get(f"{server.v1}/responses/{first.id}/input_items"), 404)
     follow = sdk.responses.create(
         model=MODEL_NAME, input="again", previous_response_id=first.id, max_output_tokens=4, temperature=0
     )
