@@ -39,9 +39,6 @@ class ResponseStore:
         """Whether responses are stored at all."""
         return self.capacity > 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def put(self, entry: StoredResponse) -> None:
         """Store `entry` (a no-op when disabled), forgetting the oldest beyond the capacity."""
         if not self.enabled:

@@ -58,11 +58,6 @@ class OutputBuilder:
         return events
 
     @property
-    def has_calls(self) -> bool:
-        """Whether the output holds any function call."""
-        return bool(self._calls)
-
-    @property
     def output_text(self) -> str:
         """All the text of the message items (the SDKs' `output_text`)."""
         return "".join(p.text for item in self.items if isinstance(item, OutputMessage) for p in item.content)
