@@ -57,6 +57,33 @@ void for_each_output_tile(int64_t m, int64_t n_len, int64_t max_rows, int64_t gr
   });
 }
 
+// tile(n0, row0, rows) for every group of `kGroup` consecutive outputs n0 .. n0 + kGroup - 1 (the
+// last group's missing outputs are clamped to the last one: computed again, not stored; see
+// `group_rows`) and every tile of at most `max_rows` x rows. Independent accumulator chains for
+// several outputs keep the FMA units busy at one row, where one chain would wait on its own latency.
+constexpr int64_t kGroup = 4;
+
+template <typename Tile>
+void for_each_output_group(int64_t m, int64_t n_len, int64_t max_rows, const Tile& tile) {
+  at::parallel_for(0, (n_len + kGroup - 1) / kGroup, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t row0 = 0; row0 < m; row0 += max_rows) tile(g * kGroup, row0, static_cast<int>(std::min(max_rows, m - row0)));
+  });
+}
+
+// The packed rows of outputs n0 .. n0 + kGroup - 1 (past n_len: the last row again).
+struct GroupRows {
+  const uint8_t* w[kGroup];
+  int outputs;  // how many of them are real (the results to store)
+};
+
+inline GroupRows group_rows(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t n_len) {
+  GroupRows g;
+  g.outputs = static_cast<int>(std::min(kGroup, n_len - n0));
+  for (int64_t c = 0; c < kGroup; ++c) g.w[c] = w + std::min(n0 + c, n_len - 1) * row_bytes;
+  return g;
+}
+
 // An IEEE half (its bits) as a float, exactly.
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;

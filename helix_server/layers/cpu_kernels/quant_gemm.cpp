@@ -52,39 +52,47 @@ inline __m512 dequantize_half(const uint8_t* block, int half) {
   return _mm512_add_ps(_mm512_mul_ps(f, d), broadcast_half(block + 2));
 }
 
-// y[r, n] for `Rows` rows of x and one output row `w` of `blocks` blocks.
+// y[r, n0 + c] for `Rows` rows of x and the group's outputs c (each its own accumulator: an output's
+// result is the same in any group or tile).
 template <int64_t Type, int Rows>
-void row_tile(const float* x, int64_t k_len, const uint8_t* w, int64_t blocks, float* y, int64_t n_len) {
-  __m512 acc[Rows];
-  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+void tile(const float* x, int64_t k_len, const GroupRows& g, int64_t blocks, float* y, int64_t n_len) {
+  __m512 acc[Rows][kGroup];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < kGroup; ++c) acc[r][c] = _mm512_setzero_ps();
   constexpr int64_t bytes = block_bytes(Type);
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m512 lo = dequantize_half<Type>(w + b * bytes, 0), hi = dequantize_half<Type>(w + b * bytes, 1);
+    __m512 lo[kGroup], hi[kGroup];
+    for (int c = 0; c < kGroup; ++c) {
+      lo[c] = dequantize_half<Type>(g.w[c] + b * bytes, 0);
+      hi[c] = dequantize_half<Type>(g.w[c] + b * bytes, 1);
+    }
     for (int r = 0; r < Rows; ++r) {
       const float* xr = x + r * k_len + b * kBlock;
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo, acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + kLanes), hi, acc[r]);
+      const __m512 x_lo = _mm512_loadu_ps(xr), x_hi = _mm512_loadu_ps(xr + kLanes);
+      for (int c = 0; c < kGroup; ++c) {
+        acc[r][c] = _mm512_fmadd_ps(x_lo, lo[c], acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(x_hi, hi[c], acc[r][c]);
+      }
     }
   }
-  for (int r = 0; r < Rows; ++r) y[r * n_len] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < g.outputs; ++c) y[r * n_len + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-constexpr int kMaxRows = 8;
-using RowTileFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, float*, int64_t);
+constexpr int kMaxRows = 4;  // 16 accumulators, 8 weight vectors and 2 of x in the 32 registers
+using TileFn = void (*)(const float*, int64_t, const GroupRows&, int64_t, float*, int64_t);
 
 template <int64_t Type, int... R>
-constexpr std::array<RowTileFn, sizeof...(R)> row_tiles(std::integer_sequence<int, R...>) {
-  return {row_tile<Type, R + 1>...};
+constexpr std::array<TileFn, sizeof...(R)> tiles(std::integer_sequence<int, R...>) {
+  return {tile<Type, R + 1>...};
 }
-
-// kRowTiles<Type>[rows - 1]
-template <int64_t Type>
-constexpr auto kRowTiles = row_tiles<Type>(std::make_integer_sequence<int, kMaxRows>{});
 
 template <int64_t Type>
 void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t m, int64_t k_len, int64_t n_len) {
-  for_each_output_tile(m, n_len, kMaxRows, 16, [&](int64_t n, int64_t row0, int rows) {
-    kRowTiles<Type>[rows - 1](x + row0 * k_len, k_len, w + n * row_bytes, k_len / kBlock, y + row0 * n_len + n, n_len);
+  static constexpr auto kTiles = tiles<Type>(std::make_integer_sequence<int, kMaxRows>{});
+  for_each_output_group(m, n_len, kMaxRows, [&](int64_t n0, int64_t row0, int rows) {
+    const GroupRows g = group_rows(w, row_bytes, n0, n_len);
+    kTiles[rows - 1](x + row0 * k_len, k_len, g, k_len / kBlock, y + row0 * n_len + n0, n_len);
   });
 }
 

@@ -53,41 +53,44 @@ inline __m512 dequantize_chunk(const uint8_t* block, const KScales& s, int c) {
   return _mm512_sub_ps(_mm512_mul_ps(scale, q), _mm512_set1_ps(s.min[c]));
 }
 
-// y[r, n] for `Rows` rows of x and one output row `w` of `blocks` super-blocks.
+// y[r, n0 + c] for `Rows` rows of x and the group's outputs c (each its own accumulator: an output's
+// result is the same in any group or tile).
 template <int64_t Type, int Rows>
-void row_tile(const float* x, int64_t k_len, const uint8_t* w, int64_t blocks, float* y, int64_t n_len) {
-  __m512 acc[Rows];
-  for (int r = 0; r < Rows; ++r) acc[r] = _mm512_setzero_ps();
+void tile(const float* x, int64_t k_len, const GroupRows& g, int64_t blocks, float* y, int64_t n_len) {
+  __m512 acc[Rows][kGroup];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < kGroup; ++c) acc[r][c] = _mm512_setzero_ps();
   constexpr int64_t bytes = super_block_bytes(Type);
-  KScales scales;
+  KScales scales[kGroup];
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = w + b * bytes;
-    k_block_scales<Type>(block, scales);
-    for (int c = 0; c < kSuper / kLanes; ++c) {
-      const __m512 weights = dequantize_chunk<Type>(block, scales, c);
-      for (int r = 0; r < Rows; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k_len + b * kSuper + c * kLanes), weights, acc[r]);
+    for (int c = 0; c < kGroup; ++c) k_block_scales<Type>(g.w[c] + b * bytes, scales[c]);
+    for (int chunk = 0; chunk < kSuper / kLanes; ++chunk) {
+      __m512 weights[kGroup];
+      for (int c = 0; c < kGroup; ++c) weights[c] = dequantize_chunk<Type>(g.w[c] + b * bytes, scales[c], chunk);
+      for (int r = 0; r < Rows; ++r) {
+        const __m512 xv = _mm512_loadu_ps(x + r * k_len + b * kSuper + chunk * kLanes);
+        for (int c = 0; c < kGroup; ++c) acc[r][c] = _mm512_fmadd_ps(xv, weights[c], acc[r][c]);
+      }
     }
   }
-  for (int r = 0; r < Rows; ++r) y[r * n_len] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < g.outputs; ++c) y[r * n_len + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-constexpr int kMaxRows = 8;
-using RowTileFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, float*, int64_t);
+constexpr int kMaxRows = 4;  // 16 accumulators, 4 weight vectors and 1 of x in the 32 registers
+using TileFn = void (*)(const float*, int64_t, const GroupRows&, int64_t, float*, int64_t);
 
 template <int64_t Type, int... R>
-constexpr std::array<RowTileFn, sizeof...(R)> row_tiles(std::integer_sequence<int, R...>) {
-  return {row_tile<Type, R + 1>...};
+constexpr std::array<TileFn, sizeof...(R)> tiles(std::integer_sequence<int, R...>) {
+  return {tile<Type, R + 1>...};
 }
-
-// kRowTiles<Type>[rows - 1]
-template <int64_t Type>
-constexpr auto kRowTiles = row_tiles<Type>(std::make_integer_sequence<int, kMaxRows>{});
 
 template <int64_t Type>
 void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t m, int64_t k_len, int64_t n_len) {
-  for_each_output_tile(m, n_len, kMaxRows, 16, [&](int64_t n, int64_t row0, int rows) {
-    kRowTiles<Type>[rows - 1](x + row0 * k_len, k_len, w + n * row_bytes, k_len / kSuper, y + row0 * n_len + n, n_len);
+  static constexpr auto kTiles = tiles<Type>(std::make_integer_sequence<int, kMaxRows>{});
+  for_each_output_group(m, n_len, kMaxRows, [&](int64_t n0, int64_t row0, int rows) {
+    const GroupRows g = group_rows(w, row_bytes, n0, n_len);
+    kTiles[rows - 1](x + row0 * k_len, k_len, g, k_len / kSuper, y + row0 * n_len + n0, n_len);
   });
 }
 
