@@ -67,6 +67,20 @@ def template_ids(hf_tokenizer, messages: list[dict], tools: list[dict]) -> list[
     return hf_tokenizer.encode(text, add_special_tokens=False)
 
 
+def tool_turn(ask: str, call, output: str) -> list[dict]:
+    """The chat messages of a tool turn: the question, the model's call, the tool's output."""
+    function = {"name": call.name, "arguments": call.arguments}
+    return [
+        {"role": "user", "content": ask},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call.call_id, "type": "function", "function": function}],
+        },
+        {"role": "tool", "tool_call_id": call.call_id, "content": output},
+    ]
+
+
 def post(server, **body) -> httpx.Response:
     return httpx.post(server.v1 + "/responses", json={"model": MODEL_NAME, **body}, timeout=60)
 
@@ -169,21 +183,7 @@ def test_forced_tool_call_and_a_two_turn_loop(sdk, hf_tokenizer):
     )
     assert second.output and second.output[0].type == "message"
     # The prompt is the chat template's rendering of the same conversation and tools.
-    history = [
-        {"role": "user", "content": "What time is it in UTC?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.call_id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call.call_id, "content": "12:00"},
-    ]
+    history = tool_turn("What time is it in UTC?", call, "12:00")
     assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
 
 
@@ -206,21 +206,7 @@ def test_previous_response_id_continues_a_tool_loop(sdk, hf_tokenizer):
         tools=[GET_TIME],
         max_output_tokens=2,
     )
-    history = [
-        {"role": "user", "content": ask},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.call_id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": call.call_id, "content": "13:00"},
-    ]
+    history = tool_turn(ask, call, "13:00")
     assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
 
 

@@ -74,3 +74,26 @@ def test_speculation_depth_and_metrics(servers):
     assert capped.status_code == 200
     bad = client.post("/generate", json={"prompt": "x", "max_tokens": 4, "speculation_depth": -1})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculation_depth"
+
+
+def test_greedy_responses_identical_with_a_draft(servers):
+    """`/v1/responses`, whole and streamed, rides the same speculation."""
+    from tests.api.test_responses import read_events
+
+    _, speculative = servers
+    client = httpx.Client(base_url=speculative.url, timeout=60)
+    names = ("helix:spec_decode_num_draft_tokens", "helix:spec_decode_num_draft_tokens_total")
+    before = value(families(client), *names)
+    body = {"model": "tiny", "input": PROMPTS[0], "max_output_tokens": 20, "temperature": 0}
+    answers, streamed = [], []
+    for server in servers:
+        whole = httpx.post(server.v1 + "/responses", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        answers.append(whole.json())
+        raw = httpx.post(server.v1 + "/responses", json={**body, "stream": True}, timeout=60)
+        deltas = [d["delta"] for n, d in read_events(raw.content) if n == "response.output_text.delta"]
+        streamed.append("".join(deltas))
+    assert answers[0]["output_text"] == answers[1]["output_text"] and answers[0]["output_text"]
+    assert answers[0]["usage"] == answers[1]["usage"]
+    assert streamed[0] == streamed[1] == answers[0]["output_text"]
+    assert value(families(client), *names) > before
