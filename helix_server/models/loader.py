@@ -103,6 +103,7 @@ def load_model(
     pack_for_cpu: bool = True,
     cpu_kernels: bool = True,
     quantization: str | None = None,
+    hf_config: Any | None = None,
 ) -> nn.Module:
     """Build the registered model for `model_dir` on `device` in `dtype` and load its weights.
 
@@ -129,7 +130,8 @@ def load_model(
             "quantization",
         )
     gguf = GGUFCheckpoint(gguf_file) if gguf_file is not None else None
-    hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
+    if hf_config is None:  # callers that read it already pass it: a GGUF file's takes seconds to parse
+        hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)
     arch = arch_config_from_hf(hf_config, spec.flavor)
     if gguf is not None:
