@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from helix_server.config import CacheConfig, SchedulerConfig
+from helix_server.config_validation import validate_cache_config
 from helix_server.errors import ParameterError
 from helix_server.layers.attention.builder import allocate_kv_caches, kv_cache_bytes_per_block
 from helix_server.platform import device_memory
@@ -86,15 +87,10 @@ def size_kv_pool(
     `gather_factor`: transient bytes a step may need per byte of KV pool (attention that gathers
     the batch's K/V through the block tables needs up to that much of the pool again, one layer at
     a time); on CUDA the pool and that share of it must fit the budget together."""
-    if cache.block_size < 1:
-        raise ParameterError("block_size must be at least 1.", "block_size")
+    validate_cache_config(cache)
     if cache.num_kv_blocks is not None:
-        if cache.num_kv_blocks < 1:
-            raise ParameterError("num_kv_blocks must be at least 1.", "num_kv_blocks")
         return cache.num_kv_blocks
     if device is not None and device.type == "cuda":
-        if not 0.0 < cache.gpu_memory_utilization <= 1.0:
-            raise ParameterError("gpu_memory_utilization must be in (0, 1].", "gpu_memory_utilization")
         free, total = device_memory(device)
         # Everything in use now (weights, CUDA context, other processes) counts against the budget.
         budget = int(total * cache.gpu_memory_utilization) - (total - free) - activation_bytes - CUDA_OVERHEAD_BYTES

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from helix_server.config import SPECULATIVE_METHODS, EngineConfig, SpeculativeConfig
+from helix_server.config import EngineConfig
+from helix_server.config_validation import validate_against_checkpoint, validate_engine_config
 from helix_server.errors import ParameterError
 from helix_server.models import load_hf_config
 from helix_server.models import load_model as load_weights
@@ -64,11 +65,15 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
     """
     if not config.model.model:
         raise ValueError("the config names no model: entry points resolve it with `with_default_model`")
+    validate_engine_config(config)
     model_dir = Path(config.model.model)
     device = resolve_device(config.model.device)
     hf_config = load_hf_config(model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
+    spec = config.speculative
+    draft_hf_config = load_hf_config(Path(spec.draft_model)) if spec.method == "draft" else None
+    validate_against_checkpoint(spec, hf_config, draft_hf_config, max_model_len)
     model = load_weights(
         model_dir,
         dtype,
@@ -80,12 +85,12 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
         hf_config=hf_config,
     )
 
-    validate_speculative_config(config.speculative, model.num_layers)
     draft_model = None
-    if config.speculative.method == "draft":
-        draft_model = _load_draft_model(
-            config.speculative, model, dtype, device, max_model_len, config.model.cpu_kernels
+    if spec.method == "draft":
+        draft_model = load_weights(
+            Path(spec.draft_model), dtype, device, max_model_len=max_model_len, cpu_kernels=config.model.cpu_kernels
         )
+        logger.info("draft model %s: %d layers", spec.draft_model, draft_model.num_layers)
 
     pool = allocate_kv_pool(config.cache, config.scheduler, model, draft_model, max_model_len, dtype, device)
     runtime = RuntimeInfo(
@@ -111,59 +116,6 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
         runtime.kv_cache_bytes / (1 << 20),
     )
     return LoadedModel(model, pool.kv_caches, runtime, draft_model, pool.draft_kv_caches)
-
-
-def validate_speculative_config(spec: SpeculativeConfig, num_layers: int) -> None:
-    """Raise `ParameterError` for speculative settings that cannot work with this model."""
-    if spec.method not in SPECULATIVE_METHODS:
-        raise ParameterError(
-            f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {spec.method!r}.",
-            "speculative_method",
-        )
-    depth = spec.depth
-    if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
-        raise ParameterError(
-            f"num_speculative_tokens must be a count >= 0 or 'auto', got {depth!r}.", "num_speculative_tokens"
-        )
-    if spec.max_speculative_tokens < 1:
-        raise ParameterError("max_speculative_tokens must be at least 1.", "max_speculative_tokens")
-    if spec.method == "draft" and not spec.draft_model:
-        raise ParameterError("speculative_method 'draft' needs --draft-model.", "draft_model")
-    if not 1 <= spec.ngram_min <= spec.ngram_max:
-        raise ParameterError("ngram_min and ngram_max need 1 <= ngram_min <= ngram_max.", "ngram_min")
-    if spec.method == "layer-skip" and num_layers < 2:
-        raise ParameterError("layer-skip needs a model with at least 2 layers.", "draft_layers")
-    if spec.draft_layers is not None and not 1 <= spec.draft_layers < num_layers:
-        raise ParameterError(
-            f"draft_layers must be between 1 and {num_layers - 1} (the model has {num_layers} layers).",
-            "draft_layers",
-        )
-
-
-def _load_draft_model(
-    spec: SpeculativeConfig,
-    model: torch.nn.Module,
-    dtype: torch.dtype,
-    device: torch.device,
-    max_model_len: int,
-    cpu_kernels: bool,
-) -> torch.nn.Module:
-    draft_dir = Path(spec.draft_model)
-    draft = load_weights(draft_dir, dtype, device, max_model_len=max_model_len, cpu_kernels=cpu_kernels)
-    if draft.vocab_size != model.vocab_size:
-        raise ParameterError(
-            f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from the model's "
-            f"({model.vocab_size}); a draft must share the target's tokenizer.",
-            "draft_model",
-        )
-    if draft.max_position_embeddings < max_model_len:
-        raise ParameterError(
-            f"the draft model's context ({draft.max_position_embeddings}) is shorter than max_model_len "
-            f"({max_model_len}).",
-            "draft_model",
-        )
-    logger.info("draft model %s: %d layers", draft_dir, draft.num_layers)
-    return draft
 
 
 def _max_model_len(requested: int | None, max_position_embeddings: int) -> int:
