@@ -26,6 +26,7 @@ from helix_server.layers import quantized_linear
 from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
 from helix_server.models import load_hf_config, load_model
+from tests.fixtures.batch_invariance import assert_logprobs_do_not_depend_on_the_batch
 from tests.fixtures.gguf_files import gguf_name, random_k_blocks, write_gguf
 from tests.fixtures.tiny_models import make_tiny_model, tiny_hf_model
 from tests.models.test_logits_vs_transformers import SEQ_LENS, _run_engine_like
@@ -231,7 +232,7 @@ def test_safetensors_directories_still_load(tmp_path):
 def test_a_requests_output_on_the_quantized_kernel_does_not_depend_on_its_batch(tmp_path, tokenizer_dir, qtype):
     """Every sampled token's logprob, bitwise, alone and among other requests (helix's kernel:
     rows independent of the batch by construction; the portable torch path is not)."""
-    from helix_server import LLM, SamplingParams
+    from helix_server import LLM
 
     # K-quants need rows of 256 weights.
     shape = {"hidden_size": 256, "intermediate_size": 512} if qtype in K_TYPES else {"hidden_size": 128, "intermediate_size": 384}
@@ -241,11 +242,4 @@ def test_a_requests_output_on_the_quantized_kernel_does_not_depend_on_its_batch(
     # another attention path with other last bits (the same tokens, not the same logprob bits).
     llm = LLM(model=str(path), dtype="float32", num_kv_blocks=256, enable_prefix_caching=False)
     assert all(m.native for m in llm.engine.runner.model.modules() if isinstance(m, QuantizedLinear))
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
-
-    def logprobs(output) -> list[tuple[int, float]]:
-        return [(t.token_id, t.logprob) for t in output.outputs[0].logprobs]
-
-    alone = [logprobs(llm.generate([p], params)[0]) for p in prompts]
-    assert [logprobs(r) for r in llm.generate(prompts, params)] == alone
+    assert_logprobs_do_not_depend_on_the_batch(llm)

@@ -22,6 +22,7 @@ from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from helix_server.layers.int8_linear import Int8Linear, quantize_per_channel
 from helix_server.models import load_model
 from helix_server.settings import build_config
+from tests.fixtures.batch_invariance import assert_logprobs_do_not_depend_on_the_batch
 from tests.models.test_logits_vs_transformers import SEQ_LENS, _run_engine_like
 
 needs_kernels = pytest.mark.skipif(
@@ -144,14 +145,7 @@ def test_a_requests_output_does_not_depend_on_its_batch(model_dir):
     llm = LLM(model=str(model_dir), dtype="float32", quantization="int8", num_kv_blocks=256,
               enable_prefix_caching=False)
     assert all(m.native for m in llm.engine.runner.model.modules() if isinstance(m, Int8Linear))
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(6)]
-
-    def logprobs(output) -> list[tuple[int, float]]:
-        return [(t.token_id, t.logprob) for t in output.outputs[0].logprobs]
-
-    alone = [logprobs(llm.generate([p], params)[0]) for p in prompts]
-    assert [logprobs(r) for r in llm.generate(prompts, params)] == alone
+    assert_logprobs_do_not_depend_on_the_batch(llm)
 
 
 @needs_kernels

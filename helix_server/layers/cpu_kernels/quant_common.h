@@ -5,9 +5,11 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <emmintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 
@@ -32,6 +34,26 @@ inline void check_packed_operands(const char* op, const at::Tensor& x, const at:
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous() &&
                   weight.size(0) == n_len && weight.size(1) == k_len / block * bytes,
               op, ": weight must be contiguous uint8 [", n_len, ", ", k_len / block * bytes, "]");
+}
+
+// run(x, w, row_bytes, y, m, k_len, n_len) computes y [M, N] = x W^T for packed rows of one block type.
+using PackedRunFn = void (*)(const float*, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t);
+
+// The body of a packed-weight op: `runs[quant_type]` over checked operands, y float32 [M, n_len].
+template <size_t Types>
+at::Tensor packed_linear(const char* op, const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type,
+                         int64_t n_len, int64_t block, int64_t (*bytes_of)(int64_t),
+                         const std::array<PackedRunFn, Types>& runs) {
+  TORCH_CHECK(quant_type >= 0 && quant_type < static_cast<int64_t>(Types), op, ": unknown quantization type ",
+              quant_type);
+  check_packed_operands(op, x_in, weight, n_len, block, bytes_of(quant_type));
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), k_len = x.size(1);
+  at::Tensor y = at::empty({m, n_len}, x.options());
+  if (m == 0 || n_len == 0) return y;
+  runs[quant_type](x.data_ptr<float>(), weight.data_ptr<uint8_t>(), weight.size(1), y.data_ptr<float>(), m, k_len,
+                   n_len);
+  return y;
 }
 
 // x float32 [M, K], q int8 [N, K], scale float32 [N]; raises with `op`'s name otherwise.

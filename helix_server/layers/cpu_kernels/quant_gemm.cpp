@@ -96,22 +96,9 @@ void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t 
   });
 }
 
-at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  TORCH_CHECK(quant_type == kQ8_0 || quant_type == kQ4_0 || quant_type == kQ4_1,
-              "quant_linear: unknown quantization type ", quant_type);
-  check_packed_operands("quant_linear", x_in, weight, n_len, kBlock, block_bytes(quant_type));
-  const at::Tensor x = x_in.contiguous();
-  const int64_t m = x.size(0), k_len = x.size(1);
-  at::Tensor y = at::empty({m, n_len}, x.options());
-  if (m == 0 || n_len == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t row_bytes = weight.size(1);
-  if (quant_type == kQ8_0) run<kQ8_0>(xp, wp, row_bytes, yp, m, k_len, n_len);
-  if (quant_type == kQ4_0) run<kQ4_0>(xp, wp, row_bytes, yp, m, k_len, n_len);
-  if (quant_type == kQ4_1) run<kQ4_1>(xp, wp, row_bytes, yp, m, k_len, n_len);
-  return y;
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
+  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ8_0>, run<kQ4_0>, run<kQ4_1>};
+  return packed_linear("quant_linear", x, weight, quant_type, n_len, kBlock, block_bytes, kRuns);
 }
 
 }  // namespace

@@ -124,33 +124,14 @@ void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t 
   });
 }
 
-at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type, int64_t n_len,
-                         bool super) {
-  const char* op = super ? "quant_linear_k_avx2" : "quant_linear_avx2";
-  TORCH_CHECK(quant_type >= 0 && quant_type <= 2, op, ": unknown quantization type ", quant_type);
-  check_packed_operands(op, x_in, weight, n_len, super ? kSuper : kBlock,
-                        super ? super_block_bytes(quant_type) : block_bytes(quant_type));
-  const at::Tensor x = x_in.contiguous();
-  const int64_t m = x.size(0), k_len = x.size(1);
-  at::Tensor y = at::empty({m, n_len}, x.options());
-  if (m == 0 || n_len == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t row_bytes = weight.size(1);
-  using RunFn = void (*)(const float*, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t);
-  constexpr RunFn kRuns[2][3] = {{run<kQ8_0, false>, run<kQ4_0, false>, run<kQ4_1, false>},
-                                 {run<kQ4_K, true>, run<kQ5_K, true>, run<kQ6_K, true>}};
-  kRuns[super][quant_type](xp, wp, row_bytes, yp, m, k_len, n_len);
-  return y;
-}
-
 at::Tensor quant_linear_avx2(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  return packed_linear(x, weight, quant_type, n_len, false);
+  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ8_0, false>, run<kQ4_0, false>, run<kQ4_1, false>};
+  return packed_linear("quant_linear_avx2", x, weight, quant_type, n_len, kBlock, block_bytes, kRuns);
 }
 
 at::Tensor quant_linear_k_avx2(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  return packed_linear(x, weight, quant_type, n_len, true);
+  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ4_K, true>, run<kQ5_K, true>, run<kQ6_K, true>};
+  return packed_linear("quant_linear_k_avx2", x, weight, quant_type, n_len, kSuper, super_block_bytes, kRuns);
 }
 
 // ---- int8 weights, a scale per output row ----

@@ -94,22 +94,9 @@ void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t 
   });
 }
 
-at::Tensor quant_linear_k(const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  TORCH_CHECK(quant_type == kQ4_K || quant_type == kQ5_K || quant_type == kQ6_K,
-              "quant_linear_k: unknown quantization type ", quant_type);
-  check_packed_operands("quant_linear_k", x_in, weight, n_len, kSuper, super_block_bytes(quant_type));
-  const at::Tensor x = x_in.contiguous();
-  const int64_t m = x.size(0), k_len = x.size(1);
-  at::Tensor y = at::empty({m, n_len}, x.options());
-  if (m == 0 || n_len == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t row_bytes = weight.size(1);
-  if (quant_type == kQ4_K) run<kQ4_K>(xp, wp, row_bytes, yp, m, k_len, n_len);
-  if (quant_type == kQ5_K) run<kQ5_K>(xp, wp, row_bytes, yp, m, k_len, n_len);
-  if (quant_type == kQ6_K) run<kQ6_K>(xp, wp, row_bytes, yp, m, k_len, n_len);
-  return y;
+at::Tensor quant_linear_k(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
+  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ4_K>, run<kQ5_K>, run<kQ6_K>};
+  return packed_linear("quant_linear_k", x, weight, quant_type, n_len, kSuper, super_block_bytes, kRuns);
 }
 
 }  // namespace
