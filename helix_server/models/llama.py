@@ -25,6 +25,7 @@ from helix_server.layers.norm import RMSNorm
 from helix_server.layers.panel_linear import PanelLinear
 from helix_server.layers.quantized_linear import QuantizedLinear
 from helix_server.layers.rotary import RotaryEmbedding
+from helix_server.models.direct_children import DirectChildren
 from helix_server.models.hf_config import ArchConfig
 
 # HF projection name -> (our fused parameter's module name, shard index within it).
@@ -38,8 +39,10 @@ _STACKED_SHARDS = {
 _SHARD_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(DirectChildren, nn.Module):
     """Self-attention block: fused qkv projection, optional q/k norm, RoPE, paged attention, o_proj."""
+
+    DIRECT_CHILDREN = ("qkv_proj", "o_proj", "q_norm", "k_norm", "rotary", "attn")
 
     def __init__(self, arch: ArchConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -71,27 +74,30 @@ class LlamaAttention(nn.Module):
         ctx: ForwardContext,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden, ctx.bulk_start)  # [T, q_size + 2 * kv_size]
+        qkv_proj, o_proj, q_norm, k_norm, rotary, attn = self.direct()
+        qkv = qkv_proj.forward(hidden, ctx.bulk_start)  # [T, q_size + 2 * kv_size]
         v = qkv[:, self.q_size + self.kv_size :]  # [T, kv_size] (view)
         if self.qk_norm:
-            q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim))
+            q = q_norm.forward(qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim))
             k = qkv[:, self.q_size : self.q_size + self.kv_size]
-            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-            self.rotary.rotate_(q, cos, sin)  # [T, heads, d]
-            self.rotary.rotate_(k, cos, sin)  # [T, kv_heads, d]
+            k = k_norm.forward(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+            rotary.rotate_(q, cos, sin)  # [T, heads, d]
+            rotary.rotate_(k, cos, sin)  # [T, kv_heads, d]
         else:
             # q and k are adjacent in qkv: rotate both head groups with one set of ops, in place.
             qk = qkv[:, : self.q_size + self.kv_size]
             qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            self.rotary.rotate_(qk, cos, sin)  # [T, heads + kv_heads, d]
+            rotary.rotate_(qk, cos, sin)  # [T, heads + kv_heads, d]
             q = qkv[:, : self.q_size]
             k = qkv[:, self.q_size : self.q_size + self.kv_size]
-        out = self.attn(q, k, v, ctx)  # [T, q_size]
-        return self.o_proj(out, ctx.bulk_start)
+        out = attn.forward(q, k, v, ctx)  # [T, q_size]
+        return o_proj.forward(out, ctx.bulk_start)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(DirectChildren, nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
+
+    DIRECT_CHILDREN = ("gate_up_proj", "act_fn", "down_proj")
 
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
@@ -101,12 +107,15 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, bulk_start: int | None = None) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         """`bulk_start`: the first row of long prompt chunks, if any (see `ForwardContext`)."""
-        gate_up = self.gate_up_proj(x, bulk_start)  # [T, 2I]
-        return self.down_proj(self.act_fn(gate_up), bulk_start)  # via [T, I]
+        gate_up_proj, act_fn, down_proj = self.direct()
+        gate_up = gate_up_proj.forward(x, bulk_start)  # [T, 2I]
+        return down_proj.forward(act_fn.forward(gate_up), bulk_start)  # via [T, I]
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DirectChildren, nn.Module):
     """Pre-norm decoder layer; the residual stream is carried separately and added in place."""
+
+    DIRECT_CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
     def __init__(self, arch: ArchConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -123,14 +132,15 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        input_layernorm, self_attn, post_attention_layernorm, mlp = self.direct()
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = input_layernorm.forward(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden, ctx.bulk_start), residual
+            hidden, residual = input_layernorm.forward(hidden, residual)
+        hidden = self_attn.forward(hidden, cos, sin, ctx)
+        hidden, residual = post_attention_layernorm.forward(hidden, residual)
+        return mlp.forward(hidden, ctx.bulk_start), residual
 
 
 class LlamaModel(nn.Module):
@@ -209,7 +219,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary.lookup(positions)  # [T, 1, head_dim] each, shared by all layers
         residual = None
         for layer in self._layers[:num_layers]:
-            hidden, residual = layer(hidden, residual, cos, sin, ctx)
+            hidden, residual = layer.forward(hidden, residual, cos, sin, ctx)
         if residual is None:  # num_layers == 0
             return self.model.norm(hidden)
         hidden, _ = self.model.norm(hidden, residual)
