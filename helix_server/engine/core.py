@@ -56,6 +56,7 @@ class EngineCore:
             self.runtime.block_size,
             self.runtime.num_kv_blocks,
             enable_caching=config.cache.enable_prefix_caching,
+            eos_token_ids=self.eos_token_ids,
         )
         # --kv-events-config: the pool's block events, published in vLLM's format (None: off).
         self.kv_events = build_kv_event_publisher(config.cache.kv_events_config, self.runtime.block_size)
@@ -238,7 +239,6 @@ class EngineCore:
             if prompt_logprobs is not None:
                 state.add_prompt_logprobs(scheduled.start_position, prompt_logprobs)
 
-        eos_token_ids = self.eos_token_ids
         for request in updated:
             request_id = request.request_id
             seq = self._sequences.get(request_id)
@@ -247,11 +247,8 @@ class EngineCore:
             state = self._parent_of[request_id]
             touched[state.request_id] = state
             try:
-                new_tokens = runner_output.sampled_token_ids.get(request_id, [])
-                seq.process_new_tokens(
-                    new_tokens, runner_output.logprobs.get(request_id), eos_token_ids, self.max_sequence_len
-                )
-                if seq.finished:
+                seq.process_new_tokens(runner_output.logprobs.get(request_id))
+                if seq.finished and not request.is_finished:  # a stop string
                     self.scheduler.finish_requests([request_id], seq.finish_status)
             except Exception as exc:  # e.g. detokenization: fails this request only
                 logger.exception("request %s failed while processing its output", state.request_id)

@@ -1,9 +1,10 @@
-"""The engine's per-request bookkeeping: stop checks, incremental text, and pending deltas.
+"""The engine's output processing: incremental text, stop strings, and pending deltas.
 
 A `RequestState` is one API request; its `SequenceState`s are its `n` sequences, each tied to one
-scheduler `Request`. After every step the engine feeds each sequence its new tokens; the state
-decides whether the sequence is finished and what text is safe to emit, and holds the delta until
-the engine collects it into a `RequestOutput`.
+scheduler `Request`. The scheduler decides stops on token ids (`scheduler.stop`); after every step
+each sequence takes the tokens the scheduler appended, detokenizes them, checks the stop strings
+(reporting a match back to the engine, which finishes the request), and holds the delta until the
+engine collects it into a `RequestOutput`. Nothing here edits the scheduler's request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class SequenceState:
         self._token_ids: list[int] = []
         self._logprobs: list[TokenLogprob] = []
         self._changed = False
+        # Output tokens of the request already taken (`process_new_tokens`).
+        self._num_processed = 0
 
     @property
     def index(self) -> int:
@@ -38,41 +41,35 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_status is not None
 
-    def process_new_tokens(
-        self,
-        token_ids: list[int],
-        logprobs: list[TokenLogprob] | None,
-        eos_token_ids: set[int],
-        max_model_len: int,
-    ) -> None:
-        """Check each new token against the stop conditions, in order; tokens after a stop are dropped
-        from the request (possible when a step yields several tokens)."""
-        params: SamplingParams = self.request.sampling_params
-        output = self.request.output_token_ids
-        num_before = len(output) - len(token_ids)
+    def process_new_tokens(self, logprobs: list[TokenLogprob] | None) -> None:
+        """Take the tokens the scheduler appended to the request since the last call (it cut them at
+        any EOS, stop token id or length stop, and finished the request then): detokenize them and
+        check the stop strings. A stop string that matches ends the sequence at that token; the
+        engine then finishes the request in the scheduler. Reads the scheduler's token list only."""
+        request = self.request
+        params: SamplingParams = request.sampling_params
+        output = request.output_token_ids
+        num_before = self._num_processed
+        token_ids = output[num_before:]
+        self._num_processed = len(output)
+        stopped_on_token = request.status is RequestStatus.FINISHED_STOPPED
         for i, token_id in enumerate(token_ids):
             num_generated = num_before + i + 1
             self._token_ids.append(token_id)
             if logprobs is not None:
                 self._logprobs.append(logprobs[i])
-            if token_id in eos_token_ids and not params.ignore_eos:
-                self._finish(RequestStatus.FINISHED_STOPPED, None)
-            elif token_id in params.stop_token_ids:
-                self._finish(RequestStatus.FINISHED_STOPPED, token_id)
-            else:
-                # Like vLLM, stop strings only count once min_tokens tokens exist.
-                self.detokenizer.stop_strings_active = num_generated >= params.min_tokens
-                self._text += self.detokenizer.add_tokens([token_id])
-                if self.detokenizer.stop_reason is not None:
-                    self._finish(RequestStatus.FINISHED_STOPPED, self.detokenizer.stop_reason)
-            if not self.finished and (
-                (params.max_tokens is not None and num_generated >= params.max_tokens)
-                or self.request.num_prompt_tokens + num_generated >= max_model_len
-            ):
-                self._finish(RequestStatus.FINISHED_LENGTH, None)
-            if self.finished:
-                del output[num_generated:]
+            last = i == len(token_ids) - 1
+            if last and stopped_on_token:  # EOS or a stop token id: not part of the text
+                self._finish(RequestStatus.FINISHED_STOPPED, request.stop_reason)
                 break
+            # Like vLLM, stop strings only count once min_tokens tokens exist.
+            self.detokenizer.stop_strings_active = num_generated >= params.min_tokens
+            self._text += self.detokenizer.add_tokens([token_id])
+            if self.detokenizer.stop_reason is not None:
+                self._finish(RequestStatus.FINISHED_STOPPED, self.detokenizer.stop_reason)
+                break
+            if last and request.status is RequestStatus.FINISHED_LENGTH:
+                self._finish(RequestStatus.FINISHED_LENGTH, None)
         self._changed = True
 
     def finish_externally(self, status: RequestStatus) -> None:

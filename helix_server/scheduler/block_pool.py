@@ -18,12 +18,9 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
+from helix_server.scheduler.block_hash import BlockHash
 from helix_server.scheduler.kv_events import BlockRemovedEvent, KVEventSink
-
-if TYPE_CHECKING:
-    from helix_server.scheduler.prefix_cache import BlockHash
 
 
 class KVBlock:

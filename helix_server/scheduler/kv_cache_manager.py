@@ -15,8 +15,9 @@ from its own `num_computed_tokens` on, which lie past its shared blocks.
 
 from __future__ import annotations
 
+from helix_server.scheduler.block_hash import HashFn, sha256
 from helix_server.scheduler.block_pool import BlockPool, KVBlock
-from helix_server.scheduler.prefix_cache import HashFn, PrefixCache, PrefixCacheStats, sha256
+from helix_server.scheduler.prefix_cache import PrefixCache, PrefixCacheStats
 from helix_server.scheduler.request import Request
 
 

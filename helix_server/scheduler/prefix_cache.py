@@ -18,52 +18,16 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
-from array import array
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
+from helix_server.scheduler.block_hash import BlockHash, HashFn, hash_block_tokens, sha256
 from helix_server.scheduler.kv_events import BlockStoredEvent
 
 if TYPE_CHECKING:
     from helix_server.scheduler.block_pool import BlockPool, KVBlock
     from helix_server.scheduler.request import Request
-
-# bytes -> digest. SHA-256 by default; tests patch it to force collisions.
-HashFn = Callable[[bytes], bytes]
-
-
-def sha256(data: bytes) -> bytes:
-    """The default block hash function."""
-    return hashlib.sha256(data).digest()
-
-
-class BlockHash(NamedTuple):
-    """What a cached block holds: its chained digest (the lookup key) and the content it stands for.
-
-    Two `BlockHash`es are equal only if digest, token ids and extra keys all are.
-    """
-
-    value: bytes
-    token_ids: tuple[int, ...]
-    extra_keys: tuple | None = None
-
-
-def hash_block_tokens(
-    hash_fn: HashFn, parent_value: bytes, token_ids: Sequence[int], extra_keys: tuple | None = None
-) -> BlockHash:
-    """The `BlockHash` of a full block whose parent block hashed to `parent_value`."""
-    tokens = tuple(token_ids)
-    # Length-prefixed fields keep the encoding unambiguous.
-    payload = [struct.pack("<I", len(parent_value)), parent_value, struct.pack("<I", len(tokens))]
-    payload.append(array("q", tokens).tobytes())
-    if extra_keys:
-        payload.append(repr(extra_keys).encode())
-    return BlockHash(hash_fn(b"".join(payload)), tokens, extra_keys)
-
 
 @dataclass
 class PrefixCacheStats:

@@ -79,6 +79,8 @@ class Request:
         self.num_cached_tokens = -1
         # Set when every prompt position must be computed (prompt logprobs): no cache hits taken.
         self.skip_reading_prefix_cache = False
+        # The stop token id that finished it (`stop.check_stop`); None otherwise.
+        self.stop_reason: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

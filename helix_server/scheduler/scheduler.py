@@ -17,10 +17,12 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from helix_server.scheduler.block_hash import HashFn, sha256
 from helix_server.scheduler.followers import Followers
 from helix_server.scheduler.kv_cache_manager import KVCacheManager
-from helix_server.scheduler.prefix_cache import HashFn, PrefixCacheStats, sha256
+from helix_server.scheduler.prefix_cache import PrefixCacheStats
 from helix_server.scheduler.request import Request, RequestStatus
+from helix_server.scheduler.stop import check_stop
 from helix_server.step_contract import ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -51,12 +53,15 @@ class Scheduler:
         enable_caching: bool = False,
         hash_fn: HashFn = sha256,
         hash_seed: bytes | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         if scheduler_config.max_num_batched_tokens < 1 or scheduler_config.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.block_size = block_size
+        # Tokens that end a sequence (unless its params say `ignore_eos`); see `stop.check_stop`.
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.kv_cache_manager = KVCacheManager(
             num_blocks, block_size, enable_caching, hash_fn, hash_seed
         )
@@ -305,8 +310,10 @@ class Scheduler:
     ) -> list[Request]:
         """Advance each scheduled request by its computed tokens and append its sampled ones.
 
-        Returns the requests that received new tokens (the engine checks their stop conditions).
-        Requests finished between `schedule()` and now are skipped.
+        Returns the requests that received new tokens. Stop conditions on token ids (EOS, stop token
+        ids, length: `stop.check_stop`) are decided here: tokens past a stop are dropped, and the
+        request is finished (its status and `stop_reason` tell why) once every request is advanced.
+        Stop strings are the engine's. Requests finished between `schedule()` and now are skipped.
 
         With speculative decoding a request's new tokens are its accepted drafts plus one: the K/V
         of the rejected drafts was computed but is wrong, so `num_computed_tokens` rolls back over
@@ -314,6 +321,7 @@ class Scheduler:
         proposes the next ones after this.
         """
         updated: list[Request] = []
+        stopped: list[tuple[Request, RequestStatus]] = []
         sampled = model_runner_output.sampled_token_ids
         for scheduled in scheduler_output.scheduled:
             request = scheduled.request
@@ -331,12 +339,18 @@ class Scheduler:
             # Only now, with rejected drafts rolled back, are full blocks safe to share.
             self.kv_cache_manager.cache_blocks(request)
             if new_token_ids:
-                request.append_output_token_ids(new_token_ids)
+                stop = check_stop(request, new_token_ids, self.eos_token_ids)
+                request.append_output_token_ids(new_token_ids[: stop.num_kept])
                 updated.append(request)
+                if stop.status is not None:
+                    request.stop_reason = stop.stop_reason
+                    stopped.append((request, stop.status))
             # The leader of an n > 1 request just finished its prompt: its followers may share it.
             prompt_done = request.num_computed_tokens >= request.num_prompt_tokens
             if prompt_done and request.request_id in self._followers:
                 self._fork_followers(request)
+        for request, status in stopped:
+            self.finish_requests([request.request_id], status)
         return updated
 
     def _fork_followers(self, leader: Request) -> None:

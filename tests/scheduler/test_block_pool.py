@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helix_server.scheduler.block_hash import BlockHash
 from helix_server.scheduler.block_pool import BlockPool
-from helix_server.scheduler.prefix_cache import BlockHash
 
 
 def test_new_pool_is_all_free():
