@@ -8,7 +8,8 @@ Each server is started here on a free loopback port, warmed up, then given the s
     request the decode rate is (tokens - 1) / (time of the last token - time of the first), and
     the time to first token is recorded; medians are reported;
   * concurrent: `--concurrent` requests at once with prompts of 64-1,024 words and 64-256 output
-    tokens (seeded); output tokens per second of wall time.
+    tokens (seeded); output tokens per second of wall time;
+  * memory: the server process's resident set after the workload and its peak (VmRSS, VmHWM).
 
 The peers: `--llama-server PATH --gguf FILE` runs llama.cpp's `llama-server` on a GGUF file (2
 threads, continuous batching with `--concurrent` slots); helix runs with `--helix-args` (its own
@@ -16,6 +17,12 @@ CLI flags, e.g. `--model FILE.gguf` or `--model DIR --dtype bfloat16`). Servers 
 other, never together. Results go to `bench/results/peer_serving.json`.
 
     python bench/peer_serving.py --helix-args "--model M.gguf" [--llama-server build/bin/llama-server --gguf M.gguf]
+    LLAMA_SERVER=build/bin/llama-server python bench/peer_serving.py --helix-args "--speculative-method none"
+
+(the second: the default model, SmolLM2-135M-Instruct Q4_1, in both servers). A server that exits
+on its own is reported as such; one stopped by the benchmark (after a client error, or when the
+benchmark gets SIGTERM) logs llama.cpp's "cleaning up before exit", which is not a crash. Each
+server runs in its own session with no stdin, and the whole session is stopped on exit.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -74,13 +82,24 @@ class Server:
             time.sleep(1)
         raise SystemExit(f"{self.name} did not become healthy; see {self.log.name}")
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Stop the server's whole session (it may have children); say whether it had exited on its
+        own, or whether the client failed while it ran (a server stopped here logs "cleaning up
+        before exit", which is not a crash)."""
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            if self.process.poll() is not None:
+                print(f"{self.name} exited on its own with {self.process.returncode}; see {self.log.name}")
+            elif exc is not None:
+                print(f"the benchmark failed or was stopped while {self.name} ran ({exc_type.__name__}: {exc}); stopping it")
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.process.pid, sig)
+                    self.process.wait(timeout=30)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         self.log.close()
 
 
@@ -109,6 +128,8 @@ async def batch_one(server: Server, model: str, requests: int, max_tokens: int) 
         for _ in range(requests):
             result = await stream_completion(client, server.url, model, text_of(20, rng), max_tokens)
             arrivals = result["arrivals"]
+            if len(arrivals) < 2:
+                raise RuntimeError(f"{server.name} streamed {len(arrivals)} text chunks for {max_tokens} tokens")
             ttfts.append(arrivals[0] - result["start"])
             # Chunks may carry several tokens (llama.cpp sends one per token, helix too at batch 1).
             rates.append((max_tokens - 1) / (arrivals[-1] - arrivals[0]))
@@ -126,11 +147,22 @@ async def concurrent(server: Server, model: str, count: int) -> dict:
     return {"output_tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens}
 
 
+def memory_mb(pid: int) -> dict:
+    """The process's resident set now and at its peak (VmRSS, VmHWM), in MB (Linux)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024  # kB -> MiB
+    return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
+
+
 def run(server: Server, model: str, args) -> dict:
     with server:
         result = {"batch1": asyncio.run(batch_one(server, model, args.requests, args.max_tokens))}
         if args.concurrent:
             result["concurrent"] = asyncio.run(concurrent(server, model, args.concurrent))
+        result["memory"] = memory_mb(server.process.pid)
     print(f"{server.name}: batch-1 decode {result['batch1']['decode_tok_s']:.1f} tok/s "
           f"(TTFT {result['batch1']['ttft_s'] * 1000:.0f} ms)"
           + (f"; {args.concurrent} concurrent: {result['concurrent']['output_tok_s']:.1f} output tok/s"
@@ -138,11 +170,17 @@ def run(server: Server, model: str, args) -> dict:
     return result
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(f"signal {signum}")  # unwinds the `with Server(...)` blocks: no orphaned servers
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--helix-args", required=True, help="helix-server serve flags, e.g. '--model M.gguf'")
-    parser.add_argument("--llama-server", help="path to llama.cpp's llama-server")
-    parser.add_argument("--gguf", help="the GGUF file llama-server serves")
+    parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
+                        help="path to llama.cpp's llama-server (default: $LLAMA_SERVER; none: helix only)")
+    parser.add_argument("--gguf", help="the GGUF file llama-server serves (default: the default model's)")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrent", type=int, default=16, help="0 skips the concurrent workload")
@@ -151,14 +189,17 @@ def main() -> int:
     args = parser.parse_args()
 
     results: dict = {"workload": {"requests": args.requests, "max_tokens": args.max_tokens,
-                                  "concurrent": args.concurrent}}
+                                  "concurrent": args.concurrent},
+                     "command": shlex.join(["python", *sys.argv]), "load_average_before": os.getloadavg()[0]}
     port = free_port()
     helix = [sys.executable, "-m", "helix_server", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--served-model-name", "bench", *shlex.split(args.helix_args)]
     results["helix"] = {"args": args.helix_args, **run(Server("helix", helix, port), "bench", args)}
     if args.llama_server:
         if not args.gguf:
-            raise SystemExit("--llama-server needs --gguf")
+            from helix_server.default_model import smollm2_gguf_file
+
+            args.gguf = str(smollm2_gguf_file())
         port = free_port()
         slots = max(1, args.concurrent)
         llama = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), "-t",
@@ -171,6 +212,7 @@ def main() -> int:
             ratio = results["helix"]["concurrent"]["output_tok_s"] / results["llama_server"]["concurrent"]["output_tok_s"]
             results["helix_over_llama_concurrent"] = ratio
             print(f"helix / llama-server, {args.concurrent} concurrent: {ratio:.2f}x")
+    results["load_average_after"] = os.getloadavg()[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
