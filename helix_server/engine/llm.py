@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from helix_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from helix_server.default_model import with_default_model
 from helix_server.engine.core import EngineCore
-from helix_server.engine.outputs import CompletionOutput, RequestOutput
+from helix_server.engine.outputs import CompletionOutput, RequestOutput, merge_delta
 from helix_server.engine.tokenizer import Tokenizer
 from helix_server.platform.process_policy import prepare_process
 from helix_server.sampling_params import SamplingParams
@@ -117,13 +117,7 @@ class _Accumulator:
         if delta.prompt_logprobs is not None:
             out.prompt_logprobs = delta.prompt_logprobs
         for d in delta.outputs:
-            seq = out.outputs[d.index]
-            seq.text += d.text
-            seq.token_ids.extend(d.token_ids)
-            if d.logprobs is not None:
-                seq.logprobs = (seq.logprobs or []) + d.logprobs
-            seq.finish_reason = d.finish_reason
-            seq.stop_reason = d.stop_reason
+            merge_delta(out.outputs[d.index], d)
 
     def result(self) -> RequestOutput:
         return self.output

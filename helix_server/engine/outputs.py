@@ -53,6 +53,20 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+def merge_delta(into, delta: CompletionOutput) -> None:
+    """Add a sequence's later `delta` to what `into` (a `CompletionOutput` or any object with the
+    same text / token_ids / logprobs / finish_reason / stop_reason fields) holds so far."""
+    into.text += delta.text
+    into.token_ids.extend(delta.token_ids)
+    if delta.logprobs is not None:
+        if into.logprobs is None:
+            into.logprobs = []
+        into.logprobs.extend(delta.logprobs)
+    if delta.finish_reason is not None:
+        into.finish_reason = delta.finish_reason
+        into.stop_reason = delta.stop_reason
+
+
 @dataclass
 class RequestOutput:
     """A request's progress: the sequences that changed, and whether the whole request is done.

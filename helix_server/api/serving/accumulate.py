@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from helix_server.api.errors import server_error
 from helix_server.api.protocol.common import UsageInfo
 from helix_server.api.serving.usage import usage_info
-from helix_server.engine.outputs import RequestOutput
+from helix_server.engine.outputs import RequestOutput, merge_delta
 from helix_server.step_contract import TokenLogprob
 
 
@@ -49,14 +49,7 @@ class ResultAccumulator:
             result.error = output.error
         result.num_cached_tokens = max(result.num_cached_tokens, output.num_cached_tokens)
         for delta in output.outputs:
-            seq = result.sequences[delta.index]
-            seq.text += delta.text
-            seq.token_ids.extend(delta.token_ids)
-            if delta.logprobs:
-                seq.logprobs.extend(delta.logprobs)
-            if delta.finish_reason is not None:
-                seq.finish_reason = delta.finish_reason
-                seq.stop_reason = delta.stop_reason
+            merge_delta(result.sequences[delta.index], delta)
 
     def raise_if_failed(self) -> None:
         """A 500 if the engine failed any sequence (its message says why)."""
