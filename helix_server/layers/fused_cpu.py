@@ -97,7 +97,7 @@ class FusedAttention(Attention):
                 query[group.token_start : group.token_end], key_cache, value_cache, group.block_tables,
                 group.seq_lens, group.query_len, self.scale, window,
             )  # [rows, heads, d]
-            for group in metadata.query_groups
+            for group in metadata.merged_query_groups()  # rows read exactly their keys: no key-length classes
         ]
         parts += prefill_attention(
             query, key, value, key_cache, value_cache, metadata, self.scale, self.sliding_window

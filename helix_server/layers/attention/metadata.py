@@ -82,6 +82,22 @@ class AttentionMetadata:
     # Masks depend only on the metadata, the sliding window and the GQA group size, so the first
     # layer builds them and the others reuse them.
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _merged_groups: list[QueryGroup] | None = field(default=None, repr=False)
+
+    def merged_query_groups(self) -> list[QueryGroup]:
+        """The query groups with consecutive groups of one query length merged into one (block
+        tables 0-padded to the widest), for kernels whose rows read exactly their own keys and so
+        need no key-length classes (helix's CPU `paged_query_attention`): one call per query length
+        instead of one per class. Built by the first layer, reused by the others."""
+        if self._merged_groups is None:
+            runs: list[list[QueryGroup]] = []
+            for group in self.query_groups:
+                if runs and runs[-1][0].query_len == group.query_len:
+                    runs[-1].append(group)
+                else:
+                    runs.append([group])
+            self._merged_groups = [run[0] if len(run) == 1 else _merge(run) for run in runs]
+        return self._merged_groups
 
     def group_mask(self, index: int, sliding_window: int | None, gqa_group: int) -> torch.Tensor:
         """Additive float mask of query group `index`, [n, 1, gqa_group * query_len, S]: 0 where a
@@ -126,6 +142,19 @@ class AttentionMetadata:
             mask = _additive(mask, self.dtype)
             self._masks[key] = mask
         return mask
+
+
+def _merge(run: list[QueryGroup]) -> QueryGroup:
+    """Consecutive query groups of one query length as one group (tables 0-padded to the widest)."""
+    width = max(group.block_tables.shape[1] for group in run)
+    tables = [torch.nn.functional.pad(group.block_tables, (0, width - group.block_tables.shape[1])) for group in run]
+    return QueryGroup(
+        token_start=run[0].token_start,
+        token_end=run[-1].token_end,
+        query_len=run[0].query_len,
+        block_tables=torch.cat(tables),  # [n, width]
+        seq_lens=torch.cat([group.seq_lens for group in run]),  # [n]
+    )
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
