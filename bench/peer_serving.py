@@ -170,6 +170,12 @@ def run(server: Server, model: str, args) -> dict:
     return result
 
 
+def _command_line() -> str:
+    """This run's command line, with `LLAMA_SERVER=...` in front when the path came from it."""
+    env = [f"LLAMA_SERVER={os.environ['LLAMA_SERVER']}"] if os.environ.get("LLAMA_SERVER") else []
+    return shlex.join([*env, "python", *sys.argv])
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(f"signal {signum}")  # unwinds the `with Server(...)` blocks: no orphaned servers
 
@@ -190,11 +196,12 @@ def main() -> int:
 
     results: dict = {"workload": {"requests": args.requests, "max_tokens": args.max_tokens,
                                   "concurrent": args.concurrent},
-                     "command": shlex.join(["python", *sys.argv]), "load_average_before": os.getloadavg()[0]}
+                     "command": _command_line(), "load_average_before": os.getloadavg()[0]}
     port = free_port()
     helix = [sys.executable, "-m", "helix_server", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--served-model-name", "bench", *shlex.split(args.helix_args)]
     results["helix"] = {"args": args.helix_args, **run(Server("helix", helix, port), "bench", args)}
+    save(results, Path(args.out))  # helix's numbers survive a peer run that is stopped
     if args.llama_server:
         if not args.gguf:
             from helix_server.default_model import smollm2_gguf_file
@@ -212,12 +219,16 @@ def main() -> int:
             ratio = results["helix"]["concurrent"]["output_tok_s"] / results["llama_server"]["concurrent"]["output_tok_s"]
             results["helix_over_llama_concurrent"] = ratio
             print(f"helix / llama-server, {args.concurrent} concurrent: {ratio:.2f}x")
+    save(results, Path(args.out))
+    return 0
+
+
+def save(results: dict, out: Path) -> None:
+    """Write the results so far, with the load average now."""
     results["load_average_after"] = os.getloadavg()[0]
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
-    return 0
+    print(f"saved {out}", flush=True)
 
 
 if __name__ == "__main__":
