@@ -18,7 +18,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     served_model_name: str | None = None
     # float32 | bfloat16 | float16 | auto (the config's dtype; float32 on a CPU without fast half precision)
     dtype: str = "auto"
-    # auto | cpu | cuda | cuda:N | directml
+    # auto | cpu | cuda | cuda:N | xpu | xpu:N | directml
     device: str = "auto"
     # None: the model's max_position_embeddings.
     max_model_len: int | None = None
@@ -26,6 +26,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     # float32 on an AVX-512 CPU: helix's own kernels (compiled on first use); False: torch's.
     cpu_kernels: bool = True
+    # CUDA: run every step eagerly; False: decode and verification steps replay CUDA graphs (with
+    # the Triton attention backend; see runner/cuda_graphs.py). vLLM's name.
+    enforce_eager: bool = False
     # One of QUANTIZATION_METHODS: a safetensors model's linear weights quantized at load ("int8":
     # weight-only, per output channel); None: the checkpoint's own weights.
     quantization: str | None = None

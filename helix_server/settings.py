@@ -148,12 +148,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("served_model_name", "model", str, "Model name clients use (default: the directory name)."),
     Setting("dtype", "model", str, "float32 | bfloat16 | float16 | auto (the model's dtype; float32 on CPUs "
             "without fast half precision)."),
-    Setting("device", "model", str, "auto | cpu | cuda | cuda:N | directml."),
+    Setting("device", "model", str, "auto | cpu | cuda | cuda:N | xpu | xpu:N | directml."),
     Setting("max_model_len", "model", int, "Longest sequence (prompt + completion) in tokens "
             "(default: the model's max_position_embeddings)."),
     Setting("seed", "model", int, "Seed of the sampler for requests without their own seed."),
     Setting("cpu_kernels", "model", boolean, "float32/bfloat16 on an AVX-512 CPU: run helix's own kernels, compiled "
             "on first use (--no-cpu-kernels: torch's only)."),
+    Setting("enforce_eager", "model", boolean, "CUDA: run every step eagerly, without CUDA graphs (by default "
+            "decode and verification steps replay graphs captured at start-up)."),
     Setting("quantization", "model", quantization, "int8: quantize a safetensors model's linear weights at "
             "load (weight-only, symmetric, one scale per output channel; about a quarter of float32's "
             "bytes) | none."),

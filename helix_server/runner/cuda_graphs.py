@@ -37,6 +37,12 @@ def cuda_graphs_enabled(device: torch.device, enforce_eager: bool) -> bool:
     return not enforce_eager and attention_backend(device) == TRITON
 
 
+def graph_max_tokens(max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """The largest captured size: a full decode batch with drafts to verify, within the step's token
+    budget and `_SIZES`' last (larger short steps run eagerly)."""
+    return max(1, min(_SIZES[-1], max_num_batched_tokens, max_num_seqs * (1 + MAX_BATCHED_QUERY_LEN)))
+
+
 def capture_sizes(max_num_tokens: int) -> list[int]:
     """Padded token counts to capture: `_SIZES` up to `max_num_tokens`, which is always the last."""
     return [s for s in _SIZES if s < max_num_tokens] + [max_num_tokens]

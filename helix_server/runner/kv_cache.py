@@ -15,7 +15,9 @@ from helix_server.config import CacheConfig, SchedulerConfig
 from helix_server.config_validation import validate_cache_config
 from helix_server.errors import ParameterError
 from helix_server.layers.attention.builder import allocate_kv_caches, kv_cache_bytes_per_block
+from helix_server.layers.attention.selector import TRITON, attention_backend
 from helix_server.platform import device_memory
+from helix_server.runner.cuda_graphs import cuda_graphs_enabled, graph_max_tokens, graph_pool_bytes
 
 GIB = 1 << 30
 # CUDA memory besides weights, KV and activations that a running engine takes: library workspaces
@@ -47,8 +49,11 @@ def allocate_kv_pool(
     max_model_len: int,
     dtype: torch.dtype,
     device: torch.device,
+    enforce_eager: bool = True,
 ) -> KVPool:
-    """Size the pool (see `size_kv_pool`) once the weights are loaded, then allocate it."""
+    """Size the pool (see `size_kv_pool`) once the weights are loaded, then allocate it. With CUDA
+    graphs (`cuda_graphs_enabled`) their memory pool is set aside too; the Triton attention backend
+    gathers nothing, so no share of the pool is kept for gathering then."""
     block_size = cache.block_size
     models = [m for m in (model, draft_model) if m is not None]
     bytes_per_block = sum(
@@ -60,8 +65,9 @@ def allocate_kv_pool(
         max_model_len,
         scheduler.max_num_seqs,
         device=device,
-        activation_bytes=estimate_activation_bytes(model, scheduler, dtype),
-        gather_factor=attention_gather_factor(model),
+        activation_bytes=estimate_activation_bytes(model, scheduler, dtype)
+        + cuda_graph_bytes(model, scheduler, dtype, device, enforce_eager),
+        gather_factor=0.0 if attention_backend(device) == TRITON else attention_gather_factor(model),
     )
     caches = [
         allocate_kv_caches(m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim, dtype, device)
@@ -112,6 +118,17 @@ def size_kv_pool(
             )
     useful = max_num_seqs * -(-max_model_len // cache.block_size)
     return min(by_memory, useful)
+
+
+def cuda_graph_bytes(
+    model: torch.nn.Module, scheduler: SchedulerConfig, dtype: torch.dtype, device: torch.device, enforce_eager: bool
+) -> int:
+    """The memory the CUDA graphs of `model` will pin (`graph_pool_bytes`); 0 without graphs."""
+    arch = getattr(model, "arch", None)
+    if arch is None or not cuda_graphs_enabled(device, enforce_eager):
+        return 0
+    max_tokens = graph_max_tokens(scheduler.max_num_seqs, scheduler.max_num_batched_tokens)
+    return graph_pool_bytes(arch.hidden_size, arch.intermediate_size, max_tokens, dtype)
 
 
 def attention_gather_factor(model: torch.nn.Module) -> float:

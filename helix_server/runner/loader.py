@@ -92,7 +92,9 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
         )
         logger.info("draft model %s: %d layers", spec.draft_model, draft_model.num_layers)
 
-    pool = allocate_kv_pool(config.cache, config.scheduler, model, draft_model, max_model_len, dtype, device)
+    pool = allocate_kv_pool(
+        config.cache, config.scheduler, model, draft_model, max_model_len, dtype, device, config.model.enforce_eager
+    )
     runtime = RuntimeInfo(
         model_dir=model_dir,
         model_name=config.model.served_model_name or model_dir.name,

@@ -15,6 +15,7 @@ import torch
 
 from helix_server.config import EngineConfig
 from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
+from helix_server.runner.cuda_graphs import CudaGraphRunner, cuda_graphs_enabled, graph_max_tokens
 from helix_server.runner.loader import LoadedModel
 from helix_server.sample.generators import RequestGenerators
 from helix_server.sample.sampler import Sampler
@@ -45,6 +46,7 @@ class ModelRunner:
         device: torch.device,
         generators: RequestGenerators | None = None,
         speculator: Speculator | None = None,
+        graphs: CudaGraphRunner | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -53,6 +55,8 @@ class ModelRunner:
         self.device = device
         self.generators = generators or RequestGenerators(device)
         self.speculator = speculator
+        # Short steps (decodes, verification) replay CUDA graphs through this when set.
+        self.graphs = graphs
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: EngineConfig, eos_token_ids: set[int]) -> ModelRunner:
@@ -71,7 +75,18 @@ class ModelRunner:
             loaded.draft_model,
             loaded.draft_kv_caches,
         )
-        return cls(loaded.model, loaded.kv_caches, runtime.block_size, sampler, runtime.device, generators, speculator)
+        graphs = None
+        if cuda_graphs_enabled(runtime.device, config.model.enforce_eager):
+            scheduler = config.scheduler
+            graphs = CudaGraphRunner(
+                loaded.model, loaded.kv_caches, runtime.block_size,
+                graph_max_tokens(scheduler.max_num_seqs, scheduler.max_num_batched_tokens),
+                runtime.max_model_len, runtime.device,
+            )
+            graphs.capture()
+        return cls(
+            loaded.model, loaded.kv_caches, runtime.block_size, sampler, runtime.device, generators, speculator, graphs
+        )
 
     @property
     def max_speculation_depth(self) -> int:
@@ -130,12 +145,16 @@ class ModelRunner:
             positions.extend(range(scheduled.start_position, scheduled.start_position + scheduled.num_new_tokens))
             last_rows.append(len(input_ids) - 1)
 
-        ctx = build_forward_context([chunks[i] for i in order], self.block_size, self.device, self.kv_caches)
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            ctx,
-        )  # [num_tokens, hidden]
+        ordered = [chunks[i] for i in order]
+        if self.graphs is not None and self.graphs.can_run(ordered):
+            hidden = self.graphs.run(ordered, input_ids, positions)  # [num_tokens, hidden]
+        else:
+            ctx = build_forward_context(ordered, self.block_size, self.device, self.kv_caches)
+            hidden = self.model(
+                torch.tensor(input_ids, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device),
+                ctx,
+            )  # [num_tokens, hidden]
 
         plain = [(b, row) for b, row in zip(batch, last_rows) if b.samples and not b.num_spec_tokens]
         if plain:
