@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from helix_server.config import EngineConfig
@@ -29,6 +30,7 @@ from helix_server.engine.core import EngineCore
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.stats import EngineStats
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
+from helix_server.engine.torch_thread import TorchThread
 from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
 from helix_server.runner.loader import load_model
 from helix_server.sampling_params import SamplingParams, StructuredOutputSpec
@@ -93,7 +95,11 @@ class RequestStream:
 class AsyncEngine:
     """Serve many concurrent requests from asyncio code with one engine thread doing the work."""
 
-    def __init__(self, core: EngineCore, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, core: EngineCore, tokenizer: Tokenizer | None = None, torch_thread: TorchThread | None = None
+    ) -> None:
+        """`torch_thread`: the thread that loaded `core`'s model, to run its steps too (see
+        `TorchThread`); a new one when None."""
         self.core = core
         # The event loop tokenizes with its own tokenizer instance: HF fast tokenizers are not safe
         # to share with the engine thread that detokenizes.
@@ -106,7 +112,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._torch_thread = torch_thread
+        self._running: Future | None = None  # the engine loop, on the torch thread
         self.dead_error: BaseException | None = None
         # time.monotonic() of the last finished step or idle check: liveness for /health.
         self.last_progress_time = time.monotonic()
@@ -120,30 +127,38 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress=None) -> AsyncEngine:
-        return cls(EngineCore(config, load_model(config, progress=progress)))
+        """Load the model on the engine thread, which then runs the steps (see `TorchThread`)."""
+        torch_thread = TorchThread("helix-engine")
+        try:
+            core = torch_thread.submit(lambda: EngineCore(config, load_model(config, progress=progress))).result()
+        except BaseException:
+            torch_thread.close(timeout=0)
+            raise
+        return cls(core, torch_thread=torch_thread)
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         """Start the engine thread, delivering outputs to the running event loop."""
-        if self._thread is not None:
+        if self._running is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="helix-engine", daemon=True)
-        self._thread.start()
+        if self._torch_thread is None:
+            self._torch_thread = TorchThread("helix-engine")
+        self._running = self._torch_thread.submit(self._run)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread (requests still in flight are aborted)."""
-        if self._thread is None:
+        if self._running is None:
             return
         self._commands.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
+        self._torch_thread.close(timeout)
+        self._running = None
         self.tokenizer.close()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+        return self._running is not None and not self._running.done() and self.dead_error is None
 
     @property
     def has_unfinished_requests(self) -> bool:
