@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# Triton's kernels run through its interpreter on this CPU-only suite. Triton reads the variable when
+# its jit functions are first decorated, so it is set before anything (torch, helix) imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from helix_server.default_model import build_bpe_tokenizer, default_corpus
 from tests.fixtures.tiny_models import make_tiny_model
 
