@@ -153,6 +153,7 @@ class AsyncEngine:
             return
         self._commands.put(_STOP)
         self._torch_thread.close(timeout)
+        self._torch_thread = None  # ended: a later start() gets a new one
         self._running = None
         self.tokenizer.close()
 
