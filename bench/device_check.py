@@ -15,7 +15,13 @@ Speed (a TinyLlama-1.1B-shaped Llama with random weights, bfloat16 on a GPU)
   6. 64 concurrent requests through helix against transformers `generate` on them as one static
      left-padded batch (requested tokens only);
   7. speculative decoding with a 2-layer draft (the target's first layers), 4 drafts per step, at
-     batch 1 and 16.
+     batch 1 and 16;
+  8. batch-1 decode with CUDA graphs off (`enforce_eager`), for what the graphs buy;
+  9. the same model served over HTTP (`helix-server serve`, streamed `/v1/completions`, the
+     workload of `peer_serving.py`): batch-1 decode and 16 concurrent requests.
+
+Each section's result (or its error, with the traceback) is written to the JSON file as soon as it
+is known, so a run that is stopped or fails part-way still leaves what it measured.
 
     python bench/device_check.py --device cuda --out device_check.json      # on a GPU: everything
     python bench/device_check.py --device cpu --tiny --out /tmp/check.json  # a small smoke run
@@ -34,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -301,7 +308,81 @@ def speed(root: Path, tokenizer_dir: Path, device: str, tiny: bool) -> dict:
     release(spec)
     report["concurrent"] = concurrent_vs_hf(llm, target, device, dtype, requests)
     release(llm)
+    if device.startswith("cuda"):
+        eager = LLM(model=str(target), enforce_eager=True, **settings)
+        eager.generate([requests[0][0][:16]], greedy(4))
+        report["decode_batch1_eager"] = decode_batch1(eager, target, device, dtype, bandwidth, 128, shape)
+        release(eager)
     return report
+
+
+def over_http(model_dir: Path, device: str, dtype: str, tiny: bool) -> dict:
+    """The model behind `helix-server serve`: streamed greedy `/v1/completions` (`ignore_eos`),
+    batch 1 and concurrent. Tokens are counted from `return_token_ids` (ids past the small
+    tokenizer's vocabulary decode to no text, so text chunks would undercount them)."""
+    import asyncio
+
+    import httpx
+    from peer_serving import Server, free_port, text_of
+
+    async def stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "ignore_eos": True, "return_token_ids": True}
+        start, arrivals = time.perf_counter(), []  # (time, tokens in the chunk)
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("token_ids"):
+                        arrivals.append((time.perf_counter(), len(choices[0]["token_ids"])))
+        if sum(n for _, n in arrivals) != max_tokens:
+            raise RuntimeError(f"streamed {sum(n for _, n in arrivals)} token ids for max_tokens={max_tokens}")
+        return {"start": start, "arrivals": arrivals}
+
+    async def batch_one(server: Server, requests: int, max_tokens: int) -> dict:
+        rng, rates, ttfts, chunks = random.Random(0), [], [], []
+        async with httpx.AsyncClient(timeout=600) as client:
+            await stream(client, server.url, text_of(20, rng), 16)  # warm-up
+            for _ in range(requests):
+                got = await stream(client, server.url, text_of(20, rng), max_tokens)
+                (first, n_first), (last, _) = got["arrivals"][0], got["arrivals"][-1]
+                ttfts.append(first - got["start"])
+                rates.append((max_tokens - n_first) / (last - first))
+                chunks.append(len(got["arrivals"]))
+        return {"decode_tok_s": statistics.median(rates), "ttft_s": statistics.median(ttfts), "rates": rates,
+                "chunks_per_request": chunks}
+
+    async def concurrent(server: Server, count: int) -> dict:
+        rng = random.Random(1)
+        jobs = [(text_of(rng.randint(16, 256), rng), rng.randint(32, 128 if tiny else 256)) for _ in range(count)]
+        async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=count)) as client:
+            start = time.perf_counter()
+            await asyncio.gather(*(stream(client, server.url, p, n) for p, n in jobs))
+            wall = time.perf_counter() - start
+        tokens = sum(n for _, n in jobs)
+        return {"num_requests": count, "output_tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens}
+
+    port = free_port()
+    command = [sys.executable, "-m", "helix_server", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--served-model-name", "bench", "--model", str(model_dir), "--device", device, "--dtype", dtype]
+    with Server("helix", command, port) as server:
+        out = {"batch1": asyncio.run(batch_one(server, 3 if tiny else 5, 32 if tiny else 128))}
+        out["concurrent"] = asyncio.run(concurrent(server, 4 if tiny else 16))
+    print("http", out, flush=True)
+    return out
+
+
+def section(report: dict, name: str, out: Path, fn) -> None:
+    """Run one section; keep its result or its error, and write the report so far."""
+    started = time.perf_counter()
+    try:
+        report[name] = fn()
+    except Exception as exc:  # a failing section is a finding; the next ones still run
+        report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(f"{name} failed:", report[name]["traceback"], flush=True)
+    report.setdefault("section_seconds", {})[name] = time.perf_counter() - started
+    out.write_text(json.dumps(report, indent=2))
 
 
 def main() -> int:
@@ -311,6 +392,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="small models and workloads (a CPU smoke run)")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-http", action="store_true")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -324,16 +406,20 @@ def main() -> int:
         "tiny": args.tiny,
     }
     started = time.perf_counter()
+    out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer_dir = build_bpe_tokenizer(root / "tokenizer", vocab_size=512, corpus=default_corpus(200_000))
         if not args.skip_correctness:
-            report["architectures"] = check_architectures(root, tokenizer_dir, args.device, args.tiny)
-            report["batch_invariance"] = check_batch_invariance(root / "llama", args.device)
+            section(report, "architectures", out, lambda: check_architectures(root, tokenizer_dir, args.device, args.tiny))
+            section(report, "batch_invariance", out, lambda: check_batch_invariance(root / "llama", args.device))
         if not args.skip_speed:
-            report["speed"] = speed(root, tokenizer_dir, args.device, args.tiny)
+            section(report, "speed", out, lambda: speed(root, tokenizer_dir, args.device, args.tiny))
+        if not args.skip_http:
+            dtype = "float32" if args.device == "cpu" else "bfloat16"
+            section(report, "http", out, lambda: over_http(root / "speed" / "target", args.device, dtype, args.tiny))
     report["seconds"] = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     print("wrote", args.out, flush=True)
     return 0
 
