@@ -17,7 +17,8 @@ Speed (a TinyLlama-1.1B-shaped Llama with random weights, bfloat16 on a GPU)
   7. speculative decoding with a 2-layer draft (the target's first layers), 4 drafts per step, at
      batch 1 and 16;
   8. batch-1 decode with CUDA graphs off (`enforce_eager`), for what the graphs buy;
-  9. the same model served over HTTP (`helix-server serve`, streamed `/v1/completions`, the
+  9. greedy with and without the draft in float32 (TF32 off), batch 1 and 16;
+ 10. the same model served over HTTP (`helix-server serve`, streamed `/v1/completions`, the
      workload of `peer_serving.py`): batch-1 decode and 16 concurrent requests.
 
 Each section's result (or its error, with the traceback) is written to the JSON file as soon as it
@@ -207,22 +208,43 @@ def decode_batch1(
 
 def host_syncs(llm: LLM, device: str, new_tokens: int) -> dict | None:
     """Device-to-host synchronisations torch reports (`set_sync_debug_mode`) while one request
-    decodes `new_tokens` tokens; CUDA only (None elsewhere)."""
+    decodes `new_tokens` tokens, each with the helix line that caused it; CUDA only (None elsewhere)."""
     if not device.startswith("cuda"):
         return None
+    import collections
+    import traceback as tb
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
+    where: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message) and "prototype" not in str(message):
+            frames = [f for f in tb.extract_stack() if "helix_server" in f.filename]
+            where[f"{frames[-1].filename.split('helix_server/')[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             llm.generate([list(range(10, 26))], greedy(new_tokens))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    out = {"syncs": len(syncs), "generated_tokens": new_tokens, "first": syncs[:5]}
+    out = {"syncs": sum(where.values()), "generated_tokens": new_tokens, "where": dict(where)}
     print("host syncs", out, flush=True)
     return out
+
+
+def eager_profile(llm: LLM, device: str, new_tokens: int) -> dict:
+    """torch.profiler's top operators (by self CPU time) while one request decodes eagerly."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        llm.generate([list(range(10, 26))], greedy(new_tokens))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    print(table, flush=True)
+    return {"generated_tokens": new_tokens, "top_self_cpu": table}
 
 
 def concurrent_vs_hf(llm: LLM, model_dir: Path, device: str, dtype: torch.dtype, requests) -> dict:
@@ -312,8 +334,24 @@ def speed(root: Path, tokenizer_dir: Path, device: str, tiny: bool) -> dict:
         eager = LLM(model=str(target), enforce_eager=True, **settings)
         eager.generate([requests[0][0][:16]], greedy(4))
         report["decode_batch1_eager"] = decode_batch1(eager, target, device, dtype, bandwidth, 128, shape)
+        report["eager_profile"] = eager_profile(eager, device, 8)
         release(eager)
     return report
+
+
+def speculative_float32(root: Path, tokenizer_dir: Path, device: str, tiny: bool) -> dict:
+    """Greedy with and without the draft in float32 (TF32 off), at batch 1 and 16: whether the
+    speculative equality that bfloat16 loses on this device holds at full precision."""
+    shape = TINY_SHAPE if tiny else TINYLLAMA_SHAPE
+    target, draft = random_llama_pair(root / "speed32", shape, torch.float32, device, tokenizer_dir)
+    requests = workload(16, shape["vocab_size"], 0, (16, 96), (8, 32))
+    settings = {"dtype": "float32", "device": device, "max_num_seqs": 16, "enable_prefix_caching": False,
+                "num_kv_blocks": 16 * (1024 // 16)}
+    base = LLM(model=str(target), **settings)
+    spec = LLM(model=str(target), draft_model=str(draft), num_speculative_tokens=4, **settings)
+    out = speculative(base, spec, device, {1: [requests[0][0]], 16: [p for p, _ in requests]}, 16 if tiny else 64)
+    release(base, spec)
+    return out
 
 
 def over_http(model_dir: Path, device: str, dtype: str, tiny: bool) -> dict:
@@ -393,6 +431,8 @@ def main() -> int:
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (default: all): "
+                        "architectures, batch_invariance, speed, speculative_float32, http")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -410,13 +450,27 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer_dir = build_bpe_tokenizer(root / "tokenizer", vocab_size=512, corpus=default_corpus(200_000))
-        if not args.skip_correctness:
+        only = set(filter(None, args.only.split(",")))
+
+        def wanted(name: str, skipped: bool) -> bool:
+            return name in only if only else not skipped
+
+        if wanted("architectures", args.skip_correctness):
             section(report, "architectures", out, lambda: check_architectures(root, tokenizer_dir, args.device, args.tiny))
+        if wanted("batch_invariance", args.skip_correctness):
+            if not (root / "llama").exists():
+                tiny_model(root, tokenizer_dir, "llama")
             section(report, "batch_invariance", out, lambda: check_batch_invariance(root / "llama", args.device))
-        if not args.skip_speed:
+        if wanted("speed", args.skip_speed):
             section(report, "speed", out, lambda: speed(root, tokenizer_dir, args.device, args.tiny))
-        if not args.skip_http:
+        if wanted("speculative_float32", args.skip_correctness):
+            section(report, "speculative_float32", out,
+                    lambda: speculative_float32(root, tokenizer_dir, args.device, args.tiny))
+        if wanted("http", args.skip_http):
             dtype = "float32" if args.device == "cpu" else "bfloat16"
+            if not (root / "speed" / "target").exists():
+                shape = TINY_SHAPE if args.tiny else TINYLLAMA_SHAPE
+                random_llama_pair(root / "speed", shape, getattr(torch, dtype), args.device, tokenizer_dir)
             section(report, "http", out, lambda: over_http(root / "speed" / "target", args.device, dtype, args.tiny))
     report["seconds"] = time.perf_counter() - started
     out.write_text(json.dumps(report, indent=2))
