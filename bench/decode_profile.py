@@ -43,8 +43,12 @@ from throughput import make_workload  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.layers.attention.layer import Attention  # noqa: E402
+from helix_server.layers.int8_linear import Int8Linear  # noqa: E402
 from helix_server.layers.linear import Linear, PackedLinear  # noqa: E402
 from helix_server.layers.panel_linear import PanelLinear  # noqa: E402
+from helix_server.layers.quantized_linear import QuantizedLinear  # noqa: E402
+
+LINEAR_KINDS = (Linear, PackedLinear, PanelLinear, QuantizedLinear, Int8Linear)
 
 
 class StepTimer:
@@ -88,6 +92,8 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(module, (PackedLinear, PanelLinear)):
             weight = module.packed_weight if isinstance(module, PackedLinear) else module.panels
             total += module.out_features * module.in_features * weight.element_size()
+        elif isinstance(module, (QuantizedLinear, Int8Linear)):  # packed bytes (and scales) as they are
+            total += sum(buffer.numel() * buffer.element_size() for buffer in module.buffers(recurse=False))
         elif isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
@@ -142,7 +148,7 @@ def main() -> int:
     runner = llm.engine.runner
     timer = StepTimer()
     for module in runner.model.modules():
-        if isinstance(module, (Linear, PackedLinear, PanelLinear)):
+        if isinstance(module, LINEAR_KINDS):
             timer.wrap(module, "linear")
         elif isinstance(module, Attention):
             timer.wrap(module, "attention")
