@@ -26,7 +26,6 @@ over transformers now and if the linear layers ran at least at the summing pass'
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -47,6 +46,7 @@ from helix_server.layers.int8_linear import Int8Linear  # noqa: E402
 from helix_server.layers.linear import Linear, PackedLinear  # noqa: E402
 from helix_server.layers.panel_linear import PanelLinear  # noqa: E402
 from helix_server.layers.quantized_linear import QuantizedLinear  # noqa: E402
+from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
 
 LINEAR_KINDS = (Linear, PackedLinear, PanelLinear, QuantizedLinear, Int8Linear)
 
@@ -159,8 +159,7 @@ def main() -> int:
     hf = None if args.no_hf else HfDecode(model_dir, dtype, workload[0][0])
     print(f"model: {model_dir} ({args.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"linear layers stream {weight_bytes / 1e6:.0f} MB per step")
-    gc.collect()
-    gc.freeze()
+    freeze_loaded_objects()
 
     # Interleaved, so that a slower or faster spell of a shared machine hits every measurement alike.
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)

@@ -23,7 +23,6 @@ the target alone, measured here). Leviathan et al.'s expected speedup is
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import BENCH_SHAPE, cache_root, copy_tokenizer  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
+from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
 
 DRAFT_LAYERS = 2
 TARGET_LAYERS = 12
@@ -134,13 +134,6 @@ def per_token_decode_seconds(model_dir: Path, prompts, max_tokens: int) -> float
     return seconds / tokens
 
 
-def settle() -> None:
-    """Collect garbage, then freeze what is alive (as `helix-server serve` does after loading), so
-    cyclic garbage collection does not pause the timed runs."""
-    gc.collect()
-    gc.freeze()
-
-
 def predicted_speedup(alpha: float, k: int, c: float) -> float:
     if alpha >= 1.0:
         return (k + 1) / (k * c + 1)
@@ -149,10 +142,12 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
 
 def warm_up(llm: LLM, vocab: int) -> None:
     """One full-budget prefill and a few decode steps, untimed: the first big step of a process
-    faults in its activation memory, which no configuration should be charged for."""
+    faults in its activation memory, which no configuration should be charged for. Then what is
+    alive is frozen (as `helix-server serve` does after loading), so cyclic garbage collection does
+    not pause the timed runs."""
     prompt = [10 + i % (vocab - 20) for i in range(2000)]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    settle()
+    freeze_loaded_objects()
 
 
 def run_config(target_dir, settings, prompts, max_tokens, baseline, concurrent=False) -> dict:

@@ -21,7 +21,6 @@ prompt, as transformers does.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
 import random
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import bench_model_dir  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
+from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
 
 
 def make_workload(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -117,8 +117,7 @@ def run_dtype(model_dir, dtype: str, workload, num_requests: int, repeats: int) 
         hf_model.generate(torch.tensor([longest]), max_new_tokens=4, do_sample=False)
     # As `helix-server serve` does after loading: keep the long-lived objects (both models, torch,
     # transformers) out of the cyclic garbage collector's full collections.
-    gc.collect()
-    gc.freeze()
+    freeze_loaded_objects()
 
     # Interleaved, so that a slower or faster spell of this shared machine hits both sides alike:
     # the requests one at a time alternate transformers and helix request by request, and the
