@@ -61,7 +61,7 @@ def loss_eval(target_dir: Path, draft_dir: Path, texts: list[str], seq_len: int)
     """Held-out per-token loss of both models and their teacher-forced greedy agreement."""
     from transformers import LlamaForCausalLM
 
-    from helix_server.default_model.tokenizer import EOS_TOKEN
+    from helix_server.default_model.tokenizer_training import EOS_TOKEN
     from helix_server.training.data import eval_windows, tokenize_files
     from helix_server.training.evaluate import greedy_agreement, heldout_loss
 

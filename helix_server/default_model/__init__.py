@@ -24,7 +24,7 @@ from helix_server.default_model.smollm2 import (
     DefaultModelMissingError,
     smollm2_gguf_file,
 )
-from helix_server.default_model.tokenizer import CHAT_TEMPLATE, build_bpe_tokenizer, default_corpus
+from helix_server.default_model.tokenizer_training import CHAT_TEMPLATE, build_bpe_tokenizer, default_corpus
 
 __all__ = [
     "BUILTIN_MODELS",

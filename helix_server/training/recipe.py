@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from helix_server.default_model.shipped import DEFAULT_SERVED_MODEL_NAME
-from helix_server.default_model.tokenizer import EOS_TOKEN, IM_END, build_bpe_tokenizer
+from helix_server.default_model.tokenizer_training import EOS_TOKEN, IM_END, build_bpe_tokenizer
 from helix_server.training.corpus import DEFAULT_HELDOUT_PERCENT, select_corpus
 from helix_server.training.data import eval_windows, random_batches, tokenize_files
 from helix_server.training.distill import make_distill_loss

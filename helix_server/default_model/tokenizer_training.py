@@ -1,4 +1,4 @@
-"""The default model's tokenizer: byte-level BPE trained on Python source, with a ChatML template.
+"""Training the default model's tokenizer: byte-level BPE on Python source, with a ChatML template.
 
 `build_bpe_tokenizer()` trains a GPT-2-style byte-level BPE on a list of texts and saves it as a
 transformers tokenizer directory; `helix-server train-default` uses it for the shipped model, tests
