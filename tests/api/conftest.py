@@ -1,8 +1,9 @@
 """Live servers for the HTTP tests: the real app under a real uvicorn, in a background thread.
 
 `start_live_server(model_dir, **settings)` binds a free port, runs uvicorn in a thread and waits for
-/ready; module-scoped fixtures share one server per test module. Helpers parse SSE bytes and check
-error envelopes.
+/ready; module-scoped fixtures share one server per test module (`live_server` on the tiny model,
+`server` on the long-context one, `sdk` the OpenAI client on `server`). Helpers parse SSE bytes and
+check error envelopes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from litestar import Litestar
+from transformers import AutoTokenizer
 
 from helix_server.api.app import create_app
 from helix_server.api.state import STATE_KEY, ServerState
@@ -169,6 +172,27 @@ def live_server(tiny_model_dir) -> LiveServer:
 def long_model_dir(make_model_dir) -> Path:
     """The tiny model with a 4096-token context, for requests that must run for a while."""
     return make_model_dir("llama", max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def server(long_model_dir) -> LiveServer:
+    """One server on the long-context model for the whole test module; a module needing other
+    settings defines its own `server`."""
+    live = start_live_server(long_model_dir)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(server) -> openai.OpenAI:
+    """The official OpenAI client on the module's `server`."""
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(long_model_dir):
+    """transformers' tokenizer of the long-context model, the reference for prompt token counts."""
+    return AutoTokenizer.from_pretrained(str(long_model_dir))
 
 
 @pytest.fixture

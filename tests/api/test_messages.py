@@ -12,73 +12,25 @@ import anthropic
 import jsonschema
 import pytest
 from langchain_anthropic import ChatAnthropic
-from transformers import AutoTokenizer
 
-from tests.api.conftest import MODEL_NAME, engine_idle, start_live_server, wait_until
+from tests.api.conftest import MODEL_NAME, engine_idle, wait_until
+from tests.api.tool_fixtures import ASK, TOOL_SPECS, WEATHER, schema_of, template_ids
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 12},
-            "days": {"type": "integer", "minimum": 1, "maximum": 14},
-        },
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    },
-}
-TIME = {
-    "name": "get_time",
-    "input_schema": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-    },
-}
-TOOLS = [WEATHER, TIME]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def server(long_model_dir):
-    live = start_live_server(long_model_dir)
-    yield live
-    live.stop()
+TOOLS = [spec.anthropic() for spec in TOOL_SPECS]
+# The tools as the server hands Anthropic's tools to the chat template: the description after the
+# parameters (the template writes the keys in the order given, so the order counts in the tokens).
+OPENAI_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": spec.name, "parameters": spec.parameters, "description": spec.description},
+    }
+    for spec in TOOL_SPECS
+]
 
 
 @pytest.fixture(scope="module")
 def sdk(server) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(long_model_dir):
-    return AutoTokenizer.from_pretrained(str(long_model_dir))
-
-
-def openai_tools() -> list[dict]:
-    return [
-        {
-            "type": "function",
-            "function": {"name": t["name"], "parameters": t["input_schema"]}
-            | ({"description": t["description"]} if "description" in t else {}),
-        }
-        for t in TOOLS
-    ]
-
-
-def template_ids(hf_tokenizer, messages, tools=None, prefill: bool = False) -> list[int]:
-    """transformers' own rendering of OpenAI-style `messages`, tokenized."""
-    text = hf_tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        add_generation_prompt=not prefill,
-        continue_final_message=prefill,
-        tokenize=False,
-    )
-    return hf_tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_create_text(sdk, server, hf_tokenizer):
@@ -129,10 +81,6 @@ def test_prefill_continues_the_last_assistant_message(sdk, hf_tokenizer):
     assert message.usage.input_tokens == len(template_ids(hf_tokenizer, prefilled, prefill=True))
     answered = template_ids(hf_tokenizer, prefilled)
     assert message.usage.input_tokens != len(answered)
-
-
-def schema_of(name: str) -> dict:
-    return next(t["input_schema"] for t in TOOLS if t["name"] == name)
 
 
 @pytest.mark.parametrize("seed_text", ["Paris?", "Oslo?"])
@@ -207,7 +155,7 @@ def test_two_turn_tool_loop(sdk, hf_tokenizer):
         },
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},
     ]
-    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, openai_history, openai_tools()))
+    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, openai_history, OPENAI_TOOLS))
 
 
 def test_count_tokens(sdk, hf_tokenizer):
@@ -215,7 +163,7 @@ def test_count_tokens(sdk, hf_tokenizer):
     expected = template_ids(hf_tokenizer, [{"role": "system", "content": "Be brief."}, *ASK])
     assert counted.input_tokens == len(expected)
     with_tools = sdk.messages.count_tokens(model=MODEL_NAME, messages=ASK, tools=TOOLS)
-    assert with_tools.input_tokens == len(template_ids(hf_tokenizer, ASK, openai_tools()))
+    assert with_tools.input_tokens == len(template_ids(hf_tokenizer, ASK, OPENAI_TOOLS))
     created = sdk.messages.create(model=MODEL_NAME, max_tokens=1, messages=ASK, tools=TOOLS)
     assert created.usage.input_tokens == with_tools.input_tokens
 
@@ -236,9 +184,9 @@ def test_langchain_tool_call(server):
     chat = ChatAnthropic(
         base_url=server.url, api_key="unused", model=MODEL_NAME, max_tokens=200, max_retries=0
     )
-    bound = chat.bind_tools([WEATHER], tool_choice="get_weather")
+    bound = chat.bind_tools([WEATHER.anthropic()], tool_choice="get_weather")
     answer = bound.invoke("What is the weather in Paris?")
     assert answer.tool_calls, answer
     call = answer.tool_calls[0]
     assert call["name"] == "get_weather" and call["id"].startswith("toolu_")
-    jsonschema.validate(call["args"], WEATHER["input_schema"])
+    jsonschema.validate(call["args"], WEATHER.parameters)

@@ -16,21 +16,11 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
-from transformers import AutoTokenizer
 
 from tests.api.conftest import MODEL_NAME, assert_error, engine_idle, start_live_server, wait_until
+from tests.api.tool_fixtures import TIME, template_ids
 
-GET_TIME = {
-    "type": "function",
-    "name": "get_time",
-    "description": "The time in a zone.",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
+GET_TIME = TIME.responses()
 FORECAST = {
     "type": "object",
     "properties": {"city": {"type": "string", "maxLength": 10}, "sky": {"enum": ["sunny", "rainy"]}},
@@ -44,27 +34,6 @@ def server(long_model_dir):
     live = start_live_server(long_model_dir, server={"max_stored_responses": 4})
     yield live
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(long_model_dir):
-    return AutoTokenizer.from_pretrained(str(long_model_dir))
-
-
-def template_ids(hf_tokenizer, messages: list[dict], tools: list[dict]) -> list[int]:
-    """transformers' own rendering of chat `messages` with the Responses `tools` in chat form."""
-    chat_tools = [
-        {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in tools
-    ]
-    text = hf_tokenizer.apply_chat_template(
-        messages, tools=chat_tools, add_generation_prompt=True, tokenize=False
-    )
-    return hf_tokenizer.encode(text, add_special_tokens=False)
 
 
 def tool_turn(ask: str, call, output: str) -> list[dict]:
@@ -184,7 +153,7 @@ def test_forced_tool_call_and_a_two_turn_loop(sdk, hf_tokenizer):
     assert second.output and second.output[0].type == "message"
     # The prompt is the chat template's rendering of the same conversation and tools.
     history = tool_turn("What time is it in UTC?", call, "12:00")
-    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
+    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [TIME.chat()]))
 
 
 def test_previous_response_id_continues_a_tool_loop(sdk, hf_tokenizer):
@@ -207,7 +176,7 @@ def test_previous_response_id_continues_a_tool_loop(sdk, hf_tokenizer):
         max_output_tokens=2,
     )
     history = tool_turn(ask, call, "13:00")
-    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [GET_TIME]))
+    assert second.usage.input_tokens == len(template_ids(hf_tokenizer, history, [TIME.chat()]))
 
 
 def test_the_api_key_guards_the_routes(long_model_dir):

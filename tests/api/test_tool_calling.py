@@ -13,93 +13,38 @@ from typing import Literal
 import httpx
 import jsonschema
 import msgspec
-import openai
 import pytest
-from transformers import AutoTokenizer
 
 from tests.api.conftest import MODEL_NAME, assert_error, engine_idle, sse_json, start_live_server, wait_until
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "days": {"type": "integer", "minimum": 1, "maximum": 14},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER, TIME]
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def server(long_model_dir):
-    live = start_live_server(long_model_dir)
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
-def sdk(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(long_model_dir):
-    return AutoTokenizer.from_pretrained(str(long_model_dir))
+from tests.api.tool_fixtures import ASK, CHAT_TOOLS, WEATHER, schema_of, template_ids
 
 
 def chat(server, **body) -> httpx.Response:
     return httpx.post(server.v1 + "/chat/completions", json={"model": MODEL_NAME, **body}, timeout=60)
 
 
-def template_ids(hf_tokenizer, messages) -> list[int]:
-    """transformers' own rendering of `messages` with `TOOLS`, tokenized."""
-    text = hf_tokenizer.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
-    return hf_tokenizer.encode(text, add_special_tokens=False)
-
-
 def test_tools_reach_the_chat_template(server, hf_tokenizer):
-    expected = template_ids(hf_tokenizer, ASK)
-    response = chat(server, messages=ASK, tools=TOOLS, tool_choice="auto", max_tokens=1)
+    expected = template_ids(hf_tokenizer, ASK, CHAT_TOOLS)
+    response = chat(server, messages=ASK, tools=CHAT_TOOLS, tool_choice="auto", max_tokens=1)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] == len(expected)
     without = chat(server, messages=ASK, max_tokens=1).json()["usage"]["prompt_tokens"]
     assert without < len(expected)
     # tool_choice "none": the tools are not offered to the model.
-    none = chat(server, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1).json()
+    none = chat(server, messages=ASK, tools=CHAT_TOOLS, tool_choice="none", max_tokens=1).json()
     assert none["usage"]["prompt_tokens"] == without
 
 
 def test_auto_on_text_output_is_content_without_markup(sdk):
     response = sdk.chat.completions.create(
-        model=MODEL_NAME, messages=ASK, tools=TOOLS, max_tokens=24, temperature=0
+        model=MODEL_NAME, messages=ASK, tools=CHAT_TOOLS, max_tokens=24, temperature=0
     )
     choice = response.choices[0]
     assert choice.finish_reason in ("stop", "length")
     assert choice.message.tool_calls is None and isinstance(choice.message.content, str)
     assert "<tool_call>" not in choice.message.content
     stream = sdk.chat.completions.create(
-        model=MODEL_NAME, messages=ASK, tools=TOOLS, max_tokens=24, temperature=0, stream=True
+        model=MODEL_NAME, messages=ASK, tools=CHAT_TOOLS, max_tokens=24, temperature=0, stream=True
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
@@ -121,13 +66,13 @@ def test_two_turn_tool_loop_renders_the_history(server, hf_tokenizer, sdk):
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
     ]
-    expected = template_ids(hf_tokenizer, history)
+    expected = template_ids(hf_tokenizer, history, CHAT_TOOLS)
     reply = sdk.chat.completions.create(
-        model=MODEL_NAME, messages=history, tools=TOOLS, tool_choice="none", max_tokens=4, temperature=0
+        model=MODEL_NAME, messages=history, tools=CHAT_TOOLS, tool_choice="none", max_tokens=4, temperature=0
     )
     assert isinstance(reply.choices[0].message.content, str)
     offered = sdk.chat.completions.create(
-        model=MODEL_NAME, messages=history, tools=TOOLS, max_tokens=1, temperature=0
+        model=MODEL_NAME, messages=history, tools=CHAT_TOOLS, max_tokens=1, temperature=0
     )
     assert offered.usage.prompt_tokens == len(expected)
 
@@ -142,13 +87,13 @@ def test_two_turn_tool_loop_renders_the_history(server, hf_tokenizer, sdk):
             },
             "tool_choice",
         ),
-        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"tools": CHAT_TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": CHAT_TOOLS, "tool_choice": {"type": "function"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
         ({"tools": [{"type": "function"}]}, "tools[0].function"),
         ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
-        ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+        ({"tools": [WEATHER.chat(), WEATHER.chat()]}, "tools[1].function.name"),
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
             "tools[0].function.parameters",
@@ -168,7 +113,12 @@ def test_auto_parses_calls_the_model_writes(server):
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>'
     )
     grammar = f"start: {json.dumps(written)}\n"  # a JSON string is a Lark literal
-    body = {"messages": ASK, "tools": TOOLS, "max_tokens": 200, "structured_outputs": {"grammar": grammar}}
+    body = {
+        "messages": ASK,
+        "tools": CHAT_TOOLS,
+        "max_tokens": 200,
+        "structured_outputs": {"grammar": grammar},
+    }
     whole = chat(server, **body)
     assert whole.status_code == 200, whole.text
     choice = whole.json()["choices"][0]
@@ -189,7 +139,11 @@ def test_auto_parses_calls_the_model_writes(server):
 
 def test_forced_tool_choice_with_response_format_is_a_400(server):
     response = chat(
-        server, messages=ASK, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}
+        server,
+        messages=ASK,
+        tools=CHAT_TOOLS,
+        tool_choice="required",
+        response_format={"type": "json_object"},
     )
     assert_error(response, 400, "tool_choice")
 
@@ -197,15 +151,11 @@ def test_forced_tool_choice_with_response_format_is_a_400(server):
 def test_auto_without_a_parser_is_a_400(long_model_dir):
     live = start_live_server(long_model_dir, server={"tool_call_parser": "none"})
     try:
-        assert_error(chat(live, messages=ASK, tools=TOOLS, max_tokens=2), 400, "tool_choice")
-        assert chat(live, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=2).status_code == 200
+        assert_error(chat(live, messages=ASK, tools=CHAT_TOOLS, max_tokens=2), 400, "tool_choice")
+        assert chat(live, messages=ASK, tools=CHAT_TOOLS, tool_choice="none", max_tokens=2).status_code == 200
         wait_until(lambda: engine_idle(live), what="engine idle")
     finally:
         live.stop()
-
-
-def schema_of(name: str) -> dict:
-    return next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
 
 
 def assert_valid_call(name: str, arguments: str) -> dict:
@@ -220,7 +170,7 @@ def test_required_always_gives_a_valid_call(sdk, seed):
     response = sdk.chat.completions.create(
         model=MODEL_NAME,
         messages=ASK,
-        tools=TOOLS,
+        tools=CHAT_TOOLS,
         tool_choice="required",
         parallel_tool_calls=False,
         max_tokens=200,
@@ -241,7 +191,7 @@ def test_named_tool_choice_calls_that_tool(sdk):
         response = sdk.chat.completions.create(
             model=MODEL_NAME,
             messages=ASK,
-            tools=TOOLS,
+            tools=CHAT_TOOLS,
             tool_choice={"type": "function", "function": {"name": "get_time"}},
             max_tokens=200,
             seed=seed,
@@ -284,7 +234,7 @@ def reassemble(events: list[dict]) -> tuple[str, dict[int, dict], list[str]]:
     [("required", True), ({"type": "function", "function": {"name": "get_weather"}}, False)],
 )
 def test_streamed_tool_calls_reassemble_to_the_whole_answer(server, tool_choice, parallel):
-    body = {"messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 200, "seed": 7}
+    body = {"messages": ASK, "tools": CHAT_TOOLS, "tool_choice": tool_choice, "max_tokens": 200, "seed": 7}
     body["parallel_tool_calls"] = parallel
     whole = chat(server, **body).json()["choices"][0]
     raw = httpx.post(
@@ -305,7 +255,7 @@ def test_tool_loop_with_the_sdk(sdk):
     first = sdk.chat.completions.create(
         model=MODEL_NAME,
         messages=messages,
-        tools=TOOLS,
+        tools=CHAT_TOOLS,
         tool_choice="required",
         parallel_tool_calls=False,
         max_tokens=200,
@@ -315,7 +265,7 @@ def test_tool_loop_with_the_sdk(sdk):
     messages.append(first.choices[0].message.model_dump(exclude_none=True))
     messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": "sunny"})})
     second = sdk.chat.completions.create(
-        model=MODEL_NAME, messages=messages, tools=TOOLS, max_tokens=8, temperature=0
+        model=MODEL_NAME, messages=messages, tools=CHAT_TOOLS, max_tokens=8, temperature=0
     )
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
@@ -371,7 +321,7 @@ def _setup(parallel: bool = True):
     from helix_server.api.serving.tools import ToolCalling
     from helix_server.engine.tool_parsers import HermesToolParser
 
-    return ToolCalling(TOOLS, "auto", HermesToolParser, parallel)
+    return ToolCalling(CHAT_TOOLS, "auto", HermesToolParser, parallel)
 
 
 HERMES_TWO_CALLS = (
