@@ -4,6 +4,8 @@ Each generated table sits between `<!-- table:NAME -->` and `<!-- /table:NAME --
 rendered from `bench/results/NAME.json` by the function of that name below, so a table cannot say
 something its JSON does not. `python bench/render_tables.py` rewrites the page; `--check` exits 1
 (and names the tables) when the page differs from what the JSON gives (the test suite runs it).
+These JSON files are committed: .gitignore keeps the rest of bench/results/ local and names each of
+them, so a new table's JSON is added there too (tests/test_benchmark_tables.py checks both lists).
 
     python bench/render_tables.py [--check] [--page docs/benchmarks.md] [--results bench/results]
 """

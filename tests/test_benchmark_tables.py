@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,18 @@ def test_a_stale_table_is_found_and_rewritten(tmp_path):
     text = page.read_text()
     assert "12345.6" in text and "| old | table |" not in text and text.endswith("end\n")
     assert render.main([*args, "--check"]) == 0
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=False, capture_output=True, text=True)
+
+
+def test_the_tables_sources_are_exactly_the_results_git_keeps():
+    """.gitignore keeps bench/results/ local except each generated table's JSON, which is committed."""
+    if _git("rev-parse", "--is-inside-work-tree").stdout.strip() != "true":
+        pytest.skip("not a git checkout")
+    sources = {f"bench/results/{name}.json" for name in _render_tables().RENDERERS}
+    assert set(_git("ls-files", "bench/results").stdout.split()) == sources
+    for path in sources:  # --no-index: the patterns themselves, not the force-added index entry
+        assert _git("check-ignore", "--no-index", "-q", path).returncode == 1, f"{path} is gitignored"
+    assert _git("check-ignore", "--no-index", "-q", "bench/results/other.json").returncode == 0
