@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_results import save_results  # noqa: E402
+
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.default_model import default_draft_dir, default_target_dir, read_manifest  # noqa: E402
 from helix_server.training.corpus import select_corpus  # noqa: E402
@@ -180,9 +182,7 @@ def main() -> int:
     results["cost_ratio_c"] = (rows["none"]["one_at_a_time"]["tokens_per_s"]
                                / rows["draft-alone"]["one_at_a_time"]["tokens_per_s"])
     results["load_average_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save_results(results, args.out)
     return 0
 
 

@@ -16,13 +16,14 @@ all). Results go to `bench/results/default_speculation.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from bench_results import save_results
 
 from helix_server import LLM, SamplingParams
 from helix_server.default_model import smollm2_gguf_file
@@ -149,10 +150,7 @@ def main() -> int:
                   f"{row[kind]['cpu_speedup']:.2f}x), {tokens} tokens in {num_steps} steps, drafted {drafted}, "
                   f"accepted {accepted}, same text: {row[kind]['same_text_as_' + baseline]}")
         results["methods"][m] = row
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(results, args.out)
     return 0
 
 

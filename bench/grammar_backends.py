@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import bench_model_dir  # noqa: E402
+from bench_results import save_results  # noqa: E402
 from structured_outputs import TYPICAL_SCHEMAS  # noqa: E402
 
 # A valid instance of each schema: the text a constrained decode walks through.
@@ -124,10 +125,7 @@ def main() -> int:
                   f"mask + advance {statistics.median(walks):6.1f} us a token ({len(token_ids)} tokens)")
         print(f"{name:>10} tokenizer setup {setup_ms:.0f} ms")
         results["backends"][name] = entry
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(results, args.out)
     return 0
 
 

@@ -15,7 +15,6 @@ time and `--concurrent` at once; the fastest runs compare (a shared machine is n
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import bench_model_dir  # noqa: E402
+from bench_results import save_results  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 
@@ -98,10 +98,7 @@ def main() -> int:
             alpha = "n/a" if r["alpha"] is None else f"{r['alpha']:.3f}"
             print(f"{name:16s} {key:4s}: {r['x_no_speculation']:.2f}x no speculation "
                   f"(alpha {alpha}, {r['drafted']} drafted), identical output: {r['outputs_equal_to_none']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(results, args.out)
     return 0
 
 

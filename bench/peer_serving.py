@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import httpx
+from bench_results import save_results
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge every boxer in "
          "town and then write long letters about rivers mountains music numbers and old machines").split()
@@ -226,9 +227,7 @@ def main() -> int:
 def save(results: dict, out: Path) -> None:
     """Write the results so far, with the load average now."""
     results["load_average_after"] = os.getloadavg()[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}", flush=True)
+    save_results(results, out)
 
 
 if __name__ == "__main__":

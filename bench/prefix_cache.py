@@ -22,7 +22,6 @@ engines on the same weights, one with prefix caching and one without, measured a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import BENCH_VOCAB, bench_model_dir  # noqa: E402
+from bench_results import save_results  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.config import SchedulerConfig  # noqa: E402
@@ -192,9 +192,7 @@ def main() -> None:
         "throughput": throughput,
         "kv_waste": waste,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import BENCH_SHAPE, cache_root, copy_tokenizer  # noqa: E402
+from bench_results import save_results  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
@@ -258,10 +259,7 @@ def main() -> int:
         print(f"{method} auto, 16 concurrent: {row['speedup']:.2f}x no speculation (alpha {alpha}, "
               f"{drafted} drafted), identical output: {equal}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(results, args.out)
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import bench_model_dir
+from bench_results import save_results
 
 from helix_server import LLM, SamplingParams
 from helix_server.sampling_params import StructuredOutputSpec
@@ -146,7 +147,7 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        save_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import bench_model_dir  # noqa: E402
+from bench_results import save_results  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
@@ -206,10 +207,7 @@ def main() -> int:
                                                         "concurrent_outputs_equal_to_one_at_a_time")}
                for dtype, r in results["by_dtype"].items()}
     print(json.dumps({"targets": results["targets"], "measured": summary}, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(results, args.out)
     return 0
 
 
