@@ -1,5 +1,6 @@
-"""Speculative decoding through HTTP: greedy outputs identical with and without a draft,
-`speculation_depth` per request, and the counters on /metrics and in /generate's metrics."""
+"""Speculative decoding through HTTP: greedy outputs identical with and without a draft (completions,
+chat, Responses, Messages; whole and streamed), `speculation_depth` per request, and the counters on
+/metrics and in /generate's metrics."""
 
 from __future__ import annotations
 
@@ -76,14 +77,18 @@ def test_speculation_depth_and_metrics(servers):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculation_depth"
 
 
+def drafted(server) -> float:
+    """The server's count of drafted tokens, from /metrics."""
+    fams = families(httpx.Client(base_url=server.url, timeout=30))
+    return value(fams, "helix:spec_decode_num_draft_tokens", "helix:spec_decode_num_draft_tokens_total")
+
+
 def test_greedy_responses_identical_with_a_draft(servers):
     """`/v1/responses`, whole and streamed, rides the same speculation."""
     from tests.api.test_responses import read_events
 
     _, speculative = servers
-    client = httpx.Client(base_url=speculative.url, timeout=60)
-    names = ("helix:spec_decode_num_draft_tokens", "helix:spec_decode_num_draft_tokens_total")
-    before = value(families(client), *names)
+    before = drafted(speculative)
     body = {"model": "tiny", "input": PROMPTS[0], "max_output_tokens": 20, "temperature": 0}
     answers, streamed = [], []
     for server in servers:
@@ -96,4 +101,26 @@ def test_greedy_responses_identical_with_a_draft(servers):
     assert answers[0]["output_text"] == answers[1]["output_text"] and answers[0]["output_text"]
     assert answers[0]["usage"] == answers[1]["usage"]
     assert streamed[0] == streamed[1] == answers[0]["output_text"]
-    assert value(families(client), *names) > before
+    assert drafted(speculative) > before
+
+
+def test_greedy_messages_identical_with_a_draft(servers):
+    """`/v1/messages`, whole and streamed, rides the same speculation."""
+    from tests.api.test_messages_wire import anthropic_events
+
+    _, speculative = servers
+    before = drafted(speculative)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    body = {"model": "tiny", "max_tokens": 20, "temperature": 0, "messages": messages}
+    answers, streamed = [], []
+    for server in servers:
+        whole = httpx.post(server.url + "/v1/messages", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        answers.append(whole.json())
+        raw = httpx.post(server.url + "/v1/messages", json={**body, "stream": True}, timeout=60)
+        events = anthropic_events(raw.content)
+        streamed.append("".join(d["delta"]["text"] for name, d in events if name == "content_block_delta"))
+    assert answers[0]["content"] == answers[1]["content"] and answers[0]["content"]
+    assert answers[0]["usage"] == answers[1]["usage"]
+    assert streamed[0] == streamed[1] == answers[0]["content"][0]["text"]
+    assert drafted(speculative) > before
