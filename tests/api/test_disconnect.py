@@ -6,16 +6,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import start_live_server, wait_until
+from tests.api.conftest import wait_until
 
 LONG = {"prompt": "def long_function():\n", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def long_server(long_model_dir):
-    live = start_live_server(long_model_dir)
-    yield live
-    live.stop()
 
 
 def scrape(live) -> dict[str, float]:
@@ -42,30 +35,30 @@ def aborted(live) -> float:
     return scrape(live)["helix:request_success_total{finished_reason=abort}"]
 
 
-def test_streaming_client_disconnect_aborts(long_server):
-    before = aborted(long_server)
+def test_streaming_client_disconnect_aborts(server):
+    before = aborted(server)
     with (
-        httpx.Client(base_url=long_server.url, timeout=30) as client,
+        httpx.Client(base_url=server.url, timeout=30) as client,
         client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response,
     ):
         lines = response.iter_lines()  # keep a reference: a collected iterator closes the connection
         assert next(lines).startswith("data: ")
-        wait_until(lambda: scrape(long_server)["helix:num_requests_running"] == 1, what="request running")
+        wait_until(lambda: scrape(server)["helix:num_requests_running"] == 1, what="request running")
         # Leaving the block closes the connection mid-stream.
-    wait_until(lambda: idle_on_metrics(long_server), timeout=10, what="idle after disconnect")
-    assert aborted(long_server) == before + 1
+    wait_until(lambda: idle_on_metrics(server), timeout=10, what="idle after disconnect")
+    assert aborted(server) == before + 1
 
 
-def test_non_streaming_client_disconnect_aborts(long_server):
-    before = aborted(long_server)
+def test_non_streaming_client_disconnect_aborts(server):
+    before = aborted(server)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(long_server.url + "/v1/completions", json=LONG, timeout=httpx.Timeout(30, read=0.5))
-    wait_until(lambda: idle_on_metrics(long_server), timeout=10, what="idle after disconnect")
-    assert aborted(long_server) == before + 1
+        httpx.post(server.url + "/v1/completions", json=LONG, timeout=httpx.Timeout(30, read=0.5))
+    wait_until(lambda: idle_on_metrics(server), timeout=10, what="idle after disconnect")
+    assert aborted(server) == before + 1
 
 
-def test_chat_stream_disconnect_aborts(long_server):
-    before = aborted(long_server)
+def test_chat_stream_disconnect_aborts(server):
+    before = aborted(server)
     body = {
         "messages": [{"role": "user", "content": "Go on."}],
         "max_tokens": 3000,
@@ -73,9 +66,9 @@ def test_chat_stream_disconnect_aborts(long_server):
         "stream": True,
     }
     with (
-        httpx.Client(base_url=long_server.url, timeout=30) as client,
+        httpx.Client(base_url=server.url, timeout=30) as client,
         client.stream("POST", "/v1/chat/completions", json=body) as response,
     ):
         assert next(response.iter_lines()).startswith("data: ")
-    wait_until(lambda: idle_on_metrics(long_server), timeout=10, what="idle after disconnect")
-    assert aborted(long_server) == before + 1
+    wait_until(lambda: idle_on_metrics(server), timeout=10, what="idle after disconnect")
+    assert aborted(server) == before + 1

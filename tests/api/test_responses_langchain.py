@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import pytest
-
-from tests.api.conftest import MODEL_NAME, start_live_server
-
-
-@pytest.fixture(scope="module")
-def server(long_model_dir):
-    live = start_live_server(long_model_dir)
-    yield live
-    live.stop()
+from tests.api.conftest import MODEL_NAME
 
 
 def chat_model(server, **kwargs):
