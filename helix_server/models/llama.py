@@ -19,12 +19,10 @@ from torch import nn
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention, ForwardContext
-from helix_server.layers.fused_cpu import use_fused_cpu_ops
-from helix_server.layers.linear import Linear, cpu_linear, pack_linear_layers
+from helix_server.layers.linear import Linear
 from helix_server.layers.norm import RMSNorm
-from helix_server.layers.panel_linear import PanelLinear
-from helix_server.layers.quantized_linear import QuantizedLinear
 from helix_server.layers.rotary import RotaryEmbedding
+from helix_server.layers.vocab_embedding import VocabEmbedding
 from helix_server.models.direct_children import DirectChildren
 from helix_server.models.hf_config import ArchConfig
 
@@ -148,7 +146,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, rotary) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
 
@@ -226,31 +224,11 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        """Logits for the rows that need them: float32 from helix's CPU kernel (whatever the model
-        dtype), else in the model dtype."""
+        """Logits for the rows that need them, in the LM head's output dtype (the model dtype, or
+        float32 from a head the loader chose to return float32)."""
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight)
         return self.lm_head(hidden)
-
-    def pack_for_cpu(self, bulk_in_float32: bool = False, helix_kernels: bool = False) -> None:
-        """Switch every projection (and the LM head, tied or not) to pre-packed weights for the
-        CPU: oneDNN's, or with `helix_kernels` (float32, bfloat16) helix's own panel kernel, and
-        then the norms, activations, RoPE, K/V stores and attention to helix's fused kernels too
-        (see `helix_server.layers.fused_cpu`). With `bulk_in_float32` (bfloat16 weights on
-        oneDNN) long prompt chunks are computed in float32.
-
-        Inference only and irreversible: call after `load_weights`. A tied LM head gets its own
-        packed copy of the embedding matrix (the embedding lookup keeps the original)."""
-        pack_linear_layers(self, bulk_in_float32, use_panels=helix_kernels)
-        if self.lm_head is None:
-            self.lm_head = cpu_linear(self.model.embed_tokens.weight, None, use_panels=helix_kernels)
-        if isinstance(self.lm_head, PanelLinear):
-            self.lm_head.float_out = True  # float32 logits (unrounded sums) in bfloat16 too
-        if helix_kernels:
-            for module in self.modules():
-                if isinstance(module, QuantizedLinear):  # a GGUF file's packed weights
-                    module.use_cpu_kernels()
-            use_fused_cpu_ops(self, self.model.embed_tokens.weight.dtype)
 
     def load_weights(
         self,

@@ -23,16 +23,12 @@ from torch import nn
 from helix_server.config import QUANTIZATION_METHODS
 from helix_server.errors import ParameterError, UnsupportedModelError
 from helix_server.layers.attention.selector import describe_attention_backend, use_device_attention
-from helix_server.layers.cpu_kernels import load_quant_kernels
 from helix_server.layers.int8_linear import Int8Linear, quantize_linear_layers
-from helix_server.layers.linear import bulk_float32_supported, cpu_packing_supported
-from helix_server.layers.panel_linear import panel_linear_supported
-from helix_server.layers.quantized_linear import QuantizedLinear
+from helix_server.models.cpu_kernel_choice import choose_cpu_kernels, use_cpu_kernels
 from helix_server.models.gguf_checkpoint import GGUFCheckpoint, find_gguf_file
 from helix_server.models.gguf_loader import load_gguf_weights
 from helix_server.models.hf_config import arch_config_from_hf
 from helix_server.models.registry import resolve_architecture
-from helix_server.platform.device import cpu_has_amx
 
 logger = logging.getLogger("helix_server")
 
@@ -110,16 +106,12 @@ def load_model(
     `progress(loaded, total)` is called after each tensor. `max_model_len` (default: the model's
     `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
-    gradients off. On a CPU that supports it (and unless `pack_for_cpu` is False) the linear layers
-    are switched to pre-packed weights: float32 and bfloat16 ones to helix's own AVX-512 kernel where
-    it builds and `cpu_kernels` is True (see `helix_server.layers.panel_linear`; the norms,
-    activations, RoPE and attention then run helix's kernels too, see
-    `helix_server.layers.fused_cpu`), the others to oneDNN (see `helix_server.layers.linear`), where
-    a bfloat16 model on a CPU without AMX computes its long prompt chunks in float32 (faster there).
-    `quantization="int8"` turns every projection and the LM head of a safetensors model into an
-    `Int8Linear` (see `helix_server.layers.int8_linear`). Quantized layers (int8, a GGUF file's
-    blocks) run on helix's CPU kernels where they build and `cpu_kernels` is True, on AVX-512 or
-    AVX2 CPUs, even with `pack_for_cpu` False.
+    gradients off. `quantization="int8"` turns every projection and the LM head of a safetensors
+    model into an `Int8Linear` (see `helix_server.layers.int8_linear`). On the CPU the modules are
+    then swapped for the kernels this CPU runs (`helix_server.models.cpu_kernel_choice`): the float
+    linear layers for pre-packed ones unless `pack_for_cpu` is False (helix's own, with the fused
+    norms, activations, RoPE and attention, only with `cpu_kernels`), quantized layers for helix's
+    kernels with `cpu_kernels`, even with `pack_for_cpu` False.
     """
     check_quantization(quantization)
     gguf_file = find_gguf_file(model_dir)
@@ -159,22 +151,10 @@ def load_model(
     model.build_rope_cache(device, dtype, max_model_len)
     if quantization == "int8":
         _quantize_int8(model)
-    if pack_for_cpu:
-        helix_kernels = cpu_kernels and panel_linear_supported(torch.device(device), dtype)
-        if helix_kernels or cpu_packing_supported(torch.device(device), dtype):
-            bulk_in_float32 = (
-                not helix_kernels and dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
-            )
-            model.pack_for_cpu(bulk_in_float32=bulk_in_float32, helix_kernels=helix_kernels)
-            if helix_kernels:
-                kernels = "helix's own (linear layers, norms, activations, RoPE, attention)"
-            else:
-                kernels = "oneDNN's pre-packed linear layers"
-            logger.info("%s on the CPU: %s", Path(model_dir).name, kernels)
-    if cpu_kernels and torch.device(device).type == "cpu" and load_quant_kernels():
-        for module in model.modules():  # quantized weights: helix's kernels for this CPU (AVX-512 or AVX2)
-            if isinstance(module, (Int8Linear, QuantizedLinear)) and not module.native:
-                module.use_cpu_kernels()
+    choice = choose_cpu_kernels(torch.device(device), dtype, cpu_kernels, pack=pack_for_cpu)
+    use_cpu_kernels(model, choice)
+    if choice.describe() is not None:
+        logger.info("%s on the CPU: %s", Path(model_dir).name, choice.describe())
     if torch.device(device).type != "cpu":
         use_device_attention(model, device)
         logger.info("%s on %s: %s", Path(model_dir).name, device, describe_attention_backend(device))
