@@ -3,7 +3,8 @@
 A decode step of a small model on the CPU spends a fifth of its time between the linear layers:
 ~25 torch kernels a layer (RMSNorm alone is seven), each costing ~5-15 us of dispatch and cold
 caches on a few rows right after a weight stream. `use_fused_cpu_ops` swaps the pieces of a loaded
-float32 or bfloat16 model for versions that run one fused kernel each:
+float32 or bfloat16 model for versions that run one fused kernel each (at load, where
+`helix_server.models.cpu_kernel_choice` chooses helix's kernels):
 
 * `RMSNorm` -> `FusedRMSNorm` (residual add + norm in one pass; 2-D inputs, the q/k norms of 3-D
   heads keep torch's ops);

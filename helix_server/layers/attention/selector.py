@@ -1,11 +1,14 @@
 """Which attention backend a device gets, and the swap that installs it on a loaded model.
 
 * CPU: the portable backend, or helix's fused CPU kernels where they build (`layers.fused_cpu`,
-  chosen by the model loader);
+  chosen at load by `helix_server.models.cpu_kernel_choice`);
 * CUDA (NVIDIA) with the `triton` package importable: `TritonAttention`, the paged kernels that read
   K/V in place through the block tables;
 * CUDA without triton, ROCm (torch's `cuda` device with `torch.version.hip`), Intel XPU, DirectML:
   the portable backend (gather through the block tables, then SDPA; torch 2.4's operators only).
+
+triton is imported only to check a CUDA device: importing it leaves nanobind objects that print
+"leaked" lines at exit, which a CPU process never shows (tests/models/test_cpu_load_imports.py).
 """
 
 from __future__ import annotations
