@@ -48,6 +48,10 @@ def fake_platform(monkeypatch, panel: bool, onednn: bool, amx: bool, quant: bool
         # Neither helix's kernels nor oneDNN: the portable path.
         (torch.float32, True, True, (False, False, False, False), CpuKernelChoice()),
     ],
+    ids=[
+        "f32-amx", "bf16-amx", "bf16-amx-no-cpu-kernels", "bf16-avx512-no-cpu-kernels", "f32-avx512-no-cpu-kernels",
+        "bf16-avx512", "bf16-avx2", "f32-avx2", "f16", "not-packed", "portable",
+    ],
 )
 def test_the_choice_for_each_setting_dtype_and_cpu(monkeypatch, dtype, cpu_kernels, pack, platform, expected):
     fake_platform(monkeypatch, *platform)
