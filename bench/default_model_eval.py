@@ -25,7 +25,6 @@ import platform
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_results import save_results  # noqa: E402
+from greedy_runs import drafted_accepted, timed_greedy  # noqa: E402
 
-from helix_server import LLM, SamplingParams  # noqa: E402
+from helix_server import LLM  # noqa: E402
 from helix_server.default_model import default_draft_dir, default_target_dir, read_manifest  # noqa: E402
 from helix_server.training.corpus import select_corpus  # noqa: E402
 
@@ -85,18 +85,6 @@ def loss_eval(target_dir: Path, draft_dir: Path, texts: list[str], seq_len: int)
     }
 
 
-def timed(llm: LLM, prompts: list[list[int]], max_tokens: int, concurrent: bool) -> tuple[float, list[list[int]]]:
-    """Seconds to complete every prompt (greedy, exactly `max_tokens` each), and the outputs."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    gc.collect()
-    start = time.perf_counter()
-    if concurrent:
-        outputs = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
-    else:
-        outputs = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
-    return time.perf_counter() - start, outputs
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, default=default_target_dir())
@@ -141,7 +129,7 @@ def main() -> int:
     results.update(dtype=str(configs["none"].engine.runtime.dtype), num_prompts=len(prompts),
                    max_tokens=args.max_tokens, prompt_tokens=[len(p) for p in prompts])
     for llm in configs.values():
-        timed(llm, prompts[:2], 8, concurrent=False)  # warm-up
+        timed_greedy(llm, prompts[:2], 8, concurrent=False)  # warm-up
 
     seconds: dict[tuple[str, bool], list[float]] = {}
     outputs: dict[tuple[str, bool], list[list[int]]] = {}
@@ -149,15 +137,15 @@ def main() -> int:
     for _ in range(args.repeats):
         for concurrent in (False, True):
             for name, llm in configs.items():
-                took, out = timed(llm, prompts, args.max_tokens, concurrent)
+                gc.collect()
+                took, out = timed_greedy(llm, prompts, args.max_tokens, concurrent)
                 seconds.setdefault((name, concurrent), []).append(took)
                 outputs[(name, concurrent)] = out
     generated = len(prompts) * args.max_tokens
     rows = {}
     for name, llm in configs.items():
         before, after = counters[name][0], llm.engine.stats()
-        drafted = after.spec_num_draft_tokens_total - before.spec_num_draft_tokens_total
-        accepted = after.spec_num_accepted_tokens_total - before.spec_num_accepted_tokens_total
+        drafted, accepted = drafted_accepted(before, after)
         drafts = after.spec_num_drafts_total - before.spec_num_drafts_total
         row = {"alpha": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
                "mean_accepted_per_draft": accepted / drafts if drafts else None}

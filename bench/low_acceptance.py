@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import bench_model_dir  # noqa: E402
 from bench_results import save_results  # noqa: E402
+from greedy_runs import drafted_accepted, timed_greedy  # noqa: E402
 
-from helix_server import LLM, SamplingParams  # noqa: E402
+from helix_server import LLM  # noqa: E402
 
 DRAFT_LAYERS = 3
 
@@ -35,16 +35,6 @@ DRAFT_LAYERS = 3
 def make_prompts(num: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab - 10) for _ in range(rng.randint(16, 48))] for _ in range(num)]
-
-
-def timed(llm: LLM, prompts: list[list[int]], max_tokens: int, concurrent: bool) -> tuple[float, list]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    if concurrent:
-        outputs = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
-    else:
-        outputs = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
-    return time.perf_counter() - start, outputs
 
 
 def main() -> int:
@@ -70,7 +60,7 @@ def main() -> int:
         f"{args.concurrent}_concurrent": (make_prompts(args.concurrent, vocab, seed=2), True),
     }
     for llm in llms.values():  # untimed: first steps fault in memory
-        timed(llm, workloads["one_at_a_time"][0][:1], 4, False)
+        timed_greedy(llm, workloads["one_at_a_time"][0][:1], 4, False)
     results: dict = {"threads": torch.get_num_threads(), "draft_layers": DRAFT_LAYERS, "workloads": {}}
     for name, (prompts, concurrent) in workloads.items():
         times: dict[str, list[float]] = {key: [] for key in llms}
@@ -78,13 +68,12 @@ def main() -> int:
         before = {key: llm.engine.stats() for key, llm in llms.items()}
         for _ in range(args.repeats):
             for key, llm in llms.items():
-                seconds, outputs[key] = timed(llm, prompts, args.max_tokens, concurrent)
+                seconds, outputs[key] = timed_greedy(llm, prompts, args.max_tokens, concurrent)
                 times[key].append(seconds)
         row: dict = {}
         for key, llm in llms.items():
             after = llm.engine.stats()
-            drafted = after.spec_num_draft_tokens_total - before[key].spec_num_draft_tokens_total
-            accepted = after.spec_num_accepted_tokens_total - before[key].spec_num_accepted_tokens_total
+            drafted, accepted = drafted_accepted(before[key], after)
             row[key] = {
                 "seconds": times[key],
                 "x_no_speculation": min(times["none"]) / min(times[key]),

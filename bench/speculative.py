@@ -27,7 +27,6 @@ import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import BENCH_SHAPE, cache_root, copy_tokenizer  # noqa: E402
 from bench_results import save_results  # noqa: E402
+from greedy_runs import drafted_accepted, timed_greedy  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
 from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
@@ -116,23 +116,12 @@ def make_prompts(num: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(10, vocab - 10) for _ in range(rng.randint(32, 96))] for _ in range(num)]
 
 
-def timed_generate(llm: LLM, prompts, max_tokens: int, concurrent: bool) -> tuple[float, int, list[list[int]]]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    if concurrent:
-        outputs = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
-    else:
-        outputs = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
-    seconds = time.perf_counter() - start
-    return seconds, sum(len(o) for o in outputs), outputs
-
-
 def per_token_decode_seconds(model_dir: Path, prompts, max_tokens: int) -> float:
     """Seconds per generated token of a model decoding alone, one request at a time."""
     llm = LLM(model=str(model_dir), dtype="float32", num_kv_blocks=512)
     warm_up(llm, llm.engine.runtime.vocab_size)
-    seconds, tokens, _ = timed_generate(llm, prompts, max_tokens, concurrent=False)
-    return seconds / tokens
+    seconds, outputs = timed_greedy(llm, prompts, max_tokens, concurrent=False)
+    return seconds / sum(map(len, outputs))
 
 
 def predicted_speedup(alpha: float, k: int, c: float) -> float:
@@ -155,12 +144,10 @@ def run_config(target_dir, settings, prompts, max_tokens, baseline, concurrent=F
     llm = LLM(model=str(target_dir), dtype="float32", num_kv_blocks=1024, max_num_seqs=16, **settings)
     warm_up(llm, llm.engine.runtime.vocab_size)
     before = llm.engine.stats()
-    seconds, tokens, outputs = timed_generate(llm, prompts, max_tokens, concurrent)
-    after = llm.engine.stats()
-    drafted = after.spec_num_draft_tokens_total - before.spec_num_draft_tokens_total
-    accepted = after.spec_num_accepted_tokens_total - before.spec_num_accepted_tokens_total
+    seconds, outputs = timed_greedy(llm, prompts, max_tokens, concurrent)
+    drafted, accepted = drafted_accepted(before, llm.engine.stats())
     return {
-        "tokens_per_s": tokens / seconds,
+        "tokens_per_s": sum(map(len, outputs)) / seconds,
         "speedup": baseline["seconds"] / seconds,
         "alpha": accepted / drafted if drafted else None,
         "drafted": drafted,
@@ -189,8 +176,8 @@ def main() -> int:
 
     baseline_llm = LLM(model=str(target_dir), dtype="float32", num_kv_blocks=1024, max_num_seqs=16)
     warm_up(baseline_llm, vocab)
-    seconds, tokens, outputs = timed_generate(baseline_llm, prompts, args.max_tokens, concurrent=False)
-    baseline = {"seconds": seconds, "outputs": outputs, "tokens_per_s": tokens / seconds}
+    seconds, outputs = timed_greedy(baseline_llm, prompts, args.max_tokens, concurrent=False)
+    baseline = {"seconds": seconds, "outputs": outputs, "tokens_per_s": sum(map(len, outputs)) / seconds}
     print(f"no speculation, one request at a time: {baseline['tokens_per_s']:.1f} tok/s")
 
     for method in ("draft", "layer-skip"):
@@ -210,9 +197,9 @@ def main() -> int:
     local_llm = LLM(model=str(local_dir), dtype="float32", num_kv_blocks=1024, max_num_seqs=16)
     warm_up(local_llm, vocab)
     starts = make_prompts(args.num_prompts, vocab, seed=3)
-    _, _, continuations = timed_generate(local_llm, starts, args.max_tokens, concurrent=True)
+    _, continuations = timed_greedy(local_llm, starts, args.max_tokens, concurrent=True)
     copying = [s + c + s for s, c in zip(starts, continuations)]
-    copy_seconds, _, copy_outputs = timed_generate(local_llm, copying, args.max_tokens, concurrent=False)
+    copy_seconds, copy_outputs = timed_greedy(local_llm, copying, args.max_tokens, concurrent=False)
     copy_baseline = {"seconds": copy_seconds, "outputs": copy_outputs}
     results["copy_workload_repeats_continuation"] = sum(o == c for o, c in zip(copy_outputs, continuations))
     for k in (1, 3, 5):
@@ -238,14 +225,12 @@ def main() -> int:
         base_times, spec_times, equal = [], [], True
         before = llm.engine.stats()
         for _ in range(REPEATS):
-            seconds, _, base_outputs = timed_generate(baseline_llm, many, args.max_tokens, concurrent=True)
+            seconds, base_outputs = timed_greedy(baseline_llm, many, args.max_tokens, concurrent=True)
             base_times.append(seconds)
-            seconds, _, outputs = timed_generate(llm, many, args.max_tokens, concurrent=True)
+            seconds, outputs = timed_greedy(llm, many, args.max_tokens, concurrent=True)
             spec_times.append(seconds)
             equal = equal and outputs == base_outputs
-        after = llm.engine.stats()
-        drafted = after.spec_num_draft_tokens_total - before.spec_num_draft_tokens_total
-        accepted = after.spec_num_accepted_tokens_total - before.spec_num_accepted_tokens_total
+        drafted, accepted = drafted_accepted(before, llm.engine.stats())
         row = {
             "speedup": min(base_times) / min(spec_times),
             "baseline_seconds": base_times,
