@@ -83,6 +83,17 @@ def drafted(server) -> float:
     return value(fams, "helix:spec_decode_num_draft_tokens", "helix:spec_decode_num_draft_tokens_total")
 
 
+def whole_and_streamed(servers, path: str, body: dict) -> tuple[list[dict], list[bytes]]:
+    """Each server's whole JSON answer to `body` at `path`, and its streamed answer's raw bytes."""
+    answers, streamed = [], []
+    for server in servers:
+        whole = httpx.post(server.url + path, json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        answers.append(whole.json())
+        streamed.append(httpx.post(server.url + path, json={**body, "stream": True}, timeout=60).content)
+    return answers, streamed
+
+
 def test_greedy_responses_identical_with_a_draft(servers):
     """`/v1/responses`, whole and streamed, rides the same speculation."""
     from tests.api.test_responses import read_events
@@ -90,14 +101,11 @@ def test_greedy_responses_identical_with_a_draft(servers):
     _, speculative = servers
     before = drafted(speculative)
     body = {"model": "tiny", "input": PROMPTS[0], "max_output_tokens": 20, "temperature": 0}
-    answers, streamed = [], []
-    for server in servers:
-        whole = httpx.post(server.v1 + "/responses", json=body, timeout=60)
-        assert whole.status_code == 200, whole.text
-        answers.append(whole.json())
-        raw = httpx.post(server.v1 + "/responses", json={**body, "stream": True}, timeout=60)
-        deltas = [d["delta"] for n, d in read_events(raw.content) if n == "response.output_text.delta"]
-        streamed.append("".join(deltas))
+    answers, streamed = whole_and_streamed(servers, "/v1/responses", body)
+    streamed = [
+        "".join(d["delta"] for n, d in read_events(raw) if n == "response.output_text.delta")
+        for raw in streamed
+    ]
     assert answers[0]["output_text"] == answers[1]["output_text"] and answers[0]["output_text"]
     assert answers[0]["usage"] == answers[1]["usage"]
     assert streamed[0] == streamed[1] == answers[0]["output_text"]
@@ -112,14 +120,11 @@ def test_greedy_messages_identical_with_a_draft(servers):
     before = drafted(speculative)
     messages = [{"role": "user", "content": PROMPTS[0]}]
     body = {"model": "tiny", "max_tokens": 20, "temperature": 0, "messages": messages}
-    answers, streamed = [], []
-    for server in servers:
-        whole = httpx.post(server.url + "/v1/messages", json=body, timeout=60)
-        assert whole.status_code == 200, whole.text
-        answers.append(whole.json())
-        raw = httpx.post(server.url + "/v1/messages", json={**body, "stream": True}, timeout=60)
-        events = anthropic_events(raw.content)
-        streamed.append("".join(d["delta"]["text"] for name, d in events if name == "content_block_delta"))
+    answers, streamed = whole_and_streamed(servers, "/v1/messages", body)
+    streamed = [
+        "".join(d["delta"]["text"] for name, d in anthropic_events(raw) if name == "content_block_delta")
+        for raw in streamed
+    ]
     assert answers[0]["content"] == answers[1]["content"] and answers[0]["content"]
     assert answers[0]["usage"] == answers[1]["usage"]
     assert streamed[0] == streamed[1] == answers[0]["content"][0]["text"]
