@@ -26,7 +26,12 @@ from torch import nn
 from helix_server.layers.cpu_kernels import load_quant_kernels
 from helix_server.layers.fused_cpu import use_fused_cpu_ops
 from helix_server.layers.int8_linear import Int8Linear
-from helix_server.layers.linear import bulk_float32_supported, cpu_linear, cpu_packing_supported, pack_linear_layers
+from helix_server.layers.linear import (
+    bulk_float32_supported,
+    cpu_linear,
+    cpu_packing_supported,
+    pack_linear_layers,
+)
 from helix_server.layers.panel_linear import PanelLinear, panel_linear_supported
 from helix_server.layers.quantized_linear import QuantizedLinear
 from helix_server.platform.device import cpu_has_amx
@@ -52,7 +57,9 @@ class CpuKernelChoice:
         return None
 
 
-def choose_cpu_kernels(device: torch.device, dtype: torch.dtype, cpu_kernels: bool, pack: bool) -> CpuKernelChoice:
+def choose_cpu_kernels(
+    device: torch.device, dtype: torch.dtype, cpu_kernels: bool, pack: bool
+) -> CpuKernelChoice:
     """The kernels a model in `dtype` on `device` runs: with `pack`, the float linears' (helix's own
     only with `cpu_kernels`); with `cpu_kernels`, the quantized layers' (even without `pack`).
     Builds (or waits for) helix's kernels where it needs to know whether they run here."""
@@ -60,9 +67,9 @@ def choose_cpu_kernels(device: torch.device, dtype: torch.dtype, cpu_kernels: bo
     if pack:
         helix_kernels = cpu_kernels and panel_linear_supported(device, dtype)
         packed = helix_kernels or cpu_packing_supported(device, dtype)
-        bulk_in_float32 = (
-            packed and not helix_kernels and dtype == torch.bfloat16 and not cpu_has_amx() and bulk_float32_supported()
-        )
+        # oneDNN's bfloat16 kernel outruns its float32 one on long prompt chunks only with AMX.
+        bf16_on_onednn = packed and not helix_kernels and dtype == torch.bfloat16
+        bulk_in_float32 = bf16_on_onednn and not cpu_has_amx() and bulk_float32_supported()
     quantized = cpu_kernels and device.type == "cpu" and load_quant_kernels()
     return CpuKernelChoice(packed, helix_kernels, bulk_in_float32, quantized)
 

@@ -20,8 +20,11 @@ CPU = torch.device("cpu")
 
 def fake_platform(monkeypatch, panel: bool, onednn: bool, amx: bool, quant: bool) -> None:
     """This CPU as one with (or without) helix's panel kernel, oneDNN, AMX and the quantized kernels."""
-    monkeypatch.setattr(cpu_kernel_choice, "panel_linear_supported", lambda device, dtype: panel and device.type == "cpu" and dtype != torch.float16)
-    monkeypatch.setattr(cpu_kernel_choice, "cpu_packing_supported", lambda device, dtype: onednn and device.type == "cpu" and dtype != torch.float16)
+    def supported(available: bool):
+        return lambda device, dtype: available and device.type == "cpu" and dtype != torch.float16
+
+    monkeypatch.setattr(cpu_kernel_choice, "panel_linear_supported", supported(panel))
+    monkeypatch.setattr(cpu_kernel_choice, "cpu_packing_supported", supported(onednn))
     monkeypatch.setattr(cpu_kernel_choice, "cpu_has_amx", lambda: amx)
     monkeypatch.setattr(cpu_kernel_choice, "bulk_float32_supported", lambda: True)
     monkeypatch.setattr(cpu_kernel_choice, "load_quant_kernels", lambda: quant)
@@ -49,8 +52,8 @@ def fake_platform(monkeypatch, panel: bool, onednn: bool, amx: bool, quant: bool
         (torch.float32, True, True, (False, False, False, False), CpuKernelChoice()),
     ],
     ids=[
-        "f32-amx", "bf16-amx", "bf16-amx-no-cpu-kernels", "bf16-avx512-no-cpu-kernels", "f32-avx512-no-cpu-kernels",
-        "bf16-avx512", "bf16-avx2", "f32-avx2", "f16", "not-packed", "portable",
+        "f32-amx", "bf16-amx", "bf16-amx-no-cpu-kernels", "bf16-avx512-no-cpu-kernels",
+        "f32-avx512-no-cpu-kernels", "bf16-avx512", "bf16-avx2", "f32-avx2", "f16", "not-packed", "portable",
     ],
 )
 def test_the_choice_for_each_setting_dtype_and_cpu(monkeypatch, dtype, cpu_kernels, pack, platform, expected):

@@ -37,7 +37,7 @@ print(json.dumps({"tokens": out[0].outputs[0].token_ids,
 def test_a_cpu_model_never_imports_triton(tiny_model_dir, settings):
     result = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(tiny_model_dir), json.dumps(settings)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
