@@ -37,6 +37,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from helix_server.layers.cpu_kernels import quant_kernel_isa
+from helix_server.layers.quant_repack import DOT_TYPE_CODES, repack_for_dot
+from helix_server.platform.device import cpu_flags
 
 QK_K = 256
 # Output rows dequantized per step of the portable matmul: at most this many float32 weights
@@ -175,6 +177,15 @@ def kernel_op_suffix(isa: str | None = None) -> str:
     return "_avx2" if isa == "avx2" else ""
 
 
+def dot_kernel_suffix(isa: str | None = None) -> str:
+    """The suffix of `quant_dot_linear` for `isa` (see `kernel_op_suffix`): its AVX-512 form needs
+    VNNI (and BW, VL) too; AVX-512 CPUs without them run the AVX2 twin, which gives the same bits."""
+    suffix = kernel_op_suffix(isa)
+    if suffix == "" and not {"avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags():
+        return "_avx2"
+    return suffix
+
+
 def dequantize_rows(packed: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Float32 weights of packed rows: uint8 [rows, bytes_per_row] -> float32 [rows, in_features]."""
     _, type_size = GGML_QUANT_SIZES[qtype]
@@ -229,31 +240,55 @@ class QuantizedLinear(nn.Module):
         for i, weight in enumerate(merged):
             self.register_buffer(f"packed{i}", weight.packed.contiguous())
         self.out_features = sum(w.out_features for w in merged)
+        self._segment_rows = [w.out_features for w in merged]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.float_out = float_out
         self.native = False  # `use_cpu_kernels`: native-kernel segments run helix's ops
         self.op_suffix = ""  # "_avx2": the AVX2 twins of the ops
+        self.dot_op = ""  # `use_cpu_kernels`: the integer dot-product op of repacked segments
+        self.repacked: list[bool] = [False] * len(merged)  # segment i in `repack_for_dot`'s layout
+        self._direct_op = None  # see `use_cpu_kernels`
 
     def use_cpu_kernels(self, isa: str | None = None) -> None:
-        """Run the segments helix's CPU kernels read (`NATIVE_KERNELS`: every block type) on them
-        (CPU tensors, after `load_quant_kernels()` returned True), in `isa` ("avx512" or "avx2";
-        default: `quant_kernel_isa()`, this CPU's; both give the same bits)."""
+        """Run the segments helix's CPU kernels read on them (CPU tensors, after
+        `load_quant_kernels()` returned True), in `isa` ("avx512" or "avx2"; default:
+        `quant_kernel_isa()`, this CPU's; both give the same bits).
+
+        32-weight block types (Q8_0, Q4_0, Q4_1) are repacked in place (`repack_for_dot`) for
+        `quant_dot_linear`, which quantizes activations to int8 per block as llama.cpp does; the
+        K-quants run `quant_linear_k` on the file's blocks, on float32 activations."""
         self.op_suffix = kernel_op_suffix(isa)
+        self.dot_op = "quant_dot_linear" + dot_kernel_suffix(isa)
+        for i, qtype in enumerate(self.qtypes):
+            if qtype in DOT_TYPE_CODES and not self.repacked[i]:
+                setattr(self, f"packed{i}", repack_for_dot(getattr(self, f"packed{i}"), qtype))
+                self.repacked[i] = True
         self.native = True
+        # One repacked segment and no bias (every projection of a one-type file): forward calls the
+        # op directly, its overload resolved once (a decode step makes ~120 such calls).
+        single = len(self.qtypes) == 1 and self.repacked[0] and self.bias is None
+        self._direct_op = getattr(torch.ops.helix, self.dot_op).default if single else None
 
     def segments(self) -> list[tuple[GGMLQuantizationType, torch.Tensor]]:
-        """(qtype, packed rows) of each segment, in output-row order."""
+        """(qtype, packed rows) of each segment, in output-row order (a repacked segment's tensor is
+        in `repack_for_dot`'s layout)."""
         return [(qtype, getattr(self, f"packed{i}")) for i, qtype in enumerate(self.qtypes)]
 
     def forward(self, x: torch.Tensor, bulk_start: int | None = None) -> torch.Tensor:
         """[T, in] -> [T, out]; `bulk_start` is accepted for the projections' common call."""
+        if self._direct_op is not None and x.dtype == torch.float32:
+            return self._direct_op(x, self.packed0, DOT_TYPE_CODES[self.qtypes[0]], self.out_features)
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         x32 = x.to(torch.float32).contiguous()
         chunk_rows = max(1, CHUNK_WEIGHTS // self.in_features)
         parts: list[torch.Tensor] = []
-        for qtype, packed in self.segments():
+        for i, (qtype, packed) in enumerate(self.segments()):
+            if self.repacked[i]:
+                rows = self._segment_rows[i]
+                parts.append(getattr(torch.ops.helix, self.dot_op)(x32, packed, DOT_TYPE_CODES[qtype], rows))  # [T, rows]
+                continue
             kernel = NATIVE_KERNELS.get(qtype) if self.native else None
             if kernel is not None:
                 op, code = kernel

@@ -19,10 +19,13 @@ bfloat16 on AMX), used by `helix_server.layers.panel_linear`;
 `paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`; `quant_linear`
 (`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks) and `quant_linear_k` (`quant_gemm_k.cpp`: Q4_K, Q5_K,
 Q6_K super-blocks), used by `helix_server.layers.quantized_linear`;
+`quant_dot_linear` (`quant_dot.cpp`: Q8_0, Q4_0, Q4_1 repacked by `helix_server.layers.quant_repack`,
+integer dot products on AVX-512 VNNI), used by `helix_server.layers.quantized_linear`;
 `int8_linear` (`quant_gemm_int8.cpp`: int8 weights, a scale per output row), used by
-`helix_server.layers.int8_linear`; and the same three for CPUs without AVX-512, `quant_linear_avx2`,
-`quant_linear_k_avx2`, `int8_linear_avx2` (`quant_gemm_avx2.cpp`, compiled with AVX2 + FMA + F16C
-only; `quant_kernel_isa()` says which set a CPU runs).
+`helix_server.layers.int8_linear`; and the same for CPUs without AVX-512, `quant_linear_avx2`,
+`quant_linear_k_avx2`, `int8_linear_avx2` (`quant_gemm_avx2.cpp`) and `quant_dot_linear_avx2`
+(`quant_dot_avx2.cpp`, also for AVX-512 CPUs without VNNI), compiled with AVX2 + FMA + F16C only
+(`quant_kernel_isa()` says which set a CPU runs).
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ SOURCES = tuple(
         "quant_gemm_k.cpp",
         "quant_gemm_int8.cpp",
         "quant_gemm_avx2.cpp",
+        "quant_dot.cpp",
+        "quant_dot_avx2.cpp",
     )
 )
 HEADERS = (_HERE / "vec_math.h", _HERE / "quant_common.h")
 # Sources for CPUs without AVX-512, compiled without it (so that no AVX-512 instruction can slip in).
-AVX2_SOURCES = frozenset({"quant_gemm_avx2.cpp"})
+AVX2_SOURCES = frozenset({"quant_gemm_avx2.cpp", "quant_dot_avx2.cpp"})
 AVX2_FLAGS = ("-mavx2", "-mf16c")
 # Measured with g++ (torch 2.13): compiling all sources takes ~65 s of CPU time (quant_gemm_k.cpp,
 # quant_gemm_int8.cpp and quant_gemm_avx2.cpp ~7 s each), the largest one (panel_gemm.cpp) ~20 s. Used

@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace helix_quant {
 
@@ -193,6 +194,94 @@ inline __m128i k_chunk_quants(const uint8_t* block, int c) {
     if constexpr (Type == kQ4_K) return q;
     return _mm_or_si128(q, _mm_slli_epi16(bits_of(load16(block + 16 + 16 * half), j, 0x01), 4));
   }
+}
+
+// ---- Integer dot-product kernels (`quant_dot_linear`, quant_dot.cpp / quant_dot_avx2.cpp) ----
+//
+// Weights of 32-weight blocks (Q8_0, Q4_0, Q4_1; the `QuantType` codes) repacked at load for 16
+// outputs at a time, and activations split per row and block of 32 into two int8 terms: a block's 32
+// products are two exact integer dot products, each scaled once in float32.
+//
+// Repacked weights: uint8 [groups = ceil(N / 16), K / 32, group_block_bytes(type)]; group g holds
+// outputs 16g .. 16g + 15 (rows past N are zero). A group's block b is
+//   quants: Q4_0 / Q4_1: 4 chunks of 64 bytes; byte 4c + j of chunk t is byte 4t + j of output c's
+//             file block, i.e. weight 4t + j (low nibble) and weight 16 + 4t + j (high nibble);
+//           Q8_0: 8 chunks of 64 bytes; byte 4c + j of chunk t is output c's int8 weight 4t + j;
+//   d: 16 float16, one per output;  m (Q4_1 only): 16 float16.
+// So one 64-byte chunk times 4 activation bytes (broadcast) gives 16 outputs' partial dot products in
+// 16 int32 lanes, and each output's result is one lane: no reduction across lanes.
+//
+// Activations: row r's block b is x = d1 q1 + d2 q2 (+ a rounding error): d1 = amax / 127 (float32),
+// q1 = x * (1 / d1) rounded to nearest even (all zero where amax is 0); the residual e = x - q1 * d1
+// (float32, the product and the difference each rounded) gives d2 and q2 the same way. One int8 term
+// alone, llama.cpp's Q8 activations, leaves an error up to 1/254 of the block's largest value; with
+// the second it is ~127 times smaller (about 15 bits a value). sum1, sum2 are the sums of q1 and q2,
+// and s = d1 * float(sum1) + d2 * float(sum2). Per output (lane) and block, in block order:
+//   dot1 = sum_j q_w[j] * q1[j], dot2 = sum_j q_w[j] * q2[j]    exact int32 (Q4_0: q_w - 8)
+//   acc  = fma(float(dot1), d_w * d1, acc)
+//   acc  = fma(float(dot2), d_w * d2, acc)
+//   acc  = fma(m_w, s, acc)              (Q4_1 only: w = d_w q + m_w)
+// Both instruction sets compute exactly these operations, so they give the same bits, and a row's
+// result depends on that row and the weights only (not on the batch, the row tile or the threads).
+constexpr int64_t kDotGroup = 16;
+constexpr int64_t dot_quant_bytes(int64_t type) { return type == kQ8_0 ? 512 : 256; }
+constexpr int64_t dot_group_block_bytes(int64_t type) {
+  return dot_quant_bytes(type) + 32 + (type == kQ4_1 ? 32 : 0);
+}
+
+// Activations quantized per row and 32-block (see above).
+struct QuantizedActivations {
+  int8_t* q;     // [M, K / 32, 2, 32]: each block's q1, then its q2
+  float* d;      // [M, K / 32, 2]: d1, d2
+  int32_t* sum;  // [M, K / 32, 2]: sum1, sum2
+  float* s;      // [M, K / 32]
+  int64_t blocks;  // K / 32
+};
+
+// `QuantizedActivations` for an [M, K] input in this thread's scratch memory (grown as needed, reused
+// by the thread's next call: a decode step makes ~100 such calls, too many for fresh allocations).
+inline QuantizedActivations activation_scratch(int64_t m, int64_t k_len) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d, s;
+  thread_local std::vector<int32_t> sum;
+  const int64_t blocks = k_len / kBlock;
+  q.resize(static_cast<size_t>(2 * m * k_len));
+  d.resize(static_cast<size_t>(2 * m * blocks));
+  sum.resize(static_cast<size_t>(2 * m * blocks));
+  s.resize(static_cast<size_t>(m * blocks));
+  return {q.data(), d.data(), sum.data(), s.data(), blocks};
+}
+
+// The scale of a block from its largest magnitude, and the reciprocal activations are multiplied by.
+inline void activation_scale(float amax, float& d, float& inverse) {
+  d = amax / 127.0f;
+  inverse = d != 0.0f ? 1.0f / d : 0.0f;
+}
+
+// x float32 [M, K] (K a multiple of 32) and repacked weights [ceil(n_len / 16), K / 32, bytes];
+// raises with `op`'s name otherwise.
+inline void check_dot_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t type,
+                               int64_t n_len) {
+  TORCH_CHECK(type >= kQ8_0 && type <= kQ4_1, op, ": unknown quantization type ", type);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be 2-D float32");
+  const int64_t k_len = x.size(1);
+  TORCH_CHECK(k_len % kBlock == 0, op, ": ", k_len, " input features are not a multiple of ", kBlock);
+  const int64_t groups = (n_len + kDotGroup - 1) / kDotGroup;
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kByte && weight.is_contiguous() &&
+                  weight.size(0) == groups && weight.size(1) == k_len / kBlock &&
+                  weight.size(2) == dot_group_block_bytes(type),
+              op, ": weight must be contiguous uint8 [", groups, ", ", k_len / kBlock, ", ",
+              dot_group_block_bytes(type), "] (repacked for 16 outputs a group)");
+}
+
+// tile(group, row0, rows) for every group of 16 outputs (threads split the groups) and every tile of
+// at most `max_rows` rows: a group's row tiles run on one thread, its weights hot in L1.
+template <typename Tile>
+void for_each_dot_group(int64_t m, int64_t groups, int64_t max_rows, const Tile& tile) {
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t row0 = 0; row0 < m; row0 += max_rows) tile(g, row0, static_cast<int>(std::min(max_rows, m - row0)));
+  });
 }
 
 }  // namespace helix_quant
