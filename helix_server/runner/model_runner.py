@@ -158,8 +158,7 @@ class ModelRunner:
 
         plain = [(b, row) for b, row in zip(batch, last_rows) if b.samples and not b.num_spec_tokens]
         if plain:
-            rows_index = torch.tensor([row for _, row in plain], dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden[rows_index]).float()  # [num_plain, vocab]
+            logits = self.model.compute_logits(_take_rows(hidden, [row for _, row in plain])).float()  # [num_plain, vocab]
             rows = [self._sampling_row(b.request, _first_row(masks.get(b.request_id))) for b, _ in plain]
             results = self.sampler.sample(logits, rows)
             for (scheduled, _), (token_id, logprob) in zip(plain, results):
@@ -187,8 +186,7 @@ class ModelRunner:
     ) -> None:
         """Score each request's drafts: logits at its last known token and each draft position."""
         row_lists = [list(range(row - b.num_spec_tokens, row + 1)) for b, row in verifying]
-        index = torch.tensor([r for rows in row_lists for r in rows], dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[index]).float()  # [sum(s + 1), vocab]
+        logits = self.model.compute_logits(_take_rows(hidden, [r for rows in row_lists for r in rows])).float()  # [sum(s + 1), vocab]
         per_request = list(logits.split([len(rows) for rows in row_lists]))
         results = self.speculator.verify([b for b, _ in verifying], per_request, masks)
         for (scheduled, _), result in zip(verifying, results):
@@ -253,3 +251,14 @@ def _wants_prompt_logprobs(scheduled: ScheduledRequest) -> bool:
         and scheduled.start_position < request.num_prompt_tokens
         and request.index == 0
     )
+
+
+def _take_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden [num_tokens, H] -> [len(rows), H]: itself when `rows` are all of its rows in order (a
+    step of decodes only, or of verification rows only), else the rows gathered with an index
+    uploaded without a host sync (on CUDA, from pinned memory: a pageable upload would wait for the
+    forward to finish before the LM head could be queued)."""
+    if len(rows) == hidden.shape[0] and rows == list(range(len(rows))):
+        return hidden
+    index = torch.tensor(rows, dtype=torch.long, pin_memory=hidden.is_cuda)
+    return hidden[index.to(hidden.device, non_blocking=True)]
