@@ -8,12 +8,18 @@ reference implementation that imports `torch._dynamo`, which imports triton wher
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 class VocabEmbedding(nn.Embedding):
     """Token ids [T] -> rows of `weight` [vocab, hidden], like `nn.Embedding`; the weight starts
     uninitialised (the loader fills it)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The rows' dtype (the model's: see `QuantizedEmbedding` for a packed table)."""
+        return self.weight.dtype
 
     def reset_parameters(self) -> None:
         """No random init (see the module docstring)."""

@@ -3,9 +3,9 @@
 The model code does not change with the weight format: for each projection whose GGUF weights are
 block-quantized, this module replaces the `Linear` with a `QuantizedLinear` holding the file's
 packed blocks (fused q/k/v and gate/up get one segment per shard); every float tensor goes through
-the model's own `load_weights`. The token embedding is a lookup and is dequantized at load; when
-the LM head is tied to a quantized embedding it gets a `QuantizedLinear` over the same packed
-blocks, as llama.cpp computes it.
+the model's own `load_weights`. A block-quantized token embedding stays packed too
+(`QuantizedEmbedding`: a lookup dequantizes only its rows); when the LM head is tied to it, the head
+gets a `QuantizedLinear` over the same packed blocks, as llama.cpp computes it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from helix_server.errors import UnsupportedModelError
+from helix_server.layers.quantized_embedding import QuantizedEmbedding
 from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight
 from helix_server.models.gguf_checkpoint import GGUFCheckpoint
 
@@ -52,7 +53,8 @@ def load_gguf_weights(
     for hf_name, tensor in checkpoint.tensors(arch.num_heads, arch.num_kv_heads):
         if hf_name == _EMBEDDING and isinstance(tensor, QuantizedWeight):
             embedding_quantized = tensor
-            floats.append((hf_name, tensor.dequantize()))
+            dtype = model.model.embed_tokens.weight.dtype
+            model.model.embed_tokens = QuantizedEmbedding(_to(tensor, device), dtype)
         elif hf_name.endswith(".weight") and (isinstance(tensor, QuantizedWeight) or tensor.dim() == 2):
             path, shard = _module_path(hf_name)
             quantized.setdefault(path, {})[shard] = tensor

@@ -192,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The parameter dtype (also the KV cache's and the logits')."""
-        return self.model.embed_tokens.weight.dtype
+        return self.model.embed_tokens.dtype
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         """Shape of one layer's key (or value) cache: [num_blocks, block_size, kv_heads, head_dim]."""

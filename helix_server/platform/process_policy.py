@@ -4,7 +4,9 @@
   CPU forward frees and re-allocates the same large activations every step.
 - After loading (a server): what was loaded (the model, torch and transformers' modules) lives as
   long as the process, so it moves out of the cyclic garbage collector's sight (`gc.freeze`), or
-  each full collection walks it all (measured: ~100 ms pauses in the step loop on a 2-core CPU).
+  each full collection walks it all (measured: ~100 ms pauses in the step loop on a 2-core CPU);
+  and what loading freed goes back to the OS (`allocator.release_freed_memory`), since the kept-
+  buffers policy would otherwise hold it for good.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import gc
 
 from helix_server.errors import HelixError
-from helix_server.platform.allocator import keep_freed_memory
+from helix_server.platform.allocator import keep_freed_memory, release_freed_memory
 from helix_server.platform.device import resolve_device
 
 
@@ -27,6 +29,8 @@ def prepare_process(device_name: str) -> None:
 
 
 def freeze_loaded_objects() -> None:
-    """Collect once, then keep everything alive now out of later collections."""
+    """Collect once, then keep everything alive now out of later collections; return the heap's
+    free memory (what loading freed) to the OS."""
     gc.collect()
     gc.freeze()
+    release_freed_memory()
