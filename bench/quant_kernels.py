@@ -21,7 +21,7 @@ import torch
 from helix_server.layers.cpu_kernels import load_cpu_kernels
 from helix_server.layers.int8_linear import Int8Linear
 from helix_server.layers.panel_linear import PanelLinear
-from helix_server.layers.quantized_linear import NATIVE_KERNELS, kernel_op_suffix
+from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
 TYPES = ["f32", "int8", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
@@ -63,10 +63,9 @@ def layer_call(name: str, n: int, k: int, isa: str):
         raw = random_super_blocks(n, k, qtype)
     else:
         raw = gguf.quants.quantize(np.random.default_rng(0).standard_normal((n, k)).astype(np.float32), qtype)
-    packed = torch.from_numpy(np.ascontiguousarray(raw))
-    op, code = NATIVE_KERNELS[qtype]
-    kernel = getattr(torch.ops.helix, op + kernel_op_suffix(isa))
-    return lambda: kernel(x, packed, code, n)
+    layer = QuantizedLinear([QuantizedWeight(qtype, torch.from_numpy(np.ascontiguousarray(raw)), k)])
+    layer.use_cpu_kernels(isa)  # 32-weight blocks: repacked, integer dot products; K-quants: float kernel
+    return lambda: layer(x)
 
 
 def main() -> None:
