@@ -1,14 +1,17 @@
 """`AsyncEngine`: an asyncio front for `EngineCore`, whose `step()` runs in one background thread.
 
 The event loop never runs the model. `add_request` tokenizes (large prompts in the tokenizer's
-worker thread) and validates in the caller (so bad input fails before any response byte), then
-hands the request to the engine thread through a command queue and returns a `RequestStream`, an async iterator of delta `RequestOutput`s. Leaving
-the iteration early (a client that hangs up) aborts the request, which frees its KV blocks at the
-engine thread's next turn, before its next step.
+worker thread), checks the request id against this front's streams and validates the request with
+the engine's `InputProcessor`, all in the caller (so bad input fails before any response byte);
+then it hands the `EngineCoreRequest` to the engine thread through a command queue (the core does
+not check it again) and returns a `RequestStream`, an async iterator of delta `RequestOutput`s.
+Leaving the iteration early (a client that hangs up) aborts the request, which frees its KV blocks
+at the engine thread's next turn, before its next step.
 
 Admission control happens in `add_request` too: a request larger than the queue could ever hold
 is a `ParameterError`; past `max_queued_requests` / `max_queued_tokens` (counting what the engine
-thread has not picked up yet) it raises `EngineOverloadedError`, and a request the engine drops after `max_queue_wait` ends its stream with the same error.
+thread has not picked up yet) it raises `EngineOverloadedError`, and a request the engine drops
+after `max_queue_wait` ends its stream with the same error.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, replace
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import RETRY_AFTER_SECONDS, check_admission, check_request_size
 from helix_server.engine.core import EngineCore
+from helix_server.engine.input_processor import EngineCoreRequest, check_request_id
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.stats import EngineStats
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
@@ -36,15 +40,6 @@ from helix_server.runner.loader import load_model
 from helix_server.sampling_params import SamplingParams, StructuredOutputSpec
 
 logger = logging.getLogger("helix_server")
-
-
-@dataclass
-class _AddCommand:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    cache_salt: str | None = None
 
 
 @dataclass
@@ -63,9 +58,10 @@ class RequestStream:
     Closing it (or abandoning it mid-iteration) before the request finished aborts the request.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int]) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], n: int = 1) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        self.n = n  # sequences of the request (the ids of its sequences stay in use while it runs)
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
@@ -106,6 +102,8 @@ class AsyncEngine:
         self.tokenizer = tokenizer or load_tokenizer(core.runtime.model_dir)
         self.tokenizer.sanitize_chat_content = not core.config.model.allow_special_tokens_in_content
         self.runtime = core.runtime
+        # Validation needs only values the engine fixed at start-up: safe on the event loop.
+        self.input_processor = core.input_processor
         # Read from the event loop: copies of values the engine fixes at construction.
         self._max_sequence_len = core.max_sequence_len
         self._max_speculation_depth = core.max_speculation_depth
@@ -240,32 +238,36 @@ class AsyncEngine:
         before any is queued, so a bad or refused prompt never leaves another one running."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ParameterError("cache_salt must be a non-empty string.", "cache_salt")
         check_request_size(self.core.config.scheduler, len(prompts), params.n, prompt_param)
-        token_lists: list[list[int]] = []
+        requests: list[EngineCoreRequest] = []
         for request_id, prompt in zip(request_ids, prompts, strict=True):
-            if request_id in self._streams:
-                raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
+            check_request_id(request_id, params.n, self._num_sequences_of)
             if isinstance(prompt, str):
                 if not prompt:
                     raise ParameterError("The prompt is empty.", prompt_param)
                 token_ids = await self.tokenizer.encode_async(prompt)
             else:
                 token_ids = list(prompt)
-            self.core.validate_request(token_ids, params, prompt_param)
-            token_lists.append(token_ids)
-        self.check_admission(params.n * len(token_lists), sum(len(ids) for ids in token_lists))
+            requests.append(
+                self.input_processor.process(
+                    request_id, token_ids, params, cache_salt=cache_salt, prompt_param=prompt_param
+                )
+            )
+        self.check_admission(params.n * len(requests), sum(len(r.prompt_token_ids) for r in requests))
         streams = []
-        for request_id, token_ids in zip(request_ids, token_lists):
-            stream = RequestStream(self, request_id, token_ids)
-            self._streams[request_id] = stream
+        for request in requests:
+            stream = RequestStream(self, request.request_id, request.prompt_token_ids, params.n)
+            self._streams[request.request_id] = stream
             with self._pending_lock:
                 self._pending_sequences += params.n
-                self._pending_prompt_tokens += len(token_ids)
-            self._commands.put(_AddCommand(request_id, token_ids, params, time.monotonic(), cache_salt))
+                self._pending_prompt_tokens += len(request.prompt_token_ids)
+            self._commands.put(request)
             streams.append(stream)
         return streams
+
+    def _num_sequences_of(self, request_id: str) -> int | None:
+        stream = self._streams.get(request_id)
+        return None if stream is None else stream.n
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to stop a request; safe to call for unknown or finished ids."""
@@ -312,14 +314,8 @@ class AsyncEngine:
                     self._deliver([output])
                 continue
             try:
-                self.core.add_request(
-                    command.request_id,
-                    command.prompt_token_ids,
-                    command.params,
-                    command.arrival_time,
-                    cache_salt=command.cache_salt,
-                )
-            except Exception as exc:  # validated before, so this is rare (e.g. pool changed)
+                self.core.add_core_request(command)
+            except Exception as exc:  # validated before, so a bug: it fails this request only
                 self._deliver_error(command.request_id, exc)
             finally:  # now in the engine's own queue (or refused): no longer pending here
                 with self._pending_lock:

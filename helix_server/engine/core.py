@@ -3,10 +3,11 @@
 `step()` reads as its phases: schedule (pure Python decides who runs and with how many tokens) ->
 execute (the runner runs one forward and samples, or verifies drafts) -> update (the scheduler
 advances each request) -> emit (stop checks, incremental text, delta outputs) -> propose (with
-speculative decoding, drafts for the next step). Requests enter through `add_request`, which
-validates them against the model and the KV pool, and leave when finished or aborted. Before each
-step the time limits are enforced: a request still queued after `max_queue_wait` is dropped (its
-output carries `error_code` "queue_timeout"), one older than `request_timeout` ends as "length".
+speculative decoding, drafts for the next step). Requests enter through `add_core_request` once
+the `InputProcessor` validated them (`add_request` does both for synchronous callers), and leave
+when finished or aborted. Before each step the time limits are enforced: a request still queued
+after `max_queue_wait` is dropped (its output carries `error_code` "queue_timeout"), one older than
+`request_timeout` ends as "length".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
 from helix_server.engine.detokenizer import IncrementalDetokenizer
+from helix_server.engine.input_processor import EngineCoreRequest, InputProcessor, check_request_id, sequence_ids
 from helix_server.engine.kv_events import build_kv_event_publisher
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
@@ -26,8 +28,6 @@ from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.structured import StructuredOutputBackend
 from helix_server.engine.structured.manager import StructuredOutputManager
 from helix_server.engine.tokenizer import load_tokenizer
-from helix_server.engine.validation import validate_request
-from helix_server.errors import ParameterError
 from helix_server.runner.loader import LoadedModel, load_model
 from helix_server.runner.model_runner import ModelRunner
 from helix_server.sampling_params import SamplingParams
@@ -68,6 +68,7 @@ class EngineCore:
         self.structured_matchers = StructuredOutputManager(self.structured)
         # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
         self.max_sequence_len = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
+        self.input_processor = InputProcessor(self.runtime.vocab_size, self.max_sequence_len, config.scheduler.max_n)
         self._requests: dict[str, RequestState] = {}
         self._sequences: dict[str, SequenceState] = {}
         self._parent_of: dict[str, RequestState] = {}
@@ -77,19 +78,6 @@ class EngineCore:
 
     # ----------------------------------------------------------------- requests in and out
 
-    def validate_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str = "prompt"
-    ) -> None:
-        """Raise `ParameterError` if the request can't be served by this model and pool."""
-        validate_request(
-            prompt_token_ids,
-            params,
-            vocab_size=self.runtime.vocab_size,
-            max_sequence_len=self.max_sequence_len,
-            max_n=self.config.scheduler.max_n,
-            prompt_param=prompt_param,
-        )
-
     def add_request(
         self,
         request_id: str,
@@ -98,31 +86,40 @@ class EngineCore:
         arrival_time: float | None = None,
         cache_salt: str | None = None,
     ) -> None:
-        """Validate and queue a request; its `n` sequences share the prompt's KV blocks.
+        """Check the id, validate and queue a request (for synchronous callers; `AsyncEngine` does
+        the first two on its event loop and calls `add_core_request`). Raises `ParameterError`.
 
         With prefix caching, only requests with the same `cache_salt` (or none) share cached blocks.
         """
-        if request_id in self._requests:
-            raise ParameterError(f"Request id {request_id!r} is already in use.", "request_id")
-        self.validate_request(prompt_token_ids, params)
+        check_request_id(request_id, params.n, self._num_sequences_of)
+        self.add_core_request(
+            self.input_processor.process(
+                request_id, prompt_token_ids, params, arrival_time=arrival_time, cache_salt=cache_salt
+            )
+        )
+
+    def add_core_request(self, core_request: EngineCoreRequest) -> None:
+        """Queue a request the `InputProcessor` validated, under an id its front checked; its `n`
+        sequences share the prompt's KV blocks."""
+        request_id, params = core_request.request_id, core_request.params
+        prompt_token_ids, arrival_time = core_request.prompt_token_ids, core_request.arrival_time
         if params.structured_output is not None:  # a cache hit when the API compiled it already
             self.structured.compile(params.structured_output)
-        arrival_time = time.monotonic() if arrival_time is None else arrival_time
         sequences: list[SequenceState] = []
         leader: Request | None = None
-        for index in range(params.n):
+        for index, seq_id in enumerate(sequence_ids(request_id, params.n)):
             seq_params = params
             if params.n > 1 and params.seed is not None:
                 seq_params = _replace_seed(params, params.seed + index)
             request = Request(
-                request_id if params.n == 1 else f"{request_id}#{index}",
+                seq_id,
                 prompt_token_ids,
                 seq_params,
                 arrival_time=arrival_time,
                 parent_id=request_id,
                 index=index,
                 fork_parent=leader,
-                cache_salt=cache_salt,
+                cache_salt=core_request.cache_salt,
             )
             leader = leader or request
             request.max_num_tokens = len(prompt_token_ids) + (params.max_tokens or self.max_sequence_len)
@@ -138,9 +135,7 @@ class EngineCore:
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
             sequences.append(SequenceState(request, detokenizer))
-        if any(seq.request.request_id in self._sequences for seq in sequences):
-            raise ParameterError(f"Request id {request_id!r} clashes with a running request.", "request_id")
-        state = RequestState(request_id, list(prompt_token_ids), params, sequences, arrival_time)
+        state = RequestState(request_id, prompt_token_ids, params, sequences, arrival_time)
         self._requests[request_id] = state
         self.queued.add(request_id, arrival_time, params.n, len(prompt_token_ids))
         self.counters.prompt_tokens += len(prompt_token_ids)
@@ -162,6 +157,10 @@ class EngineCore:
             return None
         self._finish_request(state, RequestStatus.FINISHED_ABORTED)
         return self._take_output(state)
+
+    def _num_sequences_of(self, request_id: str) -> int | None:
+        state = self._requests.get(request_id)
+        return None if state is None else state.params.n
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)

@@ -79,15 +79,14 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params must be one value or one per prompt")
-        for prompt, params in zip(prompts, params_list):  # fail before anything is queued
-            self.engine.validate_request(prompt, params)
-
-        batch_id = uuid.uuid4().hex[:8]
+        batch_id = uuid.uuid4().hex[:8]  # fresh ids: no id can be in use
         ids = [f"{batch_id}-{i}" for i in range(len(prompts))]
+        # Every prompt is validated before any is queued.
+        requests = [self.engine.input_processor.process(*args) for args in zip(ids, prompts, params_list)]
         results = {rid: _Accumulator(rid, prompt, params.n) for rid, prompt, params in zip(ids, prompts, params_list)}
         try:
-            for rid, prompt, params in zip(ids, prompts, params_list):
-                self.engine.add_request(rid, prompt, params)
+            for request in requests:
+                self.engine.add_core_request(request)
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
                     results[output.request_id].add(output)
