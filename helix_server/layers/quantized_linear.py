@@ -19,10 +19,11 @@ row r, input features in order, each block in ggml's own struct layout, little-e
 
 Dequantization here matches `gguf.quants.dequantize` bitwise (same float32 operations in the same
 order). `QuantizedLinear` computes y = x W^T on the CPU, after `use_cpu_kernels()`, with helix's
-AVX-512 kernels for every block type (`cpu_kernels/quant_gemm.cpp`: Q8_0, Q4_0, Q4_1;
-`cpu_kernels/quant_gemm_k.cpp`: Q4_K, Q5_K, Q6_K: they read the packed blocks directly, each weight
-dequantized to the same float32 bits as here, and a row's result never depends on the other rows
-of the batch); float segments (F32/F16/BF16 shards fused with quantized ones), and other devices,
+kernels for every block type (`cpu_kernels/quant_dot.cpp`: Q8_0, Q4_0, Q4_1, repacked by
+`quant_repack`, integer dot products on activations split into two int8 terms a block;
+`cpu_kernels/quant_gemm_k.cpp`: Q4_K, Q5_K, Q6_K, read in the file's blocks, each weight dequantized
+to the same float32 bits as here; either way a row's result never depends on the other rows of the
+batch); float segments (F32/F16/BF16 shards fused with quantized ones), and other devices,
 take the portable path:
 dequantizing a chunk of output rows at a time (never the whole float weight at once) and
 multiplying in float32 with torch, whose rows' last bits can change with the batch size.
@@ -138,12 +139,10 @@ def _dequant_bf16(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
-# The block types helix's CPU kernels read: the op (`quant_gemm.cpp`'s `quant_linear` for 32-weight
-# blocks, `quant_gemm_k.cpp`'s `quant_linear_k` for 256-weight super-blocks) and its code for each.
+# The block types helix's float-activation CPU kernel reads in the file's layout (`quant_gemm_k.cpp`'s
+# `quant_linear_k`, 256-weight super-blocks): the op and its code for each. (The 32-weight types run
+# `quant_dot_linear` once repacked: `DOT_TYPE_CODES`.)
 NATIVE_KERNELS = {
-    GGMLQuantizationType.Q8_0: ("quant_linear", 0),
-    GGMLQuantizationType.Q4_0: ("quant_linear", 1),
-    GGMLQuantizationType.Q4_1: ("quant_linear", 2),
     GGMLQuantizationType.Q4_K: ("quant_linear_k", 0),
     GGMLQuantizationType.Q5_K: ("quant_linear_k", 1),
     GGMLQuantizationType.Q6_K: ("quant_linear_k", 2),

@@ -16,13 +16,13 @@ keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-ke
 Ops: `helix::panel_linear` (`panel_gemm.cpp`) and `amx_linear` / `amx_supported` (`amx_linear.cpp`,
 bfloat16 on AMX), used by `helix_server.layers.panel_linear`;
 `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `store_kv_` (`fused_ops.cpp`) and
-`paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`; `quant_linear`
-(`quant_gemm.cpp`: GGUF Q8_0, Q4_0, Q4_1 blocks) and `quant_linear_k` (`quant_gemm_k.cpp`: Q4_K, Q5_K,
-Q6_K super-blocks), used by `helix_server.layers.quantized_linear`;
+`paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`;
+`quant_linear_k` (`quant_gemm_k.cpp`: GGUF Q4_K, Q5_K, Q6_K super-blocks), used by
+`helix_server.layers.quantized_linear`;
 `quant_dot_linear` (`quant_dot.cpp`: Q8_0, Q4_0, Q4_1 repacked by `helix_server.layers.quant_repack`,
 integer dot products on AVX-512 VNNI), used by `helix_server.layers.quantized_linear`;
 `int8_linear` (`quant_gemm_int8.cpp`: int8 weights, a scale per output row), used by
-`helix_server.layers.int8_linear`; and the same for CPUs without AVX-512, `quant_linear_avx2`,
+`helix_server.layers.int8_linear`; and the same for CPUs without AVX-512,
 `quant_linear_k_avx2`, `int8_linear_avx2` (`quant_gemm_avx2.cpp`) and `quant_dot_linear_avx2`
 (`quant_dot_avx2.cpp`, also for AVX-512 CPUs without VNNI), compiled with AVX2 + FMA + F16C only
 (`quant_kernel_isa()` says which set a CPU runs).
@@ -58,7 +58,6 @@ SOURCES = tuple(
         "amx_linear.cpp",
         "fused_ops.cpp",
         "paged_attention.cpp",
-        "quant_gemm.cpp",
         "quant_gemm_k.cpp",
         "quant_gemm_int8.cpp",
         "quant_gemm_avx2.cpp",
@@ -93,7 +92,7 @@ def cpu_kernels_supported() -> bool:
 
 
 def quant_kernel_isa() -> str | None:
-    """Which quantized-weight kernels this CPU runs: "avx512" (AVX-512F: `quant_linear`,
+    """Which quantized-weight kernels this CPU runs: "avx512" (AVX-512F: `quant_dot_linear`,
     `quant_linear_k`, `int8_linear`), "avx2" (AVX2 + FMA + F16C: their `_avx2` twins, same results
     bit for bit), or None."""
     flags = cpu_flags()

@@ -16,10 +16,9 @@
 
 namespace helix_quant {
 
-// GGUF blocks of 32 weights (`quant_linear`): type code -> bytes a block.
+// GGUF blocks of 32 weights (`quant_dot_linear`): type codes.
 enum QuantType : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
 constexpr int64_t kBlock = 32;
-constexpr int64_t block_bytes(int64_t type) { return type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 20; }
 
 // GGUF K-quant super-blocks of 256 weights (`quant_linear_k`).
 enum KQuantType : int64_t { kQ4_K = 0, kQ5_K = 1, kQ6_K = 2 };
@@ -168,14 +167,6 @@ inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cas
 // crossed over from the neighbour).
 inline __m128i bits_of(__m128i bytes, int shift, int mask) {
   return _mm_and_si128(_mm_srl_epi16(bytes, _mm_cvtsi32_si128(shift)), _mm_set1_epi8(static_cast<char>(mask)));
-}
-
-// The quants of half `half` (weights 16 half .. 16 half + 15) of a 32-weight block, one byte each:
-// Q8_0 int8, Q4_0 / Q4_1 0..15 (nibble byte j holds weight j low, weight j + 16 high).
-template <int64_t Type>
-inline __m128i block_quants(const uint8_t* block, int half) {
-  if constexpr (Type == kQ8_0) return load16(block + 2 + 16 * half);
-  return bits_of(load16(block + (Type == kQ4_0 ? 2 : 4)), 4 * half, 0x0F);
 }
 
 // The quants of chunk c (weights 16c .. 16c+15) of a K-quant super-block, one byte each: Q4_K 0..15,

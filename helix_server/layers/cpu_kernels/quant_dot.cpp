@@ -2,7 +2,7 @@
 // group (`repack_for_dot`), with x split per block of 32 into two int8 terms: each block is two exact
 // integer dot products (AVX-512 VNNI `vpdpbusd`, 64 products an instruction), each scaled once in
 // float32. quant_common.h documents the layouts and the exact operations; quant_dot_avx2.cpp gives the
-// same bits with AVX2. Against the float kernel (`quant_linear`, which dequantizes every weight), a
+// same bits with AVX2. Against a float kernel that dequantizes every weight (as helix had before), a
 // decode row reads the same bytes with a fraction of the instructions: this one is bound by memory.
 //
 // The difference from y = x W^T on the dequantized weights is the rounding of x to its two terms

@@ -1,8 +1,8 @@
 // The quantized-weight kernels for CPUs without AVX-512 (AVX2 + FMA + F16C), compiled for those only:
-// helix::quant_linear_avx2 (GGUF Q8_0, Q4_0, Q4_1), quant_linear_k_avx2 (Q4_K, Q5_K, Q6_K) and
-// int8_linear_avx2 (int8 weights, a float32 scale per output row), with the operands, layouts and
-// results of quant_linear (quant_gemm.cpp), quant_linear_k (quant_gemm_k.cpp) and int8_linear
-// (quant_gemm_int8.cpp), which document the formats.
+// helix::quant_linear_k_avx2 (GGUF Q4_K, Q5_K, Q6_K) and int8_linear_avx2 (int8 weights, a float32
+// scale per output row), with the operands, layouts and results of quant_linear_k (quant_gemm_k.cpp)
+// and int8_linear (quant_gemm_int8.cpp), which document the formats. (Q8_0, Q4_0 and Q4_1 have their
+// own twin, quant_dot_avx2.cpp.)
 //
 // Bit for bit the same results: each 16-lane AVX-512 accumulator is kept here as two 8-lane halves
 // (`V16`), every lane getting the same dequantized weights (the same float32 operations) and the same
@@ -59,33 +59,6 @@ inline float reduce_add(V16 v) {
   return _mm_cvtss_f32(twos) + _mm_cvtss_f32(_mm_shuffle_ps(twos, twos, 1));
 }
 
-// ---- GGUF blocks of 32 weights ----
-
-template <int64_t Type>
-inline V16 dequantize_half(const uint8_t* block, int half) {
-  const V16 d = splat(half_at(block));
-  const __m128i q = block_quants<Type>(block, half);
-  if constexpr (Type == kQ8_0) return mul(i8_to_float(q), d);
-  if constexpr (Type == kQ4_0) return mul(sub(u8_to_float(q), splat(8.0f)), d);
-  return add(mul(u8_to_float(q), d), splat(half_at(block + 2)));
-}
-
-template <int64_t Type, int Rows>
-void block_tile(const float* x, int64_t k_len, const uint8_t* w, int64_t blocks, float* y, int64_t n_len) {
-  V16 acc[Rows];
-  for (int r = 0; r < Rows; ++r) acc[r] = zeros();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = w + b * block_bytes(Type);
-    const V16 lo = dequantize_half<Type>(block, 0), hi = dequantize_half<Type>(block, 1);
-    for (int r = 0; r < Rows; ++r) {
-      const float* xr = x + r * k_len + b * kBlock;
-      acc[r] = fmadd(load(xr), lo, acc[r]);
-      acc[r] = fmadd(load(xr + kLanes), hi, acc[r]);
-    }
-  }
-  for (int r = 0; r < Rows; ++r) y[r * n_len] = reduce_add(acc[r]);
-}
-
 // ---- GGUF K-quant super-blocks of 256 weights ----
 
 template <int64_t Type, int Rows>
@@ -109,28 +82,22 @@ void super_block_tile(const float* x, int64_t k_len, const uint8_t* w, int64_t b
 constexpr int kMaxRows = 4;  // 4 accumulators (8 registers) + weights + x within AVX2's 16
 using TileFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, float*, int64_t);
 
-template <int64_t Type, bool Super, int... R>
+template <int64_t Type, int... R>
 constexpr std::array<TileFn, sizeof...(R)> tiles(std::integer_sequence<int, R...>) {
-  if constexpr (Super) return {super_block_tile<Type, R + 1>...};
-  else return {block_tile<Type, R + 1>...};
+  return {super_block_tile<Type, R + 1>...};
 }
 
-template <int64_t Type, bool Super>
+template <int64_t Type>
 void run(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t m, int64_t k_len, int64_t n_len) {
-  static constexpr auto kTiles = tiles<Type, Super>(std::make_integer_sequence<int, kMaxRows>{});
-  const int64_t blocks = k_len / (Super ? kSuper : kBlock);
+  static constexpr auto kTiles = tiles<Type>(std::make_integer_sequence<int, kMaxRows>{});
+  const int64_t blocks = k_len / kSuper;
   for_each_output_tile(m, n_len, kMaxRows, 16, [&](int64_t n, int64_t row0, int rows) {
     kTiles[rows - 1](x + row0 * k_len, k_len, w + n * row_bytes, blocks, y + row0 * n_len + n, n_len);
   });
 }
 
-at::Tensor quant_linear_avx2(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ8_0, false>, run<kQ4_0, false>, run<kQ4_1, false>};
-  return packed_linear("quant_linear_avx2", x, weight, quant_type, n_len, kBlock, block_bytes, kRuns);
-}
-
 at::Tensor quant_linear_k_avx2(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ4_K, true>, run<kQ5_K, true>, run<kQ6_K, true>};
+  static constexpr std::array<PackedRunFn, 3> kRuns = {run<kQ4_K>, run<kQ5_K>, run<kQ6_K>};
   return packed_linear("quant_linear_k_avx2", x, weight, quant_type, n_len, kSuper, super_block_bytes, kRuns);
 }
 
@@ -182,13 +149,11 @@ at::Tensor int8_linear_avx2(const at::Tensor& x_in, const at::Tensor& weight, co
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(helix, lib) {
-  lib.def("quant_linear_avx2(Tensor x, Tensor weight, int quant_type, int out_features) -> Tensor");
   lib.def("quant_linear_k_avx2(Tensor x, Tensor weight, int quant_type, int out_features) -> Tensor");
   lib.def("int8_linear_avx2(Tensor x, Tensor weight, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(helix, CPU, lib) {
-  lib.impl("quant_linear_avx2", quant_linear_avx2);
   lib.impl("quant_linear_k_avx2", quant_linear_k_avx2);
   lib.impl("int8_linear_avx2", int8_linear_avx2);
 }
