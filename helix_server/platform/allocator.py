@@ -48,8 +48,8 @@ def release_freed_memory() -> bool:
     """Give the heap's free memory back to the OS now (glibc's `malloc_trim(0)`); returns whether it
     ran (False off glibc). Loading frees far more than a step ever allocates (a GGUF file's tensors
     as read, repacked weights' old layout, dequantization scratch), and with `keep_freed_memory`'s
-    thresholds that would stay resident for the process's life: measured on SmolLM2-135M Q4_1, the
-    server's resident set without its KV pool went from ~500 MB of heap to what the model needs."""
+    thresholds that would stay resident for the process's life: measured on SmolLM2-135M Q4_1 with a
+    16-block KV pool, the process's resident set went from 628 to 518 MB."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
