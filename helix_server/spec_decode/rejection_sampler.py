@@ -42,13 +42,14 @@ Rows without a generator take one block of uniforms `[n, S]` and then one block 
 E ~ Exp(1) i.i.d., which picks i with probability w_i / sum(w): the weights need no normalisation,
 and no `torch.multinomial` is needed (DirectML lacks it).
 
-Host synchronisation: `rejection_sample_tensors` makes none; the list-returning functions make one
-`.tolist()` at the end.
+Host synchronisation: `rejection_sample_tensors` makes none; `rejection_sample` makes one `.tolist()`
+at the end. Both take one `RejectionSamplerInput`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -56,62 +57,44 @@ import torch
 PLACEHOLDER_TOKEN_ID = -1
 
 
-def rejection_sample(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    draft_token_ids: torch.Tensor,
-    num_draft_tokens: Sequence[int],
-    greedy: Sequence[bool],
-    generators: Sequence[torch.Generator | None],
-    shared_generator: torch.Generator,
-) -> list[list[int]]:
-    """Verify the drafts of R requests; per row, the accepted drafts then exactly one new token.
+@dataclass(frozen=True)
+class RejectionSamplerInput:
+    """One batch of drafts to verify, for `rejection_sample` / `rejection_sample_tensors`.
 
     Shapes: `target_probs` float32 `[R, S + 1, V]` (p at each draft position plus the bonus position),
     `draft_probs` float32 `[R, S, V]` (q), `draft_token_ids` int64 `[R, S]`. Entries at or past
     `num_draft_tokens[r]` (and target positions past it + 1) are padding and may hold any value, NaN
     included; real draft ids must lie in [0, V). `greedy[r]` selects exact matching,
-    `generators[r]` is the row's own generator or None (then `shared_generator` is used). The number
-    of accepted drafts of row r is `len(result[r]) - 1` (see also `rejection_sample_with_counts`).
+    `generators[r]` is the row's own generator or None (then `shared_generator` is used).
     """
-    return rejection_sample_with_counts(
-        target_probs, draft_probs, draft_token_ids, num_draft_tokens, greedy, generators, shared_generator
-    )[0]
+
+    target_probs: torch.Tensor
+    draft_probs: torch.Tensor
+    draft_token_ids: torch.Tensor
+    num_draft_tokens: Sequence[int]
+    greedy: Sequence[bool]
+    generators: Sequence[torch.Generator | None]
+    shared_generator: torch.Generator
 
 
-def rejection_sample_with_counts(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    draft_token_ids: torch.Tensor,
-    num_draft_tokens: Sequence[int],
-    greedy: Sequence[bool],
-    generators: Sequence[torch.Generator | None],
-    shared_generator: torch.Generator,
-) -> tuple[list[list[int]], list[int]]:
-    """`rejection_sample` plus the number of accepted drafts per row, with one host transfer."""
-    output, num_accepted = rejection_sample_tensors(
-        target_probs, draft_probs, draft_token_ids, num_draft_tokens, greedy, generators, shared_generator
-    )
+def rejection_sample(batch: RejectionSamplerInput) -> tuple[list[list[int]], list[int]]:
+    """Verify the drafts of R requests with one host transfer: per row, the accepted drafts then
+    exactly one new token; and the number of accepted drafts per row."""
+    output, num_accepted = rejection_sample_tensors(batch)
     packed = torch.cat([output, num_accepted.unsqueeze(1)], dim=1).tolist()  # [R, S + 2]: the sync
     counts = [row[-1] for row in packed]
     return [row[: count + 1] for row, count in zip(packed, counts)], counts
 
 
-def rejection_sample_tensors(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    draft_token_ids: torch.Tensor,
-    num_draft_tokens: Sequence[int],
-    greedy: Sequence[bool],
-    generators: Sequence[torch.Generator | None],
-    shared_generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device-side core of `rejection_sample` (same arguments); makes no host synchronisation.
+def rejection_sample_tensors(batch: RejectionSamplerInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device-side core of `rejection_sample`; makes no host synchronisation.
 
     Returns `(output_token_ids, num_accepted)`: int64 `[R, S + 1]` holding, per row, the
     `num_accepted[r]` accepted drafts, then the new token at index `num_accepted[r]`, then
     `PLACEHOLDER_TOKEN_ID`; and int64 `[R]`, each in `0..num_draft_tokens[r]`.
     """
+    target_probs, draft_probs, draft_token_ids = batch.target_probs, batch.draft_probs, batch.draft_token_ids
+    num_draft_tokens, greedy, generators = batch.num_draft_tokens, batch.greedy, batch.generators
     num_rows, width, vocab = target_probs.shape  # width = S + 1
     num_slots = width - 1  # S
     assert tuple(draft_probs.shape) == (num_rows, num_slots, vocab), (draft_probs.shape, target_probs.shape)
@@ -139,9 +122,7 @@ def rejection_sample_tensors(
         target_argmax = target_probs.argmax(dim=-1)  # [R, S + 1]
         accept = draft_ids == target_argmax[:, :num_slots]
     if random_ids:
-        uniforms, exponentials = _draw_noise(
-            num_draft_tokens, greedy, generators, shared_generator, num_slots, vocab, device
-        )  # [R, S], [R, V]
+        uniforms, exponentials = _draw_noise(batch, num_slots, vocab, device)  # [R, S], [R, V]
         p_draft = target_probs[:, :num_slots].gather(2, draft_ids.unsqueeze(2)).squeeze(2)  # [R, S]
         q_draft = draft_probs.gather(2, draft_ids.unsqueeze(2)).squeeze(2)  # [R, S]
         # u < p / q accepts with probability min(1, p / q) (u is in [0, 1), so ratio >= 1 always
@@ -185,13 +166,7 @@ def rejection_sample_tensors(
 
 
 def _draw_noise(
-    num_draft_tokens: Sequence[int],
-    greedy: Sequence[bool],
-    generators: Sequence[torch.Generator | None],
-    shared_generator: torch.Generator,
-    num_slots: int,
-    vocab: int,
-    device: torch.device,
+    batch: RejectionSamplerInput, num_slots: int, vocab: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniforms `[R, S]` for the accept tests and Exp(1) noise `[R, V]` for the new tokens.
 
@@ -199,6 +174,7 @@ def _draw_noise(
     each from `shared_generator` (uniforms first); a row with its own generator draws its
     `num_draft_tokens[r]` uniforms, then V exponentials, from that generator alone.
     """
+    greedy, generators, shared_generator = batch.greedy, batch.generators, batch.shared_generator
     num_rows = len(greedy)
     shared = [r for r in range(num_rows) if not greedy[r] and generators[r] is None]
     if len(shared) == num_rows:  # the common case: one block of each, no scatter
@@ -216,7 +192,7 @@ def _draw_noise(
         generator = generators[r]
         if greedy[r] or generator is None:
             continue
-        count = int(num_draft_tokens[r])
+        count = int(batch.num_draft_tokens[r])
         if count > 0:
             uniforms[r, :count] = _uniform(generator, (count,), device)
         exponentials[r] = _exponential(generator, (vocab,), device)

@@ -20,7 +20,7 @@ import torch
 from helix_server.sample.generators import RequestGenerators
 from helix_server.sample.sampler import Sampler
 from helix_server.sample.sampling_row import SamplingRow
-from helix_server.spec_decode.rejection_sampler import rejection_sample
+from helix_server.spec_decode.rejection_sampler import RejectionSamplerInput, rejection_sample
 from helix_server.step_contract import ScheduledRequest, TokenLogprob
 
 
@@ -110,14 +110,16 @@ class DraftVerifier:
 
         # Seeded rows are one-hot at their noisy argmaxes: matched exactly, like greedy rows.
         exact = [s.request.sampling_params.greedy or s.request.sampling_params.seed is not None for s in scheduled]
-        tokens = rejection_sample(
-            target_probs,
-            draft_probs,
-            draft_ids,
-            num_drafts,
-            greedy=exact,
-            generators=[None] * num_rows,  # only unseeded rows draw, from the shared stream
-            shared_generator=self.sampler.generator,
+        tokens, _ = rejection_sample(
+            RejectionSamplerInput(
+                target_probs,
+                draft_probs,
+                draft_ids,
+                num_drafts,
+                greedy=exact,
+                generators=[None] * num_rows,  # only unseeded rows draw, from the shared stream
+                shared_generator=self.sampler.generator,
+            )
         )
         results = [VerifiedTokens(t, n) for t, n in zip(tokens, num_drafts)]
         for s, result, row_logits in zip(scheduled, results, logits):

@@ -11,7 +11,7 @@ import torch
 from helix_server.sample.sampler import Sampler
 from helix_server.sample.sampling_row import SamplingRow
 from helix_server.sampling_params import SamplingParams
-from helix_server.spec_decode.rejection_sampler import rejection_sample_with_counts
+from helix_server.spec_decode.rejection_sampler import RejectionSamplerInput, rejection_sample
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -71,8 +71,9 @@ def test_rejection_sampling_reads_the_host_once(host_reads):
     drafts = torch.randint(0, VOCAB, (rows, slots), generator=gen)
     generators = [None, Sampler.make_generator(5, CPU), None]
     host_reads.clear()
-    out, accepted = rejection_sample_with_counts(
+    batch = RejectionSamplerInput(
         target, draft, drafts, [4, 2, 0], [False, False, True], generators, torch.Generator().manual_seed(0)
     )
+    out, accepted = rejection_sample(batch)
     assert len(out) == rows and len(accepted) == rows
     assert host_reads == ["tolist"], host_reads

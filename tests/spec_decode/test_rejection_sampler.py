@@ -18,9 +18,9 @@ import torch
 
 from helix_server.spec_decode.rejection_sampler import (
     PLACEHOLDER_TOKEN_ID,
+    RejectionSamplerInput,
     rejection_sample,
     rejection_sample_tensors,
-    rejection_sample_with_counts,
 )
 from tests.stats import chi2_sf, chi_square_pvalue
 
@@ -69,7 +69,7 @@ def _run(target, draft, drafts, num_drafts, seed=0, generators=None):
     """All rows random; the shared generator seeded with `seed`."""
     rows, shared = target.shape[0], torch.Generator().manual_seed(seed)
     generators = generators or [None] * rows
-    return rejection_sample_with_counts(target, draft, drafts, num_drafts, [False] * rows, generators, shared)
+    return rejection_sample(RejectionSamplerInput(target, draft, drafts, num_drafts, [False] * rows, generators, shared))
 
 
 def _one_hot(token: int, vocab: int) -> torch.Tensor:
@@ -223,7 +223,7 @@ def test_greedy_exact_matching_and_no_draws():
     shared = torch.Generator().manual_seed(123)
     shared_state = shared.get_state()
     greedy = [True] * 5
-    out, accepted = rejection_sample_with_counts(target, draft, drafts, counts, greedy, generators, shared)
+    out, accepted = rejection_sample(RejectionSamplerInput(target, draft, drafts, counts, greedy, generators, shared))
     assert out == [[1, 2, 3, 4], [1, 2, 3], [5], [9, 0], [3]]
     assert accepted == [3, 2, 0, 1, 0]
     assert torch.equal(shared.get_state(), shared_state)
@@ -238,7 +238,9 @@ def test_greedy_rows_beside_random_rows_draw_nothing():
     target = torch.stack([torch.stack([_one_hot(2, V)] * 3), p.expand(3, V)])  # [2, 3, V]
     draft = torch.stack([torch.stack([_one_hot(2, V)] * 2), q.expand(2, V)])
     drafts = torch.tensor([[2, 2], [0, 1]])
-    out = rejection_sample(target, draft, drafts, [2, 2], [True, False], [seeded, None], torch.Generator())
+    out, _ = rejection_sample(
+        RejectionSamplerInput(target, draft, drafts, [2, 2], [True, False], [seeded, None], torch.Generator())
+    )
     assert out[0] == [2, 2, 2]
     assert torch.equal(seeded.get_state(), state)
 
@@ -249,9 +251,13 @@ def test_greedy_rows_do_not_shift_the_shared_stream():
     random_row = p.expand(3, V)
     drafts = torch.tensor([[4, 4], [1, 6]])
     alone_gen, mixed_gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    alone = rejection_sample(random_row[None], q.expand(1, 2, V), drafts[1:], [2], [False], [None], alone_gen)
+    alone, _ = rejection_sample(
+        RejectionSamplerInput(random_row[None], q.expand(1, 2, V), drafts[1:], [2], [False], [None], alone_gen)
+    )
     target, draft = torch.stack([greedy_row, random_row]), torch.stack([greedy_row[:2], q.expand(2, V)])
-    mixed = rejection_sample(target, draft, drafts, [2, 2], [True, False], [None, None], mixed_gen)
+    mixed, _ = rejection_sample(
+        RejectionSamplerInput(target, draft, drafts, [2, 2], [True, False], [None, None], mixed_gen)
+    )
     assert mixed == [[4, 4, 4], alone[0]]
     assert torch.equal(mixed_gen.get_state(), alone_gen.get_state())
 
@@ -290,7 +296,9 @@ def test_seeded_rows_ignore_the_batch():
     for seed in range(20):
         p, q, d = _seeded_row(seed, 3)
         alone_gen = torch.Generator().manual_seed(1000 + seed)
-        alone = rejection_sample(p[None], q[None], d[None], [3], [False], [alone_gen], torch.Generator())[0]
+        alone = rejection_sample(
+            RejectionSamplerInput(p[None], q[None], d[None], [3], [False], [alone_gen], torch.Generator())
+        )[0][0]
         results.add(tuple(alone))
 
         # Same row at position 2 of a wider batch (S = 5) with greedy, shared and seeded companions.
@@ -303,7 +311,7 @@ def test_seeded_rows_ignore_the_batch():
         gens = [None, torch.Generator().manual_seed(seed), batch_gen, None]
         draft, ids = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
         greedy, shared = [False, True, False, False], torch.Generator().manual_seed(seed + 77)
-        batch = rejection_sample(target, draft, ids, [3, 2, 3, 0], greedy, gens, shared)
+        batch, _ = rejection_sample(RejectionSamplerInput(target, draft, ids, [3, 2, 3, 0], greedy, gens, shared))
         assert batch[2] == alone, seed
         assert torch.equal(batch_gen.get_state(), alone_gen.get_state())  # same amount consumed
     assert len(results) > 5  # the comparison is not trivially constant
@@ -318,10 +326,10 @@ def test_tensor_api_layout():
     drafts = _sample(q.expand(2 * n, V), torch.Generator().manual_seed(9)).view(n, 2)
     counts = [i % 3 for i in range(n)]
     args = (p.expand(n, 3, V), q.expand(n, 2, V), drafts, counts, [i % 4 == 0 for i in range(n)], [None] * n)
-    output, num_accepted = rejection_sample_tensors(*args, torch.Generator().manual_seed(1))
-    lists, accepted = rejection_sample_with_counts(*args, torch.Generator().manual_seed(1))
+    output, num_accepted = rejection_sample_tensors(RejectionSamplerInput(*args, torch.Generator().manual_seed(1)))
+    lists, accepted = rejection_sample(RejectionSamplerInput(*args, torch.Generator().manual_seed(1)))
     assert output.shape == (n, 3) and output.dtype == torch.long and num_accepted.tolist() == accepted
     for row, items, count, proposed in zip(output.tolist(), lists, accepted, drafts.tolist()):
         assert row[: count + 1] == items and row[:count] == proposed[:count]
         assert all(t == PLACEHOLDER_TOKEN_ID for t in row[count + 1 :])
-    assert lists == rejection_sample(*args, torch.Generator().manual_seed(1))
+    assert lists == rejection_sample(RejectionSamplerInput(*args, torch.Generator().manual_seed(1)))[0]
