@@ -17,15 +17,9 @@ from tests.api.conftest import MODEL_NAME, engine_idle, wait_until
 from tests.api.tool_fixtures import ASK, TOOL_SPECS, WEATHER, schema_of, template_ids
 
 TOOLS = [spec.anthropic() for spec in TOOL_SPECS]
-# The tools as the server hands Anthropic's tools to the chat template: the description after the
-# parameters (the template writes the keys in the order given, so the order counts in the tokens).
-OPENAI_TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": spec.name, "parameters": spec.parameters, "description": spec.description},
-    }
-    for spec in TOOL_SPECS
-]
+# Anthropic's tools reach the chat template exactly as chat completions' do (the template writes the
+# keys in the order given, so the order counts in the tokens): one tool, one prompt, in either API.
+OPENAI_TOOLS = [spec.chat() for spec in TOOL_SPECS]
 
 
 @pytest.fixture(scope="module")

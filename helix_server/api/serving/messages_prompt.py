@@ -193,11 +193,12 @@ def _tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
             raise bad_request("A tool needs a name of 1 to 64 characters.", f"{where}.name")
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise bad_request("input_schema must be a JSON Schema of type 'object'.", f"{where}.input_schema")
-        function = {"name": name, "parameters": schema}
+        function = {"name": name}  # in OpenAI's key order: the template writes keys as given
         if "description" in tool:
             if not isinstance(tool["description"], str):
                 raise bad_request("description must be a string.", f"{where}.description")
             function["description"] = tool["description"]
+        function["parameters"] = schema
         functions.append({"type": "function", "function": function})
     return functions
 
