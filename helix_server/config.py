@@ -140,24 +140,27 @@ class SpeculativeConfig(msgspec.Struct, frozen=True, kw_only=True):
         return "draft" if self.draft_model else "none"
 
     @property
-    def depth(self) -> int | str:
-        """`num_speculative_tokens`, or its default when not set: a count or "auto"."""
+    def num_speculative_tokens_or_auto(self) -> int | str:
+        """`num_speculative_tokens` as set, or its default when not set: a count or "auto"."""
         if self.num_speculative_tokens is None:
             return DEFAULT_SPECULATIVE_TOKENS
         return self.num_speculative_tokens
 
     @property
     def adaptive(self) -> bool:
-        return self.depth == "auto"
+        return self.num_speculative_tokens_or_auto == "auto"
 
     @property
-    def max_depth(self) -> int:
-        """The most tokens drafted per step for one request (0 when speculation is off)."""
+    def resolved_num_speculative_tokens(self) -> int:
+        """The configured maximum of tokens drafted per step for one request, as a count ("auto" is
+        `max_speculative_tokens`; 0 when speculation is off). Past the config it is called
+        `num_speculative_tokens` (`Speculator`, `ModelRunner`, `EngineCore`); the count a request
+        drafts in one step, at most this, is its `num_spec_tokens` (`ScheduledRequest`)."""
         if self.method == "none":
             return 0
         if self.adaptive:
             return self.max_speculative_tokens
-        return int(self.depth)
+        return int(self.num_speculative_tokens_or_auto)
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -29,7 +29,7 @@ def validate_speculative_config(spec: SpeculativeConfig) -> None:
             f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {spec.method!r}.",
             "speculative_method",
         )
-    depth = spec.depth
+    depth = spec.num_speculative_tokens_or_auto
     if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
         raise ParameterError(
             f"num_speculative_tokens must be a count >= 0 or 'auto', got {depth!r}.", "num_speculative_tokens"

@@ -134,7 +134,7 @@ def test_llm_serves_the_pair_with_speculation_and_the_draft_is_accepted() -> Non
     """Greedy, k = 3: the acceptance rate on fixed prompts stays above the floor, and the output is
     token for token the output without speculation."""
     llm = LLM(DEFAULT_SERVED_MODEL_NAME, dtype="float32", num_kv_blocks=256, num_speculative_tokens=3)
-    assert llm.engine.max_speculation_depth == 3
+    assert llm.engine.num_speculative_tokens == 3
     assert llm.engine.runtime.model_name == DEFAULT_SERVED_MODEL_NAME
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = [r.outputs[0].token_ids for r in llm.generate(ACCEPTANCE_PROMPTS, params)]
@@ -143,5 +143,5 @@ def test_llm_serves_the_pair_with_speculation_and_the_draft_is_accepted() -> Non
     assert alpha >= ACCEPTANCE_FLOOR, alpha
 
     plain = LLM(DEFAULT_SERVED_MODEL_NAME, dtype="float32", num_kv_blocks=256, speculative_method="none")
-    assert plain.engine.max_speculation_depth == 0
+    assert plain.engine.num_speculative_tokens == 0
     assert [r.outputs[0].token_ids for r in plain.generate(ACCEPTANCE_PROMPTS, params)] == outputs

@@ -34,7 +34,7 @@ def test_no_model_means_smollm2_from_the_installed_package():
     assert smollm2_gguf_file().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert config.model.served_model_name == SMOLLM2_SERVED_MODEL_NAME
     assert config.speculative.method == SMOLLM2_SPECULATIVE_METHOD
-    assert config.speculative.depth == "auto"
+    assert config.speculative.num_speculative_tokens_or_auto == "auto"
     by_name = with_default_model(EngineConfig(model=ModelConfig(model=SMOLLM2_SERVED_MODEL_NAME)))
     assert by_name == config
 
@@ -44,7 +44,7 @@ def test_configured_speculation_and_name_are_kept():
     assert with_default_model(off).speculative.method == "none"
     fixed = with_default_model(EngineConfig(speculative=SpeculativeConfig(speculative_method="layer-skip",
                                                                           num_speculative_tokens=2)))
-    assert (fixed.speculative.method, fixed.speculative.depth) == ("layer-skip", 2)
+    assert (fixed.speculative.method, fixed.speculative.num_speculative_tokens_or_auto) == ("layer-skip", 2)
     named = with_default_model(EngineConfig(model=ModelConfig(served_model_name="mine")))
     assert named.model.served_model_name == "mine"
 

@@ -30,7 +30,7 @@ async def warm_up(state: ServerState) -> None:
     """Run one tiny greedy generation, then mark the server ready."""
     engine = state.engine
     started = time.monotonic()
-    speculative = engine.max_speculation_depth > 0
+    speculative = engine.num_speculative_tokens > 0
     max_tokens = WARMUP_SPECULATIVE_TOKENS if speculative else 1
     try:
         token_ids = engine.tokenizer.encode(WARMUP_PROMPT) or [0]

@@ -106,7 +106,7 @@ class AsyncEngine:
         self.input_processor = core.input_processor
         # Read from the event loop: copies of values the engine fixes at construction.
         self._max_sequence_len = core.max_sequence_len
-        self._max_speculation_depth = core.max_speculation_depth
+        self._num_speculative_tokens = core.num_speculative_tokens
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,9 +174,9 @@ class AsyncEngine:
         return self._max_sequence_len
 
     @property
-    def max_speculation_depth(self) -> int:
+    def num_speculative_tokens(self) -> int:
         """The most drafts a request may verify per step; 0 without speculative decoding."""
-        return self._max_speculation_depth
+        return self._num_speculative_tokens
 
     async def compile_structured_output(self, spec: StructuredOutputSpec) -> None:
         """Compile a request's grammar off the event loop, time-limited (`ParameterError` when it

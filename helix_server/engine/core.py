@@ -20,7 +20,12 @@ from pathlib import Path
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
 from helix_server.engine.detokenizer import IncrementalDetokenizer
-from helix_server.engine.input_processor import EngineCoreRequest, InputProcessor, check_request_id, sequence_ids
+from helix_server.engine.input_processor import (
+    EngineCoreRequest,
+    InputProcessor,
+    check_request_id,
+    sequence_ids,
+)
 from helix_server.engine.kv_events import build_kv_event_publisher
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
@@ -145,9 +150,9 @@ class EngineCore:
             self.scheduler.add_request(seq.request)
 
     @property
-    def max_speculation_depth(self) -> int:
+    def num_speculative_tokens(self) -> int:
         """The most drafts a request may verify per step (0: no speculative decoding)."""
-        return self.runner.max_speculation_depth
+        return self.runner.num_speculative_tokens
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is; its blocks are free when this returns. Returns its final

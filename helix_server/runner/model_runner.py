@@ -89,9 +89,9 @@ class ModelRunner:
         )
 
     @property
-    def max_speculation_depth(self) -> int:
+    def num_speculative_tokens(self) -> int:
         """The most drafts a request may verify per step (0: no speculative decoding)."""
-        return 0 if self.speculator is None else self.speculator.max_depth
+        return 0 if self.speculator is None else self.speculator.num_speculative_tokens
 
     def num_lookahead_tokens(self, requested: int | None) -> int:
         """The lookahead (draft) slots a request gets per step; `requested` is its own cap, if any."""

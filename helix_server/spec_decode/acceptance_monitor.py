@@ -24,8 +24,8 @@ class AcceptanceMonitor:
     drafting where drafting does not pay.
     """
 
-    def __init__(self, depth: int, clock=time.monotonic) -> None:
-        self.depth = depth
+    def __init__(self, num_speculative_tokens: int, clock=time.monotonic) -> None:
+        self.num_speculative_tokens = num_speculative_tokens
         self._clock = clock
         self._drafted = 0
         self._accepted = 0
@@ -54,5 +54,5 @@ class AcceptanceMonitor:
             100 * rate,
             accepted,
             drafted,
-            self.depth,
+            self.num_speculative_tokens,
         )

@@ -1,5 +1,9 @@
 """How many tokens to draft for each request this step (`--num-speculative-tokens N | auto`).
 
+Names: the configured maximum is `num_speculative_tokens` (N, or `max_speculative_tokens` with
+`auto`); what one request drafts in one step, at most that, is its `num_spec_tokens`; a request's own
+cap is its public `SamplingParams.speculation_depth`.
+
 With a fixed N every request drafts min(N, its own `speculation_depth`, what it has left to
 generate). With `auto` the depth is chosen every step from measurements, to maximise generated
 tokens per second:
@@ -74,9 +78,10 @@ class _Acceptance:
 
 @dataclass
 class DepthPolicy:
-    """Chooses per-request draft depths; fed with acceptance counts and step timings."""
+    """Chooses each request's `num_spec_tokens` per step, at most `num_speculative_tokens` (the
+    configured maximum); fed with acceptance counts and step timings."""
 
-    max_depth: int
+    num_speculative_tokens: int
     adaptive: bool
     # Prior guess of the proposer's step time relative to the target's (before any measurement).
     prior_draft_cost: float = 0.1
@@ -214,22 +219,22 @@ class DepthPolicy:
 
     # ------------------------------------------------------------------ the decision
 
-    def depths(
+    def num_spec_tokens(
         self,
         limits: dict[str, int],
         num_batch_tokens: int,
         backlogs: dict[str, int] | None = None,
         remaining: dict[str, int] | None = None,
     ) -> dict[str, int]:
-        """Draft depth per request. `limits[request_id]` caps each request (its own
-        speculation_depth and what it has left to generate); `num_batch_tokens` is the number of
-        tokens the next step would compute without any drafts. `backlogs[request_id]`: tokens the
+        """The drafts each request makes this step (its `num_spec_tokens`). `limits[request_id]` caps
+        each request (its own speculation_depth and what it has left to generate); `num_batch_tokens`
+        is the number of tokens the next step would compute without any drafts. `backlogs[request_id]`: tokens the
         proposer must catch up on before drafting for it; `remaining[request_id]`: tokens it may
         still generate (both default to no catch-up)."""
-        if self.max_depth <= 0:
+        if self.num_speculative_tokens <= 0:
             return {}
         if not self.adaptive:
-            return {rid: min(self.max_depth, limit) for rid, limit in limits.items() if limit > 0}
+            return {rid: min(self.num_speculative_tokens, limit) for rid, limit in limits.items() if limit > 0}
         base = self.step_time(num_batch_tokens)
         if base is None or base <= 0.0:
             # Nothing measured yet: draft one token, to start measuring.
@@ -246,10 +251,13 @@ class DepthPolicy:
         # worth it only if its expected yield alpha^j beats what that time produces without drafts.
         per_token = self.step_time(num_batch_tokens + 1) - base
         threshold = per_token * baseline_rate
-        caps = {rid: min(limit, _depth_cap(alphas[rid], threshold, self.max_depth)) for rid, limit in limits.items()}
+        caps = {
+            rid: min(limit, _depth_cap(alphas[rid], threshold, self.num_speculative_tokens))
+            for rid, limit in limits.items()
+        }
 
         best_rate, best = baseline_rate, {}
-        for depth in range(1, self.max_depth + 1):
+        for depth in range(1, self.num_speculative_tokens + 1):
             chosen = {rid: min(depth, cap) for rid, cap in caps.items() if cap > 0}
             if not chosen:
                 break
@@ -302,10 +310,10 @@ class DepthPolicy:
         return out
 
 
-def _depth_cap(alpha: float, threshold: float, max_depth: int) -> int:
-    """The largest j <= max_depth whose expected yield alpha^j exceeds `threshold`."""
+def _depth_cap(alpha: float, threshold: float, num_speculative_tokens: int) -> int:
+    """The largest j <= num_speculative_tokens whose expected yield alpha^j exceeds `threshold`."""
     depth, gain = 0, 1.0
-    while depth < max_depth:
+    while depth < num_speculative_tokens:
         gain *= alpha
         if gain <= threshold:
             break

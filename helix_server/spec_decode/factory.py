@@ -33,7 +33,7 @@ def build_speculator(
     draft_kv_caches: KVCaches | None = None,
 ) -> Speculator | None:
     """The speculator for `spec.method`, or None when speculation is off."""
-    if spec.method == "none" or spec.max_depth == 0:
+    if spec.method == "none" or spec.resolved_num_speculative_tokens == 0:
         return None
     if spec.method == "ngram":
         proposer: Proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
@@ -50,11 +50,15 @@ def build_speculator(
     logger.info(
         "speculative decoding: %s, %s tokens per step",
         spec.method if spec.method != "layer-skip" else f"layer-skip ({draft_layers(spec, model.num_layers)} layers)",
-        "auto (up to %d)" % spec.max_speculative_tokens if spec.adaptive else spec.depth,
+        "auto (up to %d)" % spec.max_speculative_tokens if spec.adaptive else spec.num_speculative_tokens_or_auto,
     )
-    depth_policy = DepthPolicy(max_depth=spec.max_depth, adaptive=spec.adaptive, prior_draft_cost=prior_draft_cost)
+    depth_policy = DepthPolicy(
+        num_speculative_tokens=spec.resolved_num_speculative_tokens,
+        adaptive=spec.adaptive,
+        prior_draft_cost=prior_draft_cost,
+    )
     # A fixed depth warns when its drafts are rarely accepted (`auto` backs off by itself).
-    monitor = None if spec.adaptive else AcceptanceMonitor(spec.max_depth)
+    monitor = None if spec.adaptive else AcceptanceMonitor(spec.resolved_num_speculative_tokens)
     return Speculator(proposer, sampler, generators, depth_policy, monitor)
 
 

@@ -64,13 +64,13 @@ class Speculator:
         self._last_propose_seconds = 0.0
 
     @property
-    def max_depth(self) -> int:
+    def num_speculative_tokens(self) -> int:
         """The most drafts per request and step (`--num-speculative-tokens`, or auto's maximum)."""
-        return self.depth_policy.max_depth
+        return self.depth_policy.num_speculative_tokens
 
     def num_lookahead_tokens(self, requested: int | None) -> int:
         """The most drafts per step for a request: the server's maximum, or less if it asks."""
-        return self.max_depth if requested is None else min(requested, self.max_depth)
+        return self.num_speculative_tokens if requested is None else min(requested, self.num_speculative_tokens)
 
     def release(self, finished_request_ids: Iterable[str], preempted_request_ids: Iterable[str]) -> None:
         """Drop the drafts and drafter state of requests that left or were preempted; a finished
@@ -146,18 +146,20 @@ class Speculator:
         if not limits:
             return []
         backlogs = self.backlogs([r for r in requests if r.request_id in limits])
-        depths = self.depth_policy.depths(limits, num_batch_tokens=num_running, backlogs=backlogs, remaining=remaining)
-        if not depths:
+        num_spec_tokens = self.depth_policy.num_spec_tokens(
+            limits, num_batch_tokens=num_running, backlogs=backlogs, remaining=remaining
+        )
+        if not num_spec_tokens:
             return []
-        candidates = [r for r in requests if r.request_id in depths]
+        candidates = [r for r in requests if r.request_id in num_spec_tokens]
         block_ids = {r.request_id: block_ids_of(r.request_id) for r in candidates}
         started = time.perf_counter()
-        proposal = self._draft(candidates, depths, block_ids, draft_bitmask)
+        proposal = self._draft(candidates, num_spec_tokens, block_ids, draft_bitmask)
         self._last_propose_seconds = time.perf_counter() - started
         # A drafter catching up on whole prompts says nothing about the cost of drafting itself,
         # but it measures the cost of catching up.
         if proposal.num_catch_up_tokens <= 2 * len(candidates):
-            self.depth_policy.observe_proposal(max(depths.values()), self._last_propose_seconds)
+            self.depth_policy.observe_proposal(max(num_spec_tokens.values()), self._last_propose_seconds)
         else:
             self.depth_policy.observe_catch_up(proposal.num_catch_up_tokens, self._last_propose_seconds)
         return list(zip(candidates, proposal.token_ids))
@@ -165,17 +167,19 @@ class Speculator:
     def _draft(
         self,
         requests: list[Request],
-        depths: dict[str, int],
+        num_spec_tokens: dict[str, int],
         block_ids: dict[str, list[int]],
         draft_bitmask: DraftBitmask | None,
     ) -> Proposal:
-        """Draft up to `depths[request_id]` tokens for each request with a depth; keeps q for the
-        next verification. `Proposal.token_ids` follows the order of those requests in `requests`."""
+        """Draft up to `num_spec_tokens[request_id]` tokens for each request that drafts; keeps q for
+        the next verification. `Proposal.token_ids` follows the order of those requests in `requests`."""
         by_id = {r.request_id: r for r in requests}
         proposal_requests = [
-            ProposalRequest(r.request_id, r.all_token_ids, r.num_computed_tokens, block_ids[r.request_id], depths[r.request_id])
+            ProposalRequest(
+                r.request_id, r.all_token_ids, r.num_computed_tokens, block_ids[r.request_id], num_spec_tokens[r.request_id]
+            )
             for r in requests
-            if depths.get(r.request_id, 0) > 0
+            if num_spec_tokens.get(r.request_id, 0) > 0
         ]
         if not proposal_requests:
             return Proposal(token_ids=[])

@@ -28,7 +28,7 @@ def test_runner_steps_match_transformers_greedy(tiny_model_dir):
     config = engine_config_from_settings(str(tiny_model_dir), device="cpu", dtype="float32", block_size=4, num_kv_blocks=32)
     loaded = load_model(config)
     runner = ModelRunner.from_loaded(loaded, config, eos_token_ids=set())
-    assert runner.speculator is None and runner.max_speculation_depth == 0
+    assert runner.speculator is None and runner.num_speculative_tokens == 0
     # A 4-token budget: the 11-token prompt runs as chunks of 4, 4 and 3 before the first sample.
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=4, max_num_seqs=4), 4, 32)
     request = Request("a", prompt, SamplingParams(temperature=0.0, ignore_eos=True))

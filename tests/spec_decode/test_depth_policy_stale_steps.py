@@ -16,7 +16,7 @@ REQUESTS = {f"r{i}": 5 for i in range(4)}
 
 
 def _policy_with_a_stale_point() -> DepthPolicy:
-    policy = DepthPolicy(max_depth=5, adaptive=True, prior_draft_cost=0.25)
+    policy = DepthPolicy(num_speculative_tokens=5, adaptive=True, prior_draft_cost=0.25)
     policy.observe_step(1, 0.010)
     policy.observe_step(4, 0.869)  # one slow step of 4 tokens, never refreshed
     for _ in range(20):
@@ -37,6 +37,6 @@ def test_no_drafts_for_requests_whose_drafts_are_always_rejected():
     for _ in range(12):
         for request_id in REQUESTS:
             policy.observe_verification(request_id, 1, 0)
-    drafted = [policy.depths(dict(REQUESTS), num_batch_tokens=4) for _ in range(20)]
+    drafted = [policy.num_spec_tokens(dict(REQUESTS), num_batch_tokens=4) for _ in range(20)]
     # At most an exploring request now and then; never the whole batch.
     assert all(len(depths) <= 1 for depths in drafted), drafted

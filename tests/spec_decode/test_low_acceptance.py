@@ -25,7 +25,7 @@ def _warnings(caplog) -> list[str]:
 
 def test_the_monitor_warns_once_per_interval_about_a_low_rate(caplog):
     now = [100.0]
-    monitor = AcceptanceMonitor(depth=3, clock=lambda: now[0])
+    monitor = AcceptanceMonitor(num_speculative_tokens=3, clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="helix_server"):
         for _ in range(LOW_ACCEPTANCE_MIN_DRAFTED // 3 + 1):
             monitor.observe(3, 0)
@@ -42,7 +42,7 @@ def test_the_monitor_warns_once_per_interval_about_a_low_rate(caplog):
 
 
 def test_the_monitor_is_quiet_when_drafts_are_accepted(caplog):
-    monitor = AcceptanceMonitor(depth=3)
+    monitor = AcceptanceMonitor(num_speculative_tokens=3)
     with caplog.at_level(logging.WARNING, logger="helix_server"):
         for _ in range(20 * LOW_ACCEPTANCE_MIN_DRAFTED):
             monitor.observe(3, 1)  # a third accepted
@@ -52,8 +52,8 @@ def test_the_monitor_is_quiet_when_drafts_are_accepted(caplog):
 def test_auto_is_the_default_depth_for_every_method():
     for method in ("draft", "ngram", "layer-skip"):
         spec = SpeculativeConfig(speculative_method=method, draft_model="x" if method == "draft" else None)
-        assert spec.depth == "auto" and spec.adaptive
-        assert spec.max_depth == spec.max_speculative_tokens
+        assert spec.num_speculative_tokens_or_auto == "auto" and spec.adaptive
+        assert spec.resolved_num_speculative_tokens == spec.max_speculative_tokens
 
 
 def _generate(llm: LLM) -> None:

@@ -17,9 +17,9 @@ from helix_server.step_contract import ModelRunnerOutput, ScheduledRequest, Sche
 CPU = torch.device("cpu")
 
 
-def _speculator(max_depth: int = 3) -> Speculator:
+def _speculator(num_speculative_tokens: int = 3) -> Speculator:
     sampler = Sampler(64, {0}, CPU)
-    policy = DepthPolicy(max_depth=max_depth, adaptive=False)
+    policy = DepthPolicy(num_speculative_tokens=num_speculative_tokens, adaptive=False)
     return Speculator(NgramProposer(1, 3), sampler, RequestGenerators(CPU), policy)
 
 
@@ -32,7 +32,7 @@ def _request(prompt: list[int], max_num_tokens: int, lookahead: int = 3) -> Requ
 
 
 def test_lookahead_is_capped_by_the_server_maximum():
-    speculator = _speculator(max_depth=3)
+    speculator = _speculator(num_speculative_tokens=3)
     assert speculator.num_lookahead_tokens(None) == 3
     assert speculator.num_lookahead_tokens(1) == 1
     assert speculator.num_lookahead_tokens(8) == 3
