@@ -27,4 +27,4 @@ def test_shipped_config_starts_an_engine(path):
     # torch's kernels: this test is about the settings, not about compiling helix's.
     model = msgspec.structs.replace(engine_config.model, cpu_kernels=False)
     engine = EngineCore(msgspec.structs.replace(engine_config, model=model))
-    assert engine.max_sequence_len > len(engine.tokenizer.encode("def add(a, b):"))
+    assert engine.seq_num_tokens_limit > len(engine.tokenizer.encode("def add(a, b):"))

@@ -108,7 +108,7 @@ def log_startup(engine: AsyncEngine, config: HelixConfig, port: int) -> None:
         runtime.model_dir,
         runtime.device,
         str(runtime.dtype).removeprefix("torch."),
-        engine.max_sequence_len,
+        engine.seq_num_tokens_limit,
     )
     # (The KV pool's size was logged when it was allocated.)
     scheduler = config.engine.scheduler

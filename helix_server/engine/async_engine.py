@@ -105,7 +105,7 @@ class AsyncEngine:
         # Validation needs only values the engine fixed at start-up: safe on the event loop.
         self.input_processor = core.input_processor
         # Read from the event loop: copies of values the engine fixes at construction.
-        self._max_sequence_len = core.max_sequence_len
+        self._seq_num_tokens_limit = core.seq_num_tokens_limit
         self._num_speculative_tokens = core.num_speculative_tokens
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
@@ -169,9 +169,9 @@ class AsyncEngine:
         return len(self._streams)
 
     @property
-    def max_sequence_len(self) -> int:
+    def seq_num_tokens_limit(self) -> int:
         """The longest sequence (prompt + completion) a request may reach (fixed at start-up)."""
-        return self._max_sequence_len
+        return self._seq_num_tokens_limit
 
     @property
     def num_speculative_tokens(self) -> int:

@@ -71,9 +71,11 @@ class EngineCore:
         # Structured outputs: grammars compiled at request entry (`structured.compile_async`).
         self.structured = StructuredOutputBackend(self.tokenizer)
         self.structured_matchers = StructuredOutputManager(self.structured)
-        # The longest sequence a request may reach: the model's context, or the whole pool if smaller.
-        self.max_sequence_len = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
-        self.input_processor = InputProcessor(self.runtime.vocab_size, self.max_sequence_len, config.scheduler.max_n)
+        # The bound on any sequence's tokens (prompt + completion): the model's context
+        # (`max_model_len`), or the whole KV pool if smaller. A request's own bound is its
+        # `Request.num_tokens_limit`.
+        self.seq_num_tokens_limit = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
+        self.input_processor = InputProcessor(self.runtime.vocab_size, self.seq_num_tokens_limit, config.scheduler.max_n)
         self._requests: dict[str, RequestState] = {}
         self._sequences: dict[str, SequenceState] = {}
         self._parent_of: dict[str, RequestState] = {}
@@ -127,8 +129,8 @@ class EngineCore:
                 cache_salt=core_request.cache_salt,
             )
             leader = leader or request
-            request.max_num_tokens = len(prompt_token_ids) + (params.max_tokens or self.max_sequence_len)
-            request.max_num_tokens = min(request.max_num_tokens, self.max_sequence_len)
+            request.num_tokens_limit = len(prompt_token_ids) + (params.max_tokens or self.seq_num_tokens_limit)
+            request.num_tokens_limit = min(request.num_tokens_limit, self.seq_num_tokens_limit)
             request.num_lookahead_tokens = self.runner.num_lookahead_tokens(params.speculation_depth)
             # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
             request.skip_reading_prefix_cache = params.prompt_logprobs is not None

@@ -44,10 +44,10 @@ def sequence_ids(request_id: str, n: int) -> list[str]:
 class InputProcessor:
     """Validates requests against the model and the KV pool (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, max_sequence_len: int, max_n: int) -> None:
+    def __init__(self, vocab_size: int, seq_num_tokens_limit: int, max_n: int) -> None:
         self.vocab_size = vocab_size
         # The longest sequence (prompt + completion) a request may reach.
-        self.max_sequence_len = max_sequence_len
+        self.seq_num_tokens_limit = seq_num_tokens_limit
         self.max_n = max_n
 
     def process(
@@ -68,7 +68,7 @@ class InputProcessor:
             prompt_token_ids,
             params,
             vocab_size=self.vocab_size,
-            max_sequence_len=self.max_sequence_len,
+            seq_num_tokens_limit=self.seq_num_tokens_limit,
             max_n=self.max_n,
             prompt_param=prompt_param,
         )

@@ -15,14 +15,14 @@ def validate_request(
     params: SamplingParams,
     *,
     vocab_size: int,
-    max_sequence_len: int,
+    seq_num_tokens_limit: int,
     max_n: int,
     prompt_param: str = "prompt",
 ) -> None:
     """Raise `ParameterError` naming the parameter if this request can't run on this engine.
 
-    `max_sequence_len` is the longest sequence (prompt + completion) the engine can hold: the model's
-    context length, or the KV pool if that is smaller.
+    `seq_num_tokens_limit` is the most tokens (prompt + completion) a sequence may reach on this
+    engine: the model's context length, or the KV pool if that is smaller.
     """
     if not prompt_token_ids:
         raise ParameterError("The prompt is empty (it has no tokens).", prompt_param)
@@ -30,10 +30,10 @@ def validate_request(
         raise ParameterError(f"n must be at most {max_n}, got {params.n}.", "n")
     num_prompt = len(prompt_token_ids)
     requested = num_prompt + (params.max_tokens or 0)
-    if num_prompt >= max_sequence_len or requested > max_sequence_len:
+    if num_prompt >= seq_num_tokens_limit or requested > seq_num_tokens_limit:
         completion = f", {params.max_tokens} in the completion" if params.max_tokens else ""
         raise ParameterError(
-            f"This model's maximum context length is {max_sequence_len} tokens. However, you requested "
+            f"This model's maximum context length is {seq_num_tokens_limit} tokens. However, you requested "
             f"{max(requested, num_prompt)} tokens ({num_prompt} in the prompt{completion}). Please reduce "
             "the length of the prompt or the completion.",
             prompt_param,
@@ -46,7 +46,7 @@ def validate_request(
                 f"The prompt contains token id {token_id!r}, outside the vocabulary [0, {vocab_size}).",
                 prompt_param,
             )
-    if params.min_tokens and num_prompt + params.min_tokens > max_sequence_len:
+    if params.min_tokens and num_prompt + params.min_tokens > seq_num_tokens_limit:
         raise ParameterError(
             f"min_tokens ({params.min_tokens}) does not fit in the context after the prompt.", "min_tokens"
         )

@@ -43,9 +43,9 @@ def graph_max_tokens(max_num_seqs: int, max_num_batched_tokens: int) -> int:
     return max(1, min(_SIZES[-1], max_num_batched_tokens, max_num_seqs * (1 + MAX_BATCHED_QUERY_LEN)))
 
 
-def capture_sizes(max_num_tokens: int) -> list[int]:
-    """Padded token counts to capture: `_SIZES` up to `max_num_tokens`, which is always the last."""
-    return [s for s in _SIZES if s < max_num_tokens] + [max_num_tokens]
+def capture_sizes(max_capture_size: int) -> list[int]:
+    """Padded token counts to capture: `_SIZES` up to `max_capture_size`, which is always the last."""
+    return [s for s in _SIZES if s < max_capture_size] + [max_capture_size]
 
 
 def bucket(num_tokens: int, sizes: list[int]) -> int | None:
@@ -53,13 +53,13 @@ def bucket(num_tokens: int, sizes: list[int]) -> int | None:
     return next((s for s in sizes if s >= num_tokens), None)
 
 
-def graph_pool_bytes(hidden_size: int, intermediate_size: int, max_num_tokens: int, dtype: torch.dtype) -> int:
+def graph_pool_bytes(hidden_size: int, intermediate_size: int, max_capture_size: int, dtype: torch.dtype) -> int:
     """An upper estimate of the memory the graphs pin: the largest size's activations (the residual
     stream, q/k/v, the attention output and the MLP's gate/up and down; reused across layers in the
     shared pool), doubled for the allocator's rounding, plus the static inputs."""
     element = torch.empty((), dtype=dtype).element_size()
     per_token = (6 * hidden_size + 3 * intermediate_size) * element
-    return 2 * max_num_tokens * per_token + (1 << 20)
+    return 2 * max_capture_size * per_token + (1 << 20)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class CudaGraphRunner:
         model: torch.nn.Module,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
-        max_num_tokens: int,
+        max_capture_size: int,
         max_model_len: int,
         device: torch.device,
     ) -> None:
@@ -120,7 +120,7 @@ class CudaGraphRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = torch.device(device)
-        self.sizes = capture_sizes(max_num_tokens)
+        self.sizes = capture_sizes(max_capture_size)
         self.width = -(-max_model_len // block_size)
         largest = self.sizes[-1]
         pin = self.device.type == "cuda"

@@ -69,9 +69,10 @@ class Request:
         # proposer can write its drafts' K/V (the most it may draft per step).
         self.spec_token_ids: list[int] = []
         self.num_lookahead_tokens = 0
-        # The longest this sequence may grow (prompt + max_tokens, or the context): no slot past it
-        # is ever reserved. None means unbounded.
-        self.max_num_tokens: int | None = None
+        # The bound on this sequence's `num_tokens` (prompt + output): prompt + max_tokens, capped at
+        # the engine's `seq_num_tokens_limit`; reaching it is the length stop, and no slot past it is
+        # ever reserved. None means unbounded.
+        self.num_tokens_limit: int | None = None
         # Prefix caching: a salt that only requests bringing the same one can share blocks under
         # (it enters the first block's hash), and how many prompt tokens the first admission found
         # cached (-1 until then).
@@ -130,15 +131,15 @@ class Request:
     def lookahead_slots(self, start: int, num_new_tokens: int) -> int:
         """KV slots to reserve past a step's tokens (from position `start`) for the proposer's
         drafts: none unless the step reaches the end of the known tokens (a sampling step), and
-        never past `max_num_tokens`."""
+        never past `num_tokens_limit`."""
         if not self.num_lookahead_tokens:
             return 0
         end = start + num_new_tokens
         if end < self.num_tokens:
             return 0
-        if self.max_num_tokens is None:
+        if self.num_tokens_limit is None:
             return self.num_lookahead_tokens
-        return max(0, min(self.num_lookahead_tokens, self.max_num_tokens - end))
+        return max(0, min(self.num_lookahead_tokens, self.num_tokens_limit - end))
 
     def append_output_token_ids(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)

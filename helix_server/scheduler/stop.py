@@ -2,7 +2,7 @@
 
 `check_stop` walks a request's new tokens in order and cuts them at the first that ends the
 sequence: an EOS token (unless `ignore_eos`), one of `stop_token_ids`, or the token that brings
-the sequence to `max_num_tokens` (prompt + max_tokens, or the longest sequence the engine holds).
+the sequence to `num_tokens_limit` (prompt + max_tokens, or the longest sequence the engine holds).
 Tokens after it are dropped (a step may yield several with speculative decoding). Stop *strings*
 need text, so the engine's output processor checks them and finishes the request itself.
 """
@@ -35,6 +35,6 @@ def check_stop(request: Request, new_token_ids: list[int], eos_token_ids: frozen
             return StopCheck(i + 1, RequestStatus.FINISHED_STOPPED)
         if token_id in stop_token_ids:
             return StopCheck(i + 1, RequestStatus.FINISHED_STOPPED, token_id)
-        if request.max_num_tokens is not None and num_tokens + i + 1 >= request.max_num_tokens:
+        if request.num_tokens_limit is not None and num_tokens + i + 1 >= request.num_tokens_limit:
             return StopCheck(i + 1, RequestStatus.FINISHED_LENGTH)
     return StopCheck(len(new_token_ids))

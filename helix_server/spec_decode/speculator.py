@@ -138,7 +138,7 @@ class Speculator:
         limits, remaining = {}, {}
         for request in requests:
             # Leave room for the token the verification adds after the accepted drafts.
-            room = request.max_num_tokens - request.num_tokens - 1
+            room = request.num_tokens_limit - request.num_tokens - 1
             limit = min(request.num_lookahead_tokens, room)
             if limit > 0:
                 limits[request.request_id] = limit

@@ -78,7 +78,7 @@ def test_padded_step_equals_the_unpadded_one_and_writes_only_its_own_slots(trito
     positions = [6, 9, 3, 4, 5]
     before = [(k.clone(), v.clone()) for k, v in caches]
 
-    runner = CudaGraphRunner(model, caches, BLOCK_SIZE, max_num_tokens=16, max_model_len=64, device=torch.device("cpu"))
+    runner = CudaGraphRunner(model, caches, BLOCK_SIZE, max_capture_size=16, max_model_len=64, device=torch.device("cpu"))
     assert runner.can_run(chunks) and bucket(5, runner.sizes) == 8
     padded = runner.run(chunks, input_ids, positions)
     padded_caches = [(k.clone(), v.clone()) for k, v in caches]
@@ -109,7 +109,7 @@ def test_padded_step_equals_the_unpadded_one_and_writes_only_its_own_slots(trito
 
 
 def test_long_chunks_are_not_for_graphs(triton_model):
-    runner = CudaGraphRunner(triton_model, [], BLOCK_SIZE, max_num_tokens=8, max_model_len=64, device=torch.device("cpu"))
+    runner = CudaGraphRunner(triton_model, [], BLOCK_SIZE, max_capture_size=8, max_model_len=64, device=torch.device("cpu"))
     assert not runner.can_run([SequenceChunk(0, 17, list(range(5)))])  # a prompt chunk
     assert not runner.can_run([SequenceChunk(4, 1, [1, 2])] * 9)  # more tokens than the largest size
     assert runner.can_run([SequenceChunk(4, 1, [1, 2])] * 8)

@@ -87,7 +87,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             leader = leader or request
             request.num_lookahead_tokens = lookahead
             if lookahead:
-                request.max_num_tokens = min(len(prompt) + max_tokens, self.capacity)
+                request.num_tokens_limit = min(len(prompt) + max_tokens, self.capacity)
             self.sched.add_request(request)
             self.live[request.request_id] = max_tokens
             self.requests[request.request_id] = request
@@ -178,7 +178,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         lookahead slots (as layer-skip does), then drafts (right, then wrong)."""
         kv = self.sched.kv_cache_manager
         table = kv.get_block_ids(request.request_id)
-        room = request.max_num_tokens - request.num_tokens - 1
+        room = request.num_tokens_limit - request.num_tokens - 1
         depth = min(request.num_lookahead_tokens, room)
         if depth <= 0:
             return
@@ -242,8 +242,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         done = []
         for request in updated:
             limit = self.live[request.request_id]
-            if request.max_num_tokens is not None:
-                limit = min(limit, request.max_num_tokens - request.num_prompt_tokens)
+            if request.num_tokens_limit is not None:
+                limit = min(limit, request.num_tokens_limit - request.num_prompt_tokens)
             if request.num_output_tokens >= limit:
                 del request.output_token_ids[limit:]  # as the engine drops tokens past a stop
                 done.append(request.request_id)

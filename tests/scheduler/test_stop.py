@@ -11,10 +11,10 @@ from helix_server.step_contract import ModelRunnerOutput
 EOS = 0
 
 
-def _step(params: SamplingParams, sampled: list[int], max_num_tokens: int | None = None) -> tuple[Scheduler, Request]:
+def _step(params: SamplingParams, sampled: list[int], num_tokens_limit: int | None = None) -> tuple[Scheduler, Request]:
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), 4, 16, eos_token_ids={EOS})
     request = Request("a", [3, 4, 5], params)
-    request.max_num_tokens = max_num_tokens
+    request.num_tokens_limit = num_tokens_limit
     scheduler.add_request(request)
     output = scheduler.schedule()
     updated = scheduler.update_from_output(output, ModelRunnerOutput(sampled_token_ids={"a": sampled}))
@@ -42,6 +42,6 @@ def test_a_stop_token_id_is_the_stop_reason():
 
 
 def test_length_ends_at_max_num_tokens():
-    _, request = _step(SamplingParams(), [7, 8, 9], max_num_tokens=5)  # 3 prompt tokens + 2
+    _, request = _step(SamplingParams(), [7, 8, 9], num_tokens_limit=5)  # 3 prompt tokens + 2
     assert request.output_token_ids == [7, 8]
     assert request.status is RequestStatus.FINISHED_LENGTH

@@ -23,9 +23,9 @@ def _speculator(num_speculative_tokens: int = 3) -> Speculator:
     return Speculator(NgramProposer(1, 3), sampler, RequestGenerators(CPU), policy)
 
 
-def _request(prompt: list[int], max_num_tokens: int, lookahead: int = 3) -> Request:
+def _request(prompt: list[int], num_tokens_limit: int, lookahead: int = 3) -> Request:
     request = Request("r", prompt, SamplingParams(temperature=0.0))
-    request.max_num_tokens = max_num_tokens
+    request.num_tokens_limit = num_tokens_limit
     request.num_lookahead_tokens = lookahead
     request.num_computed_tokens = len(prompt) - 1
     return request
@@ -53,12 +53,12 @@ def test_counters_count_drafted_and_accepted_tokens():
 def test_ngram_drafts_stay_within_the_room_left():
     speculator = _speculator()
     # ... 1 2 | 3 1 2: the bigram (1, 2) was followed by 3 1 2 before.
-    roomy = _request([1, 2, 3, 1, 2], max_num_tokens=100)
+    roomy = _request([1, 2, 3, 1, 2], num_tokens_limit=100)
     assert speculator.propose([roomy], num_running=1, block_ids_of=lambda _id: [0, 1]) == [(roomy, [3, 1, 2])]
     # Room for 2 more tokens: one draft, plus the token its verification adds.
-    tight = _request([1, 2, 3, 1, 2], max_num_tokens=7)
+    tight = _request([1, 2, 3, 1, 2], num_tokens_limit=7)
     assert speculator.propose([tight], num_running=1, block_ids_of=lambda _id: [0, 1]) == [(tight, [3])]
-    full = _request([1, 2, 3, 1, 2], max_num_tokens=6)
+    full = _request([1, 2, 3, 1, 2], num_tokens_limit=6)
     assert speculator.propose([full], num_running=1, block_ids_of=lambda _id: [0, 1]) == []
 
 

@@ -23,7 +23,7 @@ def model_card(state: ServerState) -> ModelCard:
         id=state.model_name,
         created=state.created,
         root=str(runtime.model_dir),
-        max_model_len=state.engine.max_sequence_len,
+        max_model_len=state.engine.seq_num_tokens_limit,
     )
 
 

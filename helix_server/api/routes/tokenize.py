@@ -55,7 +55,7 @@ class TokenizeController(Controller):
                 raise bad_request(message, "continue_final_message")
             add_special_tokens = body.add_special_tokens
             tokens = await tokenizer.encode_async(body.prompt, add_special_tokens=add_special_tokens)
-        response = TokenizeResponse(tokens, len(tokens), state.engine.max_sequence_len)
+        response = TokenizeResponse(tokens, len(tokens), state.engine.seq_num_tokens_limit)
         if body.return_token_strs:
             response.token_strs = await token_strs(tokenizer, tokens)
         return response
