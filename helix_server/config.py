@@ -1,4 +1,9 @@
-"""Configuration: a frozen tree of msgspec Structs built once from CLI flags, env vars or a TOML file.
+"""The engine's and server's configuration: a frozen tree of msgspec Structs, built once.
+
+`settings.py` is the user-facing side (the table of flags, `HELIX_*` variables and TOML keys, parsed
+and layered); this module is what they build and what the code reads: `EngineConfig` (model, cache,
+scheduler, speculative), `ServerConfig`, and `HelixConfig` holding both. `config_validation.py`
+checks an `EngineConfig` before the model loads.
 
 Values learned at run time (the number of KV blocks, EOS ids, the resolved dtype) live in the engine's
 runtime state, never written back here. Flag names follow vLLM's where one exists.

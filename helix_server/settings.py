@@ -1,4 +1,6 @@
-"""One table of every setting, read from CLI flags, `HELIX_*` environment variables and TOML files.
+"""The user-facing settings: one table of every setting, read from CLI flags, `HELIX_*` environment
+variables and TOML files, and turned into the frozen config structs of `config.py` (which is what the
+engine and server read).
 
 Precedence: a command-line flag beats an environment variable, which beats the `--config` file,
 which beats the default. Names are the same everywhere: `--max-num-seqs`, `HELIX_MAX_NUM_SEQS`,
