@@ -110,7 +110,7 @@ def run_dtype(model_dir, dtype: str, workload, num_requests: int, repeats: int) 
 
     # Warm both up (allocator, kernels) on the largest step each will run: helix a full token
     # budget of prompt (the concurrent run's first step), transformers its longest prompt.
-    budget = min(llm.engine.config.scheduler.max_num_batched_tokens, llm.engine.max_sequence_len - 8)
+    budget = min(llm.engine.config.scheduler.max_num_batched_tokens, llm.engine.seq_num_tokens_limit - 8)
     warm_prompt = [10 + i % 1000 for i in range(budget)]
     llm.generate([warm_prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     longest = max((p for p, _ in workload), key=len)
