@@ -19,7 +19,6 @@ from pathlib import Path
 
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
-from helix_server.engine.detokenizer import IncrementalDetokenizer
 from helix_server.engine.input_processor import (
     EngineCoreRequest,
     InputProcessor,
@@ -27,6 +26,7 @@ from helix_server.engine.input_processor import (
     sequence_ids,
 )
 from helix_server.engine.kv_events import build_kv_event_publisher
+from helix_server.engine.output_processor import OutputProcessor
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.stats import EngineCounters, EngineStats
@@ -76,9 +76,8 @@ class EngineCore:
         # `Request.num_tokens_limit`.
         self.seq_num_tokens_limit = min(self.runtime.max_model_len, self.runtime.kv_pool_tokens)
         self.input_processor = InputProcessor(self.runtime.vocab_size, self.seq_num_tokens_limit, config.scheduler.max_n)
-        self._requests: dict[str, RequestState] = {}
-        self._sequences: dict[str, SequenceState] = {}
-        self._parent_of: dict[str, RequestState] = {}
+        # Detokenization, stop strings and delta outputs of every live request.
+        self.output_processor = OutputProcessor(self.tokenizer)
         # Requests not scheduled yet (admission control reads its counts from other threads).
         self.queued = QueuedRequests()
         self.counters = EngineCounters()
@@ -134,21 +133,12 @@ class EngineCore:
             request.num_lookahead_tokens = self.runner.num_lookahead_tokens(params.speculation_depth)
             # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
             request.skip_reading_prefix_cache = params.prompt_logprobs is not None
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                prompt_token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
-            )
-            sequences.append(SequenceState(request, detokenizer))
+            sequences.append(self.output_processor.new_sequence(request))
         state = RequestState(request_id, prompt_token_ids, params, sequences, arrival_time)
-        self._requests[request_id] = state
+        self.output_processor.add_request(state)
         self.queued.add(request_id, arrival_time, params.n, len(prompt_token_ids))
         self.counters.prompt_tokens += len(prompt_token_ids)
         for seq in sequences:
-            self._sequences[seq.request.request_id] = seq
-            self._parent_of[seq.request.request_id] = state
             self.scheduler.add_request(seq.request)
 
     @property
@@ -159,21 +149,21 @@ class EngineCore:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is; its blocks are free when this returns. Returns its final
         output (finish_reason "abort"), or None if the request is unknown or already done."""
-        state = self._requests.get(request_id)
+        state = self.output_processor.requests.get(request_id)
         if state is None:
             return None
         self._finish_request(state, RequestStatus.FINISHED_ABORTED)
         return self._take_output(state)
 
     def _num_sequences_of(self, request_id: str) -> int | None:
-        state = self._requests.get(request_id)
+        state = self.output_processor.requests.get(request_id)
         return None if state is None else state.params.n
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self.output_processor.requests)
 
     def unfinished_request_ids(self) -> list[str]:
-        return list(self._requests)
+        return list(self.output_processor.requests)
 
     def stats(self) -> EngineStats:
         """A snapshot of queue sizes, KV pool use and totals (cheap; safe to call from any thread)."""
@@ -221,7 +211,7 @@ class EngineCore:
         except Exception as exc:  # one bad batch fails its requests, never the engine
             logger.exception("model step failed; failing the %d requests in it", len(scheduler_output.scheduled))
             for scheduled in scheduler_output.scheduled:
-                state = self._parent_of.get(scheduled.request_id)
+                state = self.output_processor.parent_of.get(scheduled.request_id)
                 if state is not None:
                     self._fail_request(state, f"model execution failed: {exc}")
                     touched[state.request_id] = state
@@ -230,13 +220,13 @@ class EngineCore:
         self.runner.observe_step(scheduler_output, runner_output, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         for request_id, num_drafts in runner_output.num_draft_tokens.items():
-            state = self._parent_of.get(request_id)
+            state = self.output_processor.parent_of.get(request_id)
             if state is not None:
                 state.metrics.num_draft_tokens += num_drafts
                 state.metrics.num_accepted_tokens += len(runner_output.sampled_token_ids.get(request_id, ())) - 1
 
         for scheduled in scheduler_output.scheduled:
-            state = self._parent_of.get(scheduled.request_id)
+            state = self.output_processor.parent_of.get(scheduled.request_id)
             if state is None:
                 continue
             if state.metrics.first_scheduled_time is None:
@@ -245,22 +235,14 @@ class EngineCore:
             if prompt_logprobs is not None:
                 state.add_prompt_logprobs(scheduled.start_position, prompt_logprobs)
 
-        for request in updated:
-            request_id = request.request_id
-            seq = self._sequences.get(request_id)
-            if seq is None or seq.finished:
-                continue
-            state = self._parent_of[request_id]
-            touched[state.request_id] = state
-            try:
-                seq.process_new_tokens(runner_output.logprobs.get(request_id))
-                if seq.finished and not request.is_finished:  # a stop string
-                    self.scheduler.finish_requests([request_id], seq.finish_status)
-            except Exception as exc:  # e.g. detokenization: fails this request only
-                logger.exception("request %s failed while processing its output", state.request_id)
-                self._fail_request(state, f"output processing failed: {exc}")
+        processed = self.output_processor.process_outputs(updated, runner_output.logprobs)
+        touched.update(processed.touched)
+        for seq_id, status in processed.stopped:
+            self.scheduler.finish_requests([seq_id], status)
+        for request_id, message in processed.failed.items():
+            self._fail_request(processed.touched[request_id], message)
         for request_id, error in grammar_errors.items():
-            state = self._parent_of.get(request_id)
+            state = self.output_processor.parent_of.get(request_id)
             if state is not None:
                 self._fail_request(state, f"structured output failed: {error}")
                 touched[state.request_id] = state
@@ -293,7 +275,7 @@ class EngineCore:
         now = time.monotonic()
         if limits.max_queue_wait is not None:
             for request_id in self.queued.arrived_before(now - limits.max_queue_wait):
-                state = self._requests[request_id]
+                state = self.output_processor.requests[request_id]
                 state.error = f"The request waited more than {limits.max_queue_wait:g} s to be scheduled."
                 state.error_code = "queue_timeout"
                 self.counters.rejected["queue_timeout"] += 1
@@ -301,7 +283,7 @@ class EngineCore:
                 touched[request_id] = state
         if limits.request_timeout is not None:
             deadline = now - limits.request_timeout
-            for state in self._requests.values():
+            for state in self.output_processor.requests.values():
                 if state.metrics.arrival_time < deadline and not state.finished:
                     self._finish_request(state, RequestStatus.FINISHED_LENGTH)
                     touched[state.request_id] = state
@@ -313,7 +295,7 @@ class EngineCore:
         """Requests scheduled for the first time leave the queue; the first admission of a request's
         first sequence tells how many of its prompt tokens the prefix cache held."""
         for scheduled in scheduler_output.scheduled:
-            state = self._parent_of.get(scheduled.request_id)
+            state = self.output_processor.parent_of.get(scheduled.request_id)
             if state is None:
                 continue
             self.queued.discard(state.request_id)
@@ -324,10 +306,10 @@ class EngineCore:
     def _finish_length_capped(self, scheduler_output: SchedulerOutput) -> dict[str, RequestState]:
         touched: dict[str, RequestState] = {}
         for request_id in scheduler_output.length_capped_request_ids:
-            seq = self._sequences.get(request_id)
+            seq = self.output_processor.sequences.get(request_id)
             if seq is not None:
                 seq.finish_externally(RequestStatus.FINISHED_LENGTH)
-                state = self._parent_of[request_id]
+                state = self.output_processor.parent_of[request_id]
                 touched[state.request_id] = state
         return touched
 
@@ -350,7 +332,7 @@ class EngineCore:
         return outputs
 
     def _take_output(self, state: RequestState) -> RequestOutput | None:
-        output = state.take_output()
+        output = self.output_processor.take_output(state)
         if state.finished:
             self.structured_matchers.forget(seq.request.request_id for seq in state.sequences)
         if output is not None:
@@ -360,10 +342,6 @@ class EngineCore:
                     self.counters.finished_sequences[seq.finish_reason] += 1
         if state.finished:
             self.queued.discard(state.request_id)
-            self._requests.pop(state.request_id, None)
-            for seq in state.sequences:
-                self._sequences.pop(seq.request.request_id, None)
-                self._parent_of.pop(seq.request.request_id, None)
         return output
 
 

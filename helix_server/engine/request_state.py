@@ -1,10 +1,11 @@
-"""The engine's output processing: incremental text, stop strings, and pending deltas.
+"""The per-request state the `OutputProcessor` keeps: incremental text, stop strings, pending deltas.
 
 A `RequestState` is one API request; its `SequenceState`s are its `n` sequences, each tied to one
 scheduler `Request`. The scheduler decides stops on token ids (`scheduler.stop`); after every step
 each sequence takes the tokens the scheduler appended, detokenizes them, checks the stop strings
-(reporting a match back to the engine, which finishes the request), and holds the delta until the
-engine collects it into a `RequestOutput`. Nothing here edits the scheduler's request.
+(a match is reported back through `OutputProcessor.process_outputs`; the engine finishes the
+request in the scheduler), and holds the delta until it is taken as a `RequestOutput`. Nothing here
+edits the scheduler's request.
 """
 
 from __future__ import annotations

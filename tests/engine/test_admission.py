@@ -55,7 +55,7 @@ def test_a_request_queued_too_long_is_dropped_and_frees_everything(tiny_model_di
     engine = _engine(tiny_model_dir, max_queue_wait=5.0, max_num_seqs=1)
     engine.add_request("running", PROMPT, _greedy(30))
     engine.step()  # scheduled: it has left the queue and is never dropped for waiting
-    engine._requests["running"].metrics.arrival_time -= 100
+    engine.output_processor.requests["running"].metrics.arrival_time -= 100
     engine.add_request("late", PROMPT + [1], _greedy(5, n=2), arrival_time=time.monotonic() - 10)
     assert engine.queued.num_sequences == 2
     outputs = {o.request_id: o for o in engine.step()}
@@ -78,7 +78,7 @@ def test_request_timeout_ends_a_request_with_what_it_has(tiny_model_dir):
         for output in engine.step():
             tokens += output.outputs[0].token_ids
     assert 0 < len(tokens) < 100
-    for state in engine._requests.values():
+    for state in engine.output_processor.requests.values():
         state.metrics.arrival_time -= 31  # both are past the cap now
     outputs = {o.request_id: o for o in engine.step()}
     assert outputs["slow"].finished and outputs["slow"].outputs[0].finish_reason == "length"

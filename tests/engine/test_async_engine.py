@@ -115,12 +115,12 @@ def test_one_failing_request_does_not_stop_the_loop(tiny_model_dir):
             # Long enough that it cannot finish before its detokenizer is broken below.
             long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
             bad = await engine.add_request(PROMPT, long, request_id="bad")
-            await _wait_until(lambda: "bad" in engine.core._sequences)
+            await _wait_until(lambda: "bad" in engine.core.output_processor.sequences)
 
             def explode(token_ids):
                 raise ValueError("cannot detokenize")
 
-            engine.core._sequences["bad"].detokenizer.add_tokens = explode
+            engine.core.output_processor.sequences["bad"].detokenizer.add_tokens = explode
             good = await engine.add_request("import os\n", params, request_id="good")
             bad_result, good_result = await asyncio.gather(_collect(bad), _collect(good))
             assert bad_result[2] == "error"

@@ -231,7 +231,7 @@ def test_an_exception_in_one_request_fails_only_that_request(tiny_model_dir):
     def explode(token_ids):
         raise RuntimeError("boom")
 
-    engine._sequences["broken"].detokenizer.add_tokens = explode
+    engine.output_processor.sequences["broken"].detokenizer.add_tokens = explode
     outputs = _drain(engine)
     assert outputs["broken"][-1].outputs[0].finish_reason == "error"
     assert "boom" in outputs["broken"][-1].error
