@@ -26,17 +26,24 @@ _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = (1 << 31) - 1
 
 
+def _glibc_function(name: str):
+    """glibc's function `name` through ctypes, or None (not Linux, or a C library without it, such
+    as musl, which has neither mallopt nor malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap/trim thresholds; returns whether it applied (False off glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     applied = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     if applied:
@@ -50,14 +57,8 @@ def release_freed_memory() -> bool:
     as read, repacked weights' old layout, dequantization scratch), and with `keep_freed_memory`'s
     thresholds that would stay resident for the process's life: measured on SmolLM2-135M Q4_1 with a
     16-block KV pool, the process's resident set went from 628 to 518 MB."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True

@@ -15,6 +15,7 @@ from helix_server.layers.cpu_kernels import load_quant_kernels, quant_kernel_isa
 from helix_server.layers.quant_repack import DOT_TYPE_CODES, repack_for_dot
 from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
 from helix_server.platform.device import cpu_flags
+from tests.fixtures.activation_rounding import two_term_rounded
 from tests.fixtures.gguf_files import random_k_blocks
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (a dependency) writes and reads the blocks")
@@ -34,21 +35,6 @@ def file_rows(shape: tuple[int, int], name: str, seed: int = 0) -> tuple[torch.T
     return torch.from_numpy(np.ascontiguousarray(raw)), torch.from_numpy(gguf.quants.dequantize(raw, qtype))
 
 
-def rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as `quant_dot_linear` represents it, float64: per block of 32, two int8 terms d1 q1 + d2 q2,
-    each with d = max|v| / 127 (float32) and q = v / d rounded to nearest even, v being x and then
-    the residual x - q1 d1 (float32)."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
-
-    def term(v):
-        d = v.abs().amax(dim=-1, keepdim=True) / 127.0
-        return (v * torch.where(d != 0, 1.0 / d, torch.zeros_like(d))).round(), d
-
-    q1, d1 = term(blocks)
-    q2, d2 = term(blocks - q1 * d1)
-    return (q1.double() * d1.double() + q2.double() * d2.double()).reshape(x.shape)
-
-
 def dot_linear(x: torch.Tensor, raw: torch.Tensor, name: str, suffix: str) -> torch.Tensor:
     qtype = getattr(gguf.GGMLQuantizationType, name)
     return getattr(torch.ops.helix, "quant_dot_linear" + suffix)(x, repack_for_dot(raw, qtype), DOT_TYPE_CODES[qtype], raw.shape[0])
@@ -62,7 +48,7 @@ def test_the_result_is_the_rounded_input_times_the_dequantized_weights(name, suf
     raw, weights = file_rows(shape, name)
     x = torch.randn(7, shape[1], generator=torch.Generator().manual_seed(1)) * 3  # 7 rows: tiles of 4 (or 2) and the rest
     got = dot_linear(x, raw, name, suffix)
-    expected = rounded(x) @ weights.double().T
+    expected = two_term_rounded(x) @ weights.double().T
     assert got.shape == (7, shape[0]) and got.dtype == torch.float32
     assert (got.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
     # ... and not the unrounded input times the weights: the rounding is what differs.
@@ -105,7 +91,7 @@ def test_a_block_of_zeros_contributes_nothing(suffix):
     x[:, 32:64] = 0.0
     got = dot_linear(x, raw, "Q4_1", suffix)
     assert torch.isfinite(got).all()
-    expected = rounded(x) @ weights.double().T
+    expected = two_term_rounded(x) @ weights.double().T
     assert (got.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
 
 
@@ -149,5 +135,5 @@ def test_a_quantized_linear_layer_repacks_and_runs_the_dot_kernel(name):
     x = torch.randn(3, 256)
     got = layer(x)
     k_weights = dequantize_rows(k_raw, gguf.GGMLQuantizationType.Q4_K).double()
-    expected = torch.cat([rounded(x) @ weights.double().T, x.double() @ k_weights.T], dim=-1)
+    expected = torch.cat([two_term_rounded(x) @ weights.double().T, x.double() @ k_weights.T], dim=-1)
     assert (got.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()

@@ -27,6 +27,7 @@ from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from helix_server.layers.quant_repack import DOT_TYPE_CODES, repack_for_dot
 from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
 from helix_server.models import load_hf_config, load_model
+from tests.fixtures.activation_rounding import two_term_rounded
 from tests.fixtures.batch_invariance import assert_logprobs_do_not_depend_on_the_batch
 from tests.fixtures.gguf_files import gguf_name, random_k_blocks, write_gguf
 from tests.fixtures.tiny_models import make_tiny_model, tiny_hf_model
@@ -179,21 +180,6 @@ def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(
         assert (ours - ref).abs().max().item() <= atol * max(1.0, ref.abs().max().item())
 
 
-def _round_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x as `quant_dot_linear` represents it, float64: per block of 32, two int8 terms d1 q1 + d2 q2,
-    each with d = max|v| / 127 (float32) and q = v / d rounded to nearest even, v being x and then
-    the residual x - q1 d1 (float32)."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
-
-    def term(v):
-        d = v.abs().amax(dim=-1, keepdim=True) / 127.0
-        return (v * torch.where(d != 0, 1.0 / d, torch.zeros_like(d))).round(), d
-
-    q1, d1 = term(blocks)
-    q2, d2 = term(blocks - q1 * d1)
-    return (q1.double() * d1.double() + q2.double() * d2.double()).reshape(x.shape)
-
-
 def _assert_layers_compute_rounded_inputs_times_weights(model, path) -> None:
     """Run the model; each `QuantizedLinear`'s output equals its input (rounded, for the segments of
     32-weight block types) times the file's dequantized weights (float64 reference, up to float32
@@ -206,7 +192,7 @@ def _assert_layers_compute_rounded_inputs_times_weights(model, path) -> None:
 
     def reference(name, x):  # [T, in] -> [T, out] float64
         x = x.float()
-        out = torch.cat([(_round_blocks(x) if rounded else x).double() @ w.t() for rounded, w in weights[name]], -1)
+        out = torch.cat([(two_term_rounded(x) if rounded else x).double() @ w.t() for rounded, w in weights[name]], -1)
         return out if modules[name].bias is None else out + modules[name].bias.double()
 
     def checking(name, forward):  # the model's blocks call their projections' `forward` directly
@@ -235,7 +221,7 @@ def _quantize_linear_inputs(model: torch.nn.Module, path=None) -> None:
     types = None if path is None else {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (types is None or types.get(gguf_name(f"{name}.weight")) in DOT_TYPE_CODES):
-            module.register_forward_pre_hook(lambda module, args: (_round_blocks(args[0]).to(args[0].dtype), *args[1:]))
+            module.register_forward_pre_hook(lambda module, args: (two_term_rounded(args[0]).to(args[0].dtype), *args[1:]))
 
 
 def test_mixed_type_file_fuses_shards_of_different_types(tmp_path, tokenizer_dir):

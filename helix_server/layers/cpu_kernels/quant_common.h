@@ -14,7 +14,12 @@
 #include <cstring>
 #include <vector>
 
+// Everything here has internal linkage (an unnamed namespace): this header is compiled into sources
+// built for different instruction sets (AVX-512, and AVX2 only), and one shared copy of an inline
+// function or template, kept by the linker from the AVX-512 build, could run AVX-512 instructions on
+// an AVX2-only CPU. Each source keeps its own copy instead.
 namespace helix_quant {
+namespace {
 
 // GGUF blocks of 32 weights (`quant_dot_linear`): type codes.
 enum QuantType : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
@@ -265,6 +270,12 @@ inline void check_dot_operands(const char* op, const at::Tensor& x, const at::Te
               dot_group_block_bytes(type), "] (repacked for 16 outputs a group)");
 }
 
+// A dot-product kernel's tile: y[row0 .. row0 + rows - 1, n0 .. n0 + outputs - 1] from one group's
+// repacked weights (the number of rows is the tile's own, `tiles[rows - 1]` below).
+using DotGroupTileFn = void (*)(const uint8_t* group_weights, const QuantizedActivations& a, int64_t row0, float* y,
+                                int64_t n_len, int64_t n0, int outputs);
+using QuantizeFn = void (*)(const float* x, int64_t m, int64_t k_len, const QuantizedActivations& a);
+
 // tile(group, row0, rows) for every group of 16 outputs (threads split the groups) and every tile of
 // at most `max_rows` rows: a group's row tiles run on one thread, its weights hot in L1.
 template <typename Tile>
@@ -275,4 +286,28 @@ void for_each_dot_group(int64_t m, int64_t groups, int64_t max_rows, const Tile&
   });
 }
 
+// The body of a dot-product op (`quant_dot_linear` and its AVX2 twin): check the operands, quantize
+// the activations with `quantize`, then run `tiles[quant_type]` over every group and row tile.
+template <size_t MaxRows>
+at::Tensor dot_linear(const char* op, const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type,
+                      int64_t n_len, QuantizeFn quantize, const std::array<std::array<DotGroupTileFn, MaxRows>, 3>& tiles) {
+  check_dot_operands(op, x_in, weight, quant_type, n_len);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0), k_len = x.size(1);
+  at::Tensor y = at::empty({m, n_len}, x.options());
+  if (m == 0 || n_len == 0) return y;
+  const QuantizedActivations a = activation_scratch(m, k_len);
+  quantize(x.data_ptr<float>(), m, k_len, a);
+  const auto& type_tiles = tiles[quant_type];
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const int64_t group_bytes = a.blocks * dot_group_block_bytes(quant_type);
+  float* out = y.data_ptr<float>();
+  for_each_dot_group(m, (n_len + kDotGroup - 1) / kDotGroup, MaxRows, [&](int64_t g, int64_t row0, int rows) {
+    const int outputs = static_cast<int>(std::min(kDotGroup, n_len - g * kDotGroup));
+    type_tiles[rows - 1](w + g * group_bytes, a, row0, out, n_len, g * kDotGroup, outputs);
+  });
+  return y;
+}
+
+}  // namespace
 }  // namespace helix_quant

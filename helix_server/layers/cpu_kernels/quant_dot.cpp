@@ -142,35 +142,16 @@ void group_tile(const uint8_t* w, const QuantizedActivations& a, int64_t row0, f
 }
 
 constexpr int kMaxRows = 4;
-using GroupTileFn = void (*)(const uint8_t*, const QuantizedActivations&, int64_t, float*, int64_t, int64_t, int);
-
 template <int64_t Type, int... R>
-constexpr std::array<GroupTileFn, sizeof...(R)> group_tiles(std::integer_sequence<int, R...>) {
+constexpr std::array<DotGroupTileFn, sizeof...(R)> group_tiles(std::integer_sequence<int, R...>) {
   return {group_tile<Type, R + 1>...};
 }
 
-template <int64_t Type>
-void run(const uint8_t* w, const QuantizedActivations& a, float* y, int64_t m, int64_t n_len) {
-  static constexpr auto kTiles = group_tiles<Type>(std::make_integer_sequence<int, kMaxRows>{});
-  const int64_t groups = (n_len + kDotGroup - 1) / kDotGroup;
-  for_each_dot_group(m, groups, kMaxRows, [&](int64_t g, int64_t row0, int rows) {
-    const int outputs = static_cast<int>(std::min(kDotGroup, n_len - g * kDotGroup));
-    kTiles[rows - 1](w + g * a.blocks * dot_group_block_bytes(Type), a, row0, y, n_len, g * kDotGroup, outputs);
-  });
-}
-
-at::Tensor quant_dot_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
-  check_dot_operands("quant_dot_linear", x_in, weight, quant_type, n_len);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t m = x.size(0), k_len = x.size(1);
-  at::Tensor y = at::empty({m, n_len}, x.options());
-  if (m == 0 || n_len == 0) return y;
-  const QuantizedActivations a = activation_scratch(m, k_len);
-  quantize_activations(x.data_ptr<float>(), m, k_len, a);
-  static constexpr std::array<void (*)(const uint8_t*, const QuantizedActivations&, float*, int64_t, int64_t), 3>
-      kRuns = {run<kQ8_0>, run<kQ4_0>, run<kQ4_1>};
-  kRuns[quant_type](weight.data_ptr<uint8_t>(), a, y.data_ptr<float>(), m, n_len);
-  return y;
+at::Tensor quant_dot_linear(const at::Tensor& x, const at::Tensor& weight, int64_t quant_type, int64_t n_len) {
+  constexpr auto rows = std::make_integer_sequence<int, kMaxRows>{};
+  static constexpr std::array<std::array<DotGroupTileFn, kMaxRows>, 3> kTiles = {
+      group_tiles<kQ8_0>(rows), group_tiles<kQ4_0>(rows), group_tiles<kQ4_1>(rows)};
+  return dot_linear("quant_dot_linear", x, weight, quant_type, n_len, quantize_activations, kTiles);
 }
 
 }  // namespace
