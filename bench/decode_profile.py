@@ -26,7 +26,6 @@ over transformers now and if the linear layers ran at least at the summing pass'
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_models import resolve_bench_model  # noqa: E402
+from bench_results import save_results  # noqa: E402
 from throughput import make_workload  # noqa: E402
 
 from helix_server import LLM, SamplingParams  # noqa: E402
@@ -206,10 +206,7 @@ def main() -> int:
                     "batch1_over_hf_at_linear_floor": hf_ms / best_ms}
         print(f"transformers batch 1: {hf_ms:.1f} ms per decode token; helix {hf_ms / one['step_ms']:.2f}x now, "
               f"{hf_ms / best_ms:.2f}x if its linear layers ran at least at the summing pass's rate")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"saved {out}")
+    save_results(results, args.out)
     return 0
 
 

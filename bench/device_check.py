@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from device_models import TINY_SHAPE, TINYLLAMA_SHAPE, random_llama_pair, weight_bytes
+from greedy_runs import drafted_accepted
 
 from helix_server import LLM, SamplingParams
 from helix_server.default_model import build_bpe_tokenizer, default_corpus
@@ -291,8 +292,7 @@ def speculative(base: LLM, spec: LLM, device: str, prompts_by_batch: dict[int, l
         before = spec.engine.stats()
         spec_s, spec_out = timed(device, lambda p=prompts: spec.generate(p, greedy(max_tokens)))
         after = spec.engine.stats()
-        drafted = after.spec_num_draft_tokens_total - before.spec_num_draft_tokens_total
-        accepted = after.spec_num_accepted_tokens_total - before.spec_num_accepted_tokens_total
+        drafted, accepted = drafted_accepted(before, after)
         same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(base_out, spec_out))
         out[f"batch_{batch}"] = {
             "greedy_equal": f"{same}/{len(prompts)}",
@@ -416,7 +416,7 @@ def section(report: dict, name: str, out: Path, fn) -> None:
     started = time.perf_counter()
     try:
         report[name] = fn()
-    except Exception as exc:  # a failing section is a finding; the next ones still run
+    except Exception as exc:  # noqa: BLE001 (a failing section is a finding; the next ones still run)
         report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         print(f"{name} failed:", report[name]["traceback"], flush=True)
     report.setdefault("section_seconds", {})[name] = time.perf_counter() - started

@@ -13,8 +13,12 @@ import torch
 
 from helix_server.layers.cpu_kernels import load_quant_kernels, quant_kernel_isa
 from helix_server.layers.quant_repack import DOT_TYPE_CODES, repack_for_dot
-from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
-from helix_server.platform.device import cpu_flags
+from helix_server.layers.quantized_linear import (
+    QuantizedLinear,
+    QuantizedWeight,
+    dequantize_rows,
+    dot_kernel_suffix,
+)
 from tests.fixtures.activation_rounding import two_term_rounded
 from tests.fixtures.gguf_files import random_k_blocks
 
@@ -23,9 +27,8 @@ gguf = pytest.importorskip("gguf", reason="the gguf package (a dependency) write
 pytestmark = pytest.mark.skipif(quant_kernel_isa() is None, reason="helix's quantized-weight kernels need AVX2 or AVX-512")
 
 TYPES = [qtype.name for qtype in DOT_TYPE_CODES]
-# The AVX-512 op needs VNNI; forced AVX2 runs anywhere the kernels do.
-VNNI = quant_kernel_isa() == "avx512" and {"avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
-SUFFIXES = ["_avx2", ""] if VNNI else ["_avx2"]
+# The AVX-512 op where this CPU runs it (`dot_kernel_suffix`: it needs VNNI); forced AVX2 anywhere.
+SUFFIXES = ["_avx2", ""] if quant_kernel_isa() is not None and dot_kernel_suffix() == "" else ["_avx2"]
 
 
 def file_rows(shape: tuple[int, int], name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
