@@ -58,3 +58,27 @@ def repack_for_dot(packed: torch.Tensor, qtype: GGMLQuantizationType) -> torch.T
     for field in scales:
         parts.append(by_group[..., field].permute(0, 2, 1, 3).reshape(groups, blocks, 2 * GROUP))  # [G, B, 32]
     return torch.cat(parts, dim=-1).contiguous()
+
+
+def file_rows_from_dot_layout(repacked: torch.Tensor, qtype: GGMLQuantizationType, rows: torch.Tensor) -> torch.Tensor:
+    """The file rows `rows` (int64 [T]) of a `repack_for_dot` tensor: repacked uint8 [G, B, group
+    bytes] -> uint8 [T, B * type_size], byte for byte the rows the file held. A tied LM head's
+    repacked table serves the token embedding's lookups this way, so the table is held once."""
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    groups, blocks, _ = repacked.shape
+    scales, quant_bytes = _FIELDS[qtype]
+    quant_size = quant_bytes.stop - quant_bytes.start
+    chunks = quant_size // 4
+    group, lane = rows // GROUP, rows % GROUP  # [T] each
+    picked = repacked[group]  # [T, B, group bytes]
+    quants = picked[..., : chunks * GROUP * 4].reshape(-1, blocks, chunks, GROUP, 4)  # [T, B, chunk, 16, 4]
+    lanes = lane.view(-1, 1, 1, 1, 1).expand(-1, blocks, chunks, 1, 4)
+    quants = quants.gather(3, lanes).reshape(-1, blocks, quant_size)  # [T, B, 16 or 32]
+    block = torch.empty(rows.shape[0], blocks, type_size, dtype=torch.uint8, device=repacked.device)
+    block[..., quant_bytes] = quants
+    offset = chunks * GROUP * 4
+    for field in scales:  # each: [T, B, 16 lanes x 2 bytes] -> the row's 2 bytes
+        values = picked[..., offset : offset + 2 * GROUP].reshape(-1, blocks, GROUP, 2)
+        block[..., field] = values.gather(2, lane.view(-1, 1, 1, 1).expand(-1, blocks, 1, 2)).reshape(-1, blocks, 2)
+        offset += 2 * GROUP
+    return block.reshape(rows.shape[0], blocks * type_size)

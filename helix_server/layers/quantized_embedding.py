@@ -4,6 +4,11 @@ A lookup reads a few rows a step, so dequantizing only those rows costs nothing 
 table stays at its file size: SmolLM2-135M's Q8_0 embedding is 30 MB packed against 113 MB as
 float32 (where it was dequantized at load). The rows are dequantized by `dequantize_rows`, gguf's
 own bits, so the values are the ones a load-time dequantization gave.
+
+When the LM head is tied to the embedding and helix's CPU kernels repack the head's table
+(`quant_repack.repack_for_dot`), the embedding reads its rows from that repacked table
+(`share_dot_layout`) rather than keeping the file's copy: the table is held once (30 MB less for
+SmolLM2-135M), and the rows are the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from helix_server.layers.quant_repack import file_rows_from_dot_layout
 from helix_server.layers.quantized_linear import QuantizedWeight, dequantize_rows
 
 
@@ -23,9 +29,20 @@ class QuantizedEmbedding(nn.Module):
         self.qtype = weight.qtype
         self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
         self.dtype = dtype  # what the model computes in (float32 rows are cast to it)
+        self.dot_layout = False  # `packed` is a tied head's repacked table (`share_dot_layout`)
+
+    def share_dot_layout(self, repacked: torch.Tensor) -> None:
+        """Read rows from `repacked`, the `repack_for_dot` form of this very table (a tied LM head's,
+        uint8 [ceil(vocab / 16), blocks, group bytes]), and drop the file-order copy."""
+        self.packed = repacked
+        self.dot_layout = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
-        return dequantize_rows(self.packed[input_ids], self.qtype).to(self.dtype)
+        if self.dot_layout:
+            rows = file_rows_from_dot_layout(self.packed, self.qtype, input_ids)  # [T, bytes_per_row]
+        else:
+            rows = self.packed[input_ids]
+        return dequantize_rows(rows, self.qtype).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}, dtype={self.dtype}"

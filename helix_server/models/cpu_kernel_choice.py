@@ -33,6 +33,7 @@ from helix_server.layers.linear import (
     pack_linear_layers,
 )
 from helix_server.layers.panel_linear import PanelLinear, panel_linear_supported
+from helix_server.layers.quantized_embedding import QuantizedEmbedding
 from helix_server.layers.quantized_linear import QuantizedLinear
 from helix_server.platform.device import cpu_has_amx
 
@@ -78,7 +79,8 @@ def use_cpu_kernels(model: nn.Module, choice: CpuKernelChoice) -> None:
     """Swap `model`'s modules for `choice`'s kernels, in place (inference only and irreversible:
     after the weights are loaded). `model` is a causal LM with `lm_head` (None when tied) and
     `model.embed_tokens`; a tied LM head gets its own packed copy of the embedding matrix (the
-    embedding lookup keeps the original), and a panel-kernel LM head returns float32 logits."""
+    embedding lookup keeps the original), and a panel-kernel LM head returns float32 logits. A GGUF
+    head tied to a packed embedding is repacked once, and the embedding then reads that copy."""
     if choice.packed:
         pack_linear_layers(model, choice.bulk_in_float32, use_panels=choice.helix_kernels)
         if model.lm_head is None:
@@ -88,6 +90,16 @@ def use_cpu_kernels(model: nn.Module, choice: CpuKernelChoice) -> None:
         if choice.helix_kernels:
             use_fused_cpu_ops(model, model.dtype)
     if choice.quantized:
+        embedding, head = model.model.embed_tokens, model.lm_head
+        # A GGUF head tied to a packed embedding starts on the embedding's very tensor (gguf_loader).
+        tied = (
+            isinstance(embedding, QuantizedEmbedding)
+            and isinstance(head, QuantizedLinear)
+            and len(head.qtypes) == 1
+            and head.packed0.data_ptr() == embedding.packed.data_ptr()
+        )
         for module in model.modules():  # quantized weights: helix's kernels for this CPU (AVX-512 or AVX2)
             if isinstance(module, (Int8Linear, QuantizedLinear)) and not module.native:
                 module.use_cpu_kernels()
+        if tied and head.repacked[0]:  # the embedding reads the head's repacked table: one copy
+            embedding.share_dot_layout(head.packed0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helix_server.layers.cpu_kernels import load_quant_kernels, quant_kernel_isa
-from helix_server.layers.quant_repack import DOT_TYPE_CODES, repack_for_dot
+from helix_server.layers.quant_repack import DOT_TYPE_CODES, file_rows_from_dot_layout, repack_for_dot
 from helix_server.layers.quantized_linear import (
     QuantizedLinear,
     QuantizedWeight,
@@ -106,6 +106,14 @@ def test_repacking_reorders_the_files_bytes_and_pads_the_outputs_to_16():
     assert sorted(repacked[1].flatten().tolist()) == sorted(raw[16:].flatten().tolist() + [0] * (12 * 40))
     with pytest.raises(ValueError, match="Q4_K has no integer dot-product layout"):
         repack_for_dot(raw, gguf.GGMLQuantizationType.Q4_K)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_file_rows_come_back_from_the_repacked_layout_byte_for_byte(name):
+    qtype = getattr(gguf.GGMLQuantizationType, name)
+    raw, _ = file_rows((37, 96), name)  # 37 rows: the last group is padded
+    rows = torch.tensor([0, 36, 5, 16, 15, 17, 5, 32])
+    assert torch.equal(file_rows_from_dot_layout(repack_for_dot(raw, qtype), qtype, rows), raw[rows])
 
 
 def test_bad_operands_are_refused_with_a_message():

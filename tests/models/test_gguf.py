@@ -159,6 +159,16 @@ def test_quantized_gguf_logits_match_transformers_on_the_dequantized_file(
         if kernels and qtype in DOT_TYPE_CODES:  # the same bytes, reordered for the dot-product kernel
             down = repack_for_dot(down, qtype)
         assert torch.equal(layers.mlp.down_proj.packed0, down)
+        embedding = model.model.embed_tokens
+        # A tied head's table is held once: with the dot kernel the embedding reads the head's
+        # repacked copy (and gives the file's rows, dequantized).
+        shared = tied and kernels and qtype in DOT_TYPE_CODES
+        assert embedding.dot_layout == shared
+        assert (embedding.packed.data_ptr() == model.lm_head.packed0.data_ptr()) == tied
+        file_embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        ids = torch.tensor([0, 7, 100, 3, 7])
+        expected = torch.from_numpy(gguf.quants.dequantize(file_embedding.data, qtype))[ids]
+        assert torch.equal(embedding(ids), expected)
     else:
         assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
 
