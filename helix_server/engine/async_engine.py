@@ -36,6 +36,7 @@ from helix_server.engine.stats import EngineStats
 from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
 from helix_server.engine.torch_thread import TorchThread
 from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
+from helix_server.platform.allocator import release_freed_memory
 from helix_server.runner.loader import load_model
 from helix_server.sampling_params import SamplingParams, StructuredOutputSpec
 
@@ -122,6 +123,10 @@ class AsyncEngine:
         self._pending_sequences = 0
         self._pending_prompt_tokens = 0
         self._rejected: Counter = Counter()
+        # On the CPU glibc keeps freed activation buffers for the next step (`keep_freed_memory`): a
+        # burst of long prompts leaves its peak resident (measured: +170 MiB after 16 concurrent
+        # requests of up to 1,024 tokens). When the engine runs out of work they go back to the OS.
+        self.release_memory_when_idle = core.runtime.device.type == "cpu"
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress=None) -> AsyncEngine:
@@ -287,6 +292,8 @@ class AsyncEngine:
                     outputs = self.core.step()
                     self.num_steps += 1
                     self._deliver(outputs)
+                    if self.release_memory_when_idle and not self.core.has_unfinished_requests():
+                        release_freed_memory()  # a few ms, once a burst
                 self.last_progress_time = time.monotonic()
         except BaseException as exc:  # a bug in the engine itself: fail everyone, report dead
             logger.exception("engine loop died")

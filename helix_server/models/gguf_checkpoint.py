@@ -1,8 +1,11 @@
 """Read a GGUF file (llama.cpp's format) for helix: its config, and its tensors under HF names.
 
-Tensors and metadata come from `gguf.GGUFReader` (ggml's own reader); the transformers config and
-(in `helix_server.engine.tokenizer`) the tokenizer and chat template come from transformers' GGUF
-integration (`from_pretrained(directory, gguf_file=name)`). Supported: `general.architecture`
+Tensors and metadata come from `gguf.GGUFReader` (ggml's own reader); the model config and (in
+`helix_server.engine.tokenizer`) the tokenizer and chat template come from transformers' GGUF
+integration. The config is `GGUFConfig`, the attributes that integration reads from the metadata,
+not transformers' config class: importing `LlamaConfig` in transformers 5 imports its modeling
+stack (torch.distributed, sympy) and costs 60-80 MB resident, a third of a GGUF server's overhead.
+Supported: `general.architecture`
 llama, mistral, qwen2, qwen3, with tensors in F32, F16, BF16 (loaded as ordinary weights) or in a
 block type of `helix_server.layers.quantized_linear.QUANTIZED_TYPES` (kept packed). Anything else
 is refused by name with the supported list.
@@ -18,11 +21,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.quantized_linear import QUANTIZED_TYPES, SUPPORTED_TYPES, QuantizedWeight
@@ -101,25 +105,41 @@ def reverse_permute_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     return tensor.reshape(num_heads, dim, 2, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
 
 
+class GGUFConfig(SimpleNamespace):
+    """A GGUF file's model config, read like a transformers config: the keys transformers' GGUF
+    integration maps from the metadata (`hidden_size`, `num_hidden_layers`, `rope_theta`,
+    `tie_word_embeddings`, ...) as attributes. What the file does not say is absent (readers use
+    `getattr` defaults): no `dtype` (block types have none; `--dtype auto` gives float32) and no
+    sliding window unless the metadata has one (llama.cpp runs the file without one too)."""
+
+
 class GGUFCheckpoint:
     """A GGUF file opened for loading: metadata checks, HF config, tensors under HF names."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.reader = GGUFReader(self.path)
+        reader = GGUFReader(self.path)
+        # Keep the tensor table and the scalar metadata, and drop the reader's parse of the array
+        # fields (the vocabulary and merges: ~100k small numpy objects). Held while the model is
+        # built, those would leave Python's object arenas fragmented for the server's life.
+        self._tensors = list(reader.tensors)  # the data views map the file
+        self._metadata = {
+            key: field.contents() for key, field in reader.fields.items() if field.types[:1] != [GGUFValueType.ARRAY]
+        }
+        del reader
         self.architecture = self._field("general.architecture")
         if self.architecture not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"GGUF architecture {self.architecture!r} ({self.path.name}) is not supported; supported "
                 "GGUF architectures: " + ", ".join(GGUF_ARCHITECTURES)
             )
-        unsupported = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in SUPPORTED_TYPES})
+        unsupported = sorted({t.tensor_type.name for t in self._tensors if t.tensor_type not in SUPPORTED_TYPES})
         if unsupported:
             raise UnsupportedModelError(
                 f"{self.path.name} has tensors of GGUF type(s) {', '.join(unsupported)}, which helix does not "
                 "support; supported types: " + ", ".join(t.name for t in SUPPORTED_TYPES)
             )
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self._tensors}
         if "rope_freqs.weight" in names:
             raise UnsupportedModelError(
                 f"{self.path.name} carries per-dimension RoPE frequency factors (rope_freqs.weight, "
@@ -132,22 +152,19 @@ class GGUFCheckpoint:
             )
 
     def _field(self, key: str, default: Any = None) -> Any:
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        return self._metadata.get(key, default)
 
     def has_tensor(self, gguf_name: str) -> bool:
         """Whether the file holds the tensor `gguf_name`."""
-        return any(t.name == gguf_name for t in self.reader.tensors)
+        return any(t.name == gguf_name for t in self._tensors)
 
-    def hf_config(self) -> Any:
-        """The transformers config from the GGUF metadata (via transformers' GGUF integration),
-        with `architectures` set, `head_dim` taken from `attention.key_length` when present and
-        the bias switches from the tensors present."""
-        from transformers import AutoConfig
+    def hf_config(self) -> GGUFConfig:
+        """The model config from the GGUF metadata (via transformers' GGUF integration), with
+        `architectures` set, `head_dim` taken from `attention.key_length` when present and the
+        bias switches from the tensors present."""
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        config = AutoConfig.from_pretrained(
-            str(self.path.parent), gguf_file=self.path.name, trust_remote_code=False, local_files_only=True
-        )
+        config = GGUFConfig(**load_gguf_checkpoint(str(self.path), return_tensors=False)["config"])
         config.architectures = [GGUF_ARCHITECTURES[self.architecture]]
         key_length = self._field(f"{self.architecture}.attention.key_length")
         if key_length is not None:
@@ -159,14 +176,14 @@ class GGUFCheckpoint:
 
     def num_tensors(self) -> int:
         """How many tensors the file holds."""
-        return len(self.reader.tensors)
+        return len(self._tensors)
 
     def tensors(self, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Yield (hf_name, tensor) for every tensor: float types as torch tensors in their own
         dtype ([out, in] for matrices), block types as `QuantizedWeight` (packed rows), with
         Llama's q/k rows un-permuted."""
         permute = self.architecture in _PERMUTED_QK
-        for tensor in self.reader.tensors:
+        for tensor in self._tensors:
             hf_name = gguf_hf_name(tensor.name)
             data = torch.from_numpy(np.array(tensor.data))  # a copy: the reader's arrays map the file
             qtype = tensor.tensor_type

@@ -44,7 +44,7 @@ def load_gguf_weights(
     device: torch.device | str,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Load `checkpoint` into `model` (built with `to_empty`): block-quantized projections become
+    """Load `checkpoint` into `model` (materialised uninitialised): block-quantized projections become
     `QuantizedLinear`s on `device`, the rest is copied by `model.load_weights` (cast to its dtype)."""
     arch = model.arch
     floats: list[tuple[str, torch.Tensor]] = []

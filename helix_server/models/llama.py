@@ -154,7 +154,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A Llama-family causal LM over the paged KV cache.
 
-    Build it on the `meta` device, move it with `to_empty`, then `load_weights` and
+    Build it on the `meta` device, materialise it uninitialised, then `load_weights` and
     `build_rope_cache` (see `helix_server.models.loader.load_model`).
     """
 

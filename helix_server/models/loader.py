@@ -3,8 +3,8 @@ weights, RoPE table.
 
 Weights come from `model.safetensors` or a sharded `model.safetensors.index.json`, never from
 pickle files; a GGUF file's come through `helix_server.models.gguf_loader` (block-quantized
-weights stay packed). The module is built on the `meta` device and materialised with `to_empty`, so no time
-is spent on a random initialisation that the checkpoint overwrites anyway.
+weights stay packed). The module is built on the `meta` device and materialised uninitialised
+(`_materialize`), so no time is spent on a random initialisation that the checkpoint overwrites.
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ def load_hf_config(model_dir: str | Path) -> Any:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+
+
+def _materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` built on the meta device, with every tensor uninitialised on `device`: what
+    `nn.Module.to_empty` does, without its `empty_like` on meta tensors, whose decomposition
+    imports torch's symbolic-shapes machinery (sympy): 37 MB resident for the server's life."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, list[str]]:
@@ -140,7 +147,7 @@ def load_model(
 
     with torch.device("meta"):
         model = spec.model_cls(arch)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = _materialize(model.to(dtype=dtype), device)
     model.requires_grad_(False).eval()
 
     callback = None if progress is None else (lambda loaded: progress(loaded, total))
