@@ -65,7 +65,7 @@ def file_rows_from_dot_layout(repacked: torch.Tensor, qtype: GGMLQuantizationTyp
     bytes] -> uint8 [T, B * type_size], byte for byte the rows the file held. A tied LM head's
     repacked table serves the token embedding's lookups this way, so the table is held once."""
     _, type_size = GGML_QUANT_SIZES[qtype]
-    groups, blocks, _ = repacked.shape
+    blocks = repacked.shape[1]
     scales, quant_bytes = _FIELDS[qtype]
     quant_size = quant_bytes.stop - quant_bytes.start
     chunks = quant_size // 4

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -105,6 +105,16 @@ def reverse_permute_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     return tensor.reshape(num_heads, dim, 2, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
 
 
+class _TensorRecord(NamedTuple):
+    """Where one tensor of the file is, and what it holds."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # HF order: [out, in] for matrices
+    offset: int  # in the file
+    num_bytes: int
+
+
 class GGUFConfig(SimpleNamespace):
     """A GGUF file's model config, read like a transformers config: the keys transformers' GGUF
     integration maps from the metadata (`hidden_size`, `num_hidden_layers`, `rope_theta`,
@@ -119,12 +129,17 @@ class GGUFCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         reader = GGUFReader(self.path)
-        # Keep the tensor table and the scalar metadata, and drop the reader's parse of the array
-        # fields (the vocabulary and merges: ~100k small numpy objects). Held while the model is
-        # built, those would leave Python's object arenas fragmented for the server's life.
-        self._tensors = list(reader.tensors)  # the data views map the file
+        self._file = reader.data  # the whole file, memory-mapped (uint8)
+        # The tensor table and the scalar metadata; the reader's parse of the array fields (the
+        # vocabulary and merges: ~100k small numpy objects, ~150 MB at their peak) goes with it.
+        self._tensors = [
+            # ggml's ne is innermost first; HF order is outermost first
+            _TensorRecord(t.name, t.tensor_type, tuple(int(n) for n in reversed(t.shape.tolist())),
+                          int(t.data_offset), int(t.n_bytes))
+            for t in reader.tensors
+        ]
         self._metadata = {
-            key: field.contents() for key, field in reader.fields.items() if field.types[:1] != [GGUFValueType.ARRAY]
+            key: f.contents() for key, f in reader.fields.items() if f.types[:1] != [GGUFValueType.ARRAY]
         }
         del reader
         self.architecture = self._field("general.architecture")
@@ -133,7 +148,7 @@ class GGUFCheckpoint:
                 f"GGUF architecture {self.architecture!r} ({self.path.name}) is not supported; supported "
                 "GGUF architectures: " + ", ".join(GGUF_ARCHITECTURES)
             )
-        unsupported = sorted({t.tensor_type.name for t in self._tensors if t.tensor_type not in SUPPORTED_TYPES})
+        unsupported = sorted({t.qtype.name for t in self._tensors if t.qtype not in SUPPORTED_TYPES})
         if unsupported:
             raise UnsupportedModelError(
                 f"{self.path.name} has tensors of GGUF type(s) {', '.join(unsupported)}, which helix does not "
@@ -185,14 +200,14 @@ class GGUFCheckpoint:
         permute = self.architecture in _PERMUTED_QK
         for tensor in self._tensors:
             hf_name = gguf_hf_name(tensor.name)
-            data = torch.from_numpy(np.array(tensor.data))  # a copy: the reader's arrays map the file
-            qtype = tensor.tensor_type
-            shape = [int(n) for n in reversed(tensor.shape.tolist())]  # ggml's ne is innermost first
+            qtype, shape = tensor.qtype, tensor.shape
+            raw = np.array(self._file[tensor.offset : tensor.offset + tensor.num_bytes])  # a copy off the map
+            data = torch.from_numpy(raw).reshape(shape[0], -1)  # uint8 [rows, bytes per row]
             if permute and ".self_attn.q_proj." in hf_name:
                 data = reverse_permute_rows(data, num_heads)
             elif permute and ".self_attn.k_proj." in hf_name:
                 data = reverse_permute_rows(data, num_kv_heads)
             if qtype in QUANTIZED_TYPES:
-                yield hf_name, QuantizedWeight(qtype, data.reshape(shape[0], -1), in_features=shape[-1])
+                yield hf_name, QuantizedWeight(qtype, data, in_features=shape[-1])
             else:
                 yield hf_name, data.view(_FLOAT_TYPES[qtype]).reshape(shape)

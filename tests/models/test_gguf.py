@@ -10,6 +10,7 @@ itself needs `accelerate`, which helix does not depend on).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
@@ -27,6 +28,8 @@ from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from helix_server.layers.quant_repack import DOT_TYPE_CODES, repack_for_dot
 from helix_server.layers.quantized_linear import QuantizedLinear, QuantizedWeight, dequantize_rows
 from helix_server.models import load_hf_config, load_model
+from helix_server.models.hf_config import arch_config_from_hf
+from helix_server.models.registry import resolve_architecture
 from tests.fixtures.activation_rounding import two_term_rounded
 from tests.fixtures.batch_invariance import assert_logprobs_do_not_depend_on_the_batch
 from tests.fixtures.gguf_files import gguf_name, random_k_blocks, write_gguf
@@ -122,7 +125,11 @@ def test_f32_gguf_logits_match_the_safetensors_model(tmp_path, tokenizer_dir, ca
     hf = tiny_hf_model(arch, **overrides)
     path = write_gguf(hf, tokenizer_dir, tmp_path / "model.gguf", architecture=gguf_arch)
     model = load_model(path, torch.float32, "cpu")
-    assert model.arch.architecture == hf.config.architectures[0]
+    # The config read from the metadata (GGUFConfig, not transformers' config class) describes the
+    # model the file came from: every shape, switch and RoPE parameter (eps as a float32).
+    expected_arch = arch_config_from_hf(hf.config, resolve_architecture(hf.config).flavor)
+    assert model.arch.rms_norm_eps == pytest.approx(expected_arch.rms_norm_eps, rel=1e-7)
+    assert dataclasses.replace(model.arch, rms_norm_eps=expected_arch.rms_norm_eps) == expected_arch
     token_ids = _token_ids()
     expected = _hf_logits(hf, token_ids)
     for ours, ref in zip(_run_engine_like(model, token_ids, 8, seed=0), expected, strict=True):
@@ -293,6 +300,21 @@ def test_unsupported_quantization_type_is_refused_by_name(tmp_path, tokenizer_di
     )
     assert result.returncode != 0
     assert "Q5_0" in result.stderr and "Q4_1" in result.stderr
+
+
+def test_serving_a_gguf_file_imports_neither_transformers_config_classes_nor_sympy(tmp_path, tokenizer_dir):
+    """transformers 5's config classes import its modeling stack (torch.distributed, sympy), and
+    `to_empty` imports torch's symbolic shapes (sympy): together ~100 MB resident in a server."""
+    path = write_gguf(tiny_hf_model("llama"), tokenizer_dir, tmp_path / "m.gguf", Q.Q8_0)
+    code = (
+        "import sys\n"
+        "from helix_server import LLM, SamplingParams\n"
+        f"llm = LLM({str(path)!r}, num_kv_blocks=16)\n"
+        "llm.generate(['x = 1'], SamplingParams(max_tokens=2))\n"
+        "print(sorted(m for m in ('sympy', 'torch.distributed.tensor', 'transformers.models.llama.configuration_llama') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_safetensors_directories_still_load(tmp_path):
