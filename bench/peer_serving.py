@@ -9,7 +9,9 @@ Each server is started here on a free loopback port, warmed up, then given the s
     the time to first token is recorded; medians are reported;
   * concurrent: `--concurrent` requests at once with prompts of 64-1,024 words and 64-256 output
     tokens (seeded); output tokens per second of wall time;
-  * memory: the server process's resident set after the workload and its peak (VmRSS, VmHWM).
+  * memory: the server process's resident set once idle after the workload (1 s after the last
+    stream ended: helix returns a burst's freed buffers to the OS when it runs out of work) and
+    its peak (VmRSS, VmHWM).
 
 The peers: `--llama-server PATH --gguf FILE` runs llama.cpp's `llama-server` on a GGUF file (2
 threads, continuous batching with `--concurrent` slots); helix runs with `--helix-args` (its own
@@ -44,6 +46,7 @@ from pathlib import Path
 import httpx
 from bench_results import save_results
 
+IDLE_SETTLE_S = 1.0
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge every boxer in "
          "town and then write long letters about rivers mountains music numbers and old machines").split()
 
@@ -163,6 +166,7 @@ def run(server: Server, model: str, args) -> dict:
         result = {"batch1": asyncio.run(batch_one(server, model, args.requests, args.max_tokens))}
         if args.concurrent:
             result["concurrent"] = asyncio.run(concurrent(server, model, args.concurrent))
+        time.sleep(IDLE_SETTLE_S)  # the last stream ends a moment before the server goes idle
         result["memory"] = memory_mb(server.process.pid)
     print(f"{server.name}: batch-1 decode {result['batch1']['decode_tok_s']:.1f} tok/s "
           f"(TTFT {result['batch1']['ttft_s'] * 1000:.0f} ms)"
