@@ -152,7 +152,7 @@ async def concurrent(server: Server, model: str, count: int) -> dict:
 
 
 def memory_mb(pid: int) -> dict:
-    """The process's resident set now and at its peak (VmRSS, VmHWM), in MB (Linux)."""
+    """The process's resident set now and at its peak (VmRSS, VmHWM), in MiB (Linux)."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")

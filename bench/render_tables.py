@@ -42,11 +42,11 @@ def peer_serving(data: dict) -> str:
     if "llama_server" in data:
         servers.append(("llama.cpp `llama-server`", data["llama_server"]))
     header = f"| server | batch-1 decode tok/s | batch-1 TTFT | {work['concurrent']} concurrent, output tok/s |"
-    rows = [header + " RSS at the end (peak) |", "|---|---|---|---|---|"]
+    rows = [header + " RSS idle after the workload (peak) |", "|---|---|---|---|---|"]
     for name, result in servers:
         batch1, memory = result["batch1"], result.get("memory", {})
         conc = result.get("concurrent")
-        rss = f"{memory['rss_mb']:.0f} MB ({memory['peak_rss_mb']:.0f} MB)" if memory.get("rss_mb") else "-"
+        rss = f"{memory['rss_mb']:.0f} MiB ({memory['peak_rss_mb']:.0f} MiB)" if memory.get("rss_mb") else "-"
         conc_cell = f"{conc['output_tok_s']:.1f}" if conc else "-"
         rows.append(f"| {name} | {batch1['decode_tok_s']:.1f} | {batch1['ttft_s'] * 1000:.0f} ms | {conc_cell} | {rss} |")
     if "helix_over_llama_batch1" in data:
