@@ -15,7 +15,10 @@ as attention.)
 
 It also measures the rate at which torch's `sum` reads a tensor as large as the weights the linear
 layers stream each step (a reference, not a hard floor: helix's float32 kernel, with software
-prefetch, streams faster), the rate the batch-1 linear layers reached, and, unless `--no-hf`,
+prefetch, streams faster; for a small model the pass is partly served by a large L3), memory's
+read bandwidth (the same pass over at least 1 GiB, larger than any cache), the rate the batch-1
+linear layers reached (timed per call, and by difference: batch-1 steps with no timer inside, less
+the same steps with the linear layers skipped), and, unless `--no-hf`,
 transformers' batch-1 decode time per token on the same model, then prints the batch-1 speed-up
 over transformers now and if the linear layers ran at least at the summing pass's rate.
 
@@ -48,6 +51,7 @@ from helix_server.layers.panel_linear import PanelLinear  # noqa: E402
 from helix_server.layers.quantized_linear import QuantizedLinear  # noqa: E402
 from helix_server.platform.process_policy import freeze_loaded_objects  # noqa: E402
 
+MEMORY_PASS_BYTES = 1 << 30
 LINEAR_KINDS = (Linear, PackedLinear, PanelLinear, QuantizedLinear, Int8Linear)
 
 
@@ -83,6 +87,43 @@ class StepTimer:
             return out
 
         return timed
+
+
+def step_ms_without_linear_layers(llm: LLM, timer: StepTimer, prompt: list[int], params: SamplingParams,
+                                  repeats: int) -> tuple[float, float]:
+    """Median batch-1 decode step (ms) with no per-call timing inside, and with every linear layer
+    skipped (it returns a zero tensor of its output's shape, made once): their difference is the
+    linear layers' time in a step as it runs, without the ~1 us a call of the per-call timer. (An
+    upper bound: with no weights streaming, the other kernels find more of their data in cache.)"""
+    modules = [m for m in llm.engine.runner.model.modules() if isinstance(m, (*LINEAR_KINDS, Attention))]
+    for module in modules:
+        module.__dict__.pop("forward", None)  # the per-call timers off
+    linears = [m for m in modules if isinstance(m, LINEAR_KINDS)]
+    outputs: dict[tuple, torch.Tensor] = {}
+
+    def skipped(module: torch.nn.Module):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            out_dtype = torch.float32 if getattr(module, "float_out", False) else x.dtype
+            key = (x.shape[0], module.out_features, out_dtype)
+            if key not in outputs:
+                outputs[key] = torch.zeros(x.shape[0], module.out_features, dtype=out_dtype)
+            return outputs[key]
+        return forward
+
+    def median_step() -> float:
+        timer.batch, timer.steps = 1, []
+        for _ in range(repeats):
+            llm.generate([prompt], params)
+        return 1000 * statistics.median(s["step"] for s in timer.steps)
+
+    plain = median_step()
+    for module in linears:
+        module.forward = skipped(module)
+    try:
+        return plain, median_step()
+    finally:
+        for module in linears:
+            del module.forward
 
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:
@@ -156,6 +197,9 @@ def main() -> int:
     workload = make_workload(64, runner.model.vocab_size, seed=0)
     weight_bytes = linear_weight_bytes(runner.model)
     weights_sized = torch.ones(weight_bytes // 4, dtype=torch.float32)
+    # Memory's read rate: a pass over a buffer larger than any cache (a weights-sized pass over a
+    # small model reads partly from a large L3: 42 GB/s over 96 MiB against 27 over 1 GiB here).
+    memory_sized = torch.ones(max(weight_bytes, MEMORY_PASS_BYTES) // 4, dtype=torch.float32)
     hf = None if args.no_hf else HfDecode(model_dir, dtype, workload[0][0])
     print(f"model: {model_dir} ({args.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"linear layers stream {weight_bytes / 1e6:.0f} MB per step")
@@ -165,7 +209,7 @@ def main() -> int:
     params = SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True)
     batches = [int(b) for b in args.batches.split(",")]
     steps: dict[int, list[dict[str, float]]] = {batch: [] for batch in batches}
-    read_times, hf_times = [], []
+    read_times, memory_times, hf_times = [], [], []
     for batch in batches:  # warm-up, not recorded
         timer.batch = 0
         llm.generate([prompt for prompt, _ in workload[:batch]], params)
@@ -175,8 +219,13 @@ def main() -> int:
             llm.generate([prompt for prompt, _ in workload[:batch]], params)
             steps[batch] += timer.steps
         read_times += [read_seconds(weights_sized) for _ in range(3)]
+        memory_times += [read_seconds(memory_sized) for _ in range(3)]
         if hf is not None:
             hf_times.append(hf.decode_ms(args.steps))
+
+    plain_ms = skipped_ms = None
+    if 1 in batches:  # batch-1 steps untimed inside, then with the linear layers skipped
+        plain_ms, skipped_ms = step_ms_without_linear_layers(llm, timer, workload[0][0], params, args.repeats)
 
     results: dict = {"dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "linear_weight_bytes": weight_bytes, "batches": {}}
@@ -193,10 +242,24 @@ def main() -> int:
     results |= {"read_bandwidth_gb_s": bandwidth / 1e9, "linear_floor_ms": floor_ms}
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (torch's sum, best pass): the linear layers' weights "
           f"take {floor_ms:.1f} ms at that rate")
+    memory = memory_sized.numel() * 4 / min(memory_times)
+    results["memory_read_gb_s"] = memory / 1e9
+    print(f"memory read bandwidth {memory / 1e9:.1f} GB/s (torch's sum over {memory_sized.numel() * 4 >> 20} MiB, "
+          "best pass)")
     if 1 in results["batches"]:
         streamed = weight_bytes / results["batches"][1]["linear_ms"] / 1e6
         results["batch1_linear_gb_s"] = streamed
-        print(f"batch-1 linear layers streamed {streamed:.1f} GB/s")
+        results["batch1_linear_fraction_of_memory_read"] = streamed / (memory / 1e9)
+        print(f"batch-1 linear layers streamed {streamed:.1f} GB/s: {streamed / (memory / 1e9):.2f} of memory's "
+              f"read bandwidth, {streamed / (bandwidth / 1e9):.2f} of the weights-sized pass's")
+    if plain_ms is not None:
+        linear_ms = plain_ms - skipped_ms
+        streamed = weight_bytes / linear_ms / 1e6
+        results |= {"batch1_plain_step_ms": plain_ms, "batch1_step_without_linear_ms": skipped_ms,
+                    "batch1_linear_by_difference_gb_s": streamed,
+                    "batch1_linear_by_difference_fraction_of_memory_read": streamed / (memory / 1e9)}
+        print(f"batch 1 untimed inside: step {plain_ms:.2f} ms, {skipped_ms:.2f} with the linear layers skipped: they "
+              f"take {linear_ms:.2f} ms, {streamed:.1f} GB/s, {streamed / (memory / 1e9):.2f} of memory's read bandwidth")
     if hf_times and 1 in results["batches"]:
         hf_ms = statistics.median(hf_times)
         one = results["batches"][1]

@@ -10,6 +10,7 @@ sets are timed (AVX2 forced on an AVX-512 CPU). Results move with other load on 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -71,7 +72,7 @@ def layer_call(name: str, n: int, k: int, isa: str):
 def main() -> None:
     if not load_cpu_kernels():
         sys.exit("helix's CPU kernels do not build here (x86-64 Linux, AVX-512F and a C++ compiler)")
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else TYPES
     for name in names:
         for n, k in SHAPES:
