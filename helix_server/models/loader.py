@@ -29,6 +29,7 @@ from helix_server.models.gguf_checkpoint import GGUFCheckpoint, find_gguf_file
 from helix_server.models.gguf_loader import load_gguf_weights
 from helix_server.models.hf_config import arch_config_from_hf
 from helix_server.models.registry import resolve_architecture
+from helix_server.platform.huge_pages import move_to_huge_pages
 
 logger = logging.getLogger("helix_server")
 
@@ -165,6 +166,8 @@ def load_model(
     if torch.device(device).type != "cpu":
         use_device_attention(model, device)
         logger.info("%s on %s: %s", Path(model_dir).name, device, describe_attention_backend(device))
+    else:  # the weights in 2 MiB pages: a decode step streams them all (platform/huge_pages.py)
+        move_to_huge_pages(model)
     return model
 
 
