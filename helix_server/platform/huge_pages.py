@@ -49,7 +49,8 @@ def _tensor_slots(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]
         held = {**module._parameters, **module._buffers}
         held.update((name, value) for name, value in vars(module).items() if isinstance(value, torch.Tensor))
         for name, tensor in held.items():
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.numel() > 0:
+            plain = isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided  # not oneDNN's opaque ones
+            if plain and tensor.device.type == "cpu" and tensor.numel() > 0:
                 slots.append((module, name, tensor))
     return slots
 
