@@ -127,7 +127,9 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, pro
 async def batch_one(server: Server, model: str, requests: int, max_tokens: int) -> dict:
     rng = random.Random(0)
     rates, ttfts = [], []
-    async with httpx.AsyncClient(timeout=600) as client:
+    # A fresh connection per request: llama-server closes idle keep-alive connections, and a request
+    # sent on one it just closed fails ("Server disconnected without sending a response").
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         await stream_completion(client, server.url, model, text_of(20, rng), 16)  # warm-up
         for _ in range(requests):
             result = await stream_completion(client, server.url, model, text_of(20, rng), max_tokens)
@@ -143,7 +145,8 @@ async def batch_one(server: Server, model: str, requests: int, max_tokens: int) 
 async def concurrent(server: Server, model: str, count: int) -> dict:
     rng = random.Random(1)
     jobs = [(text_of(rng.randint(64, 1024), rng), rng.randint(64, 256)) for _ in range(count)]
-    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=count)) as client:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(stream_completion(client, server.url, model, p, n) for p, n in jobs))
         wall = time.perf_counter() - start
