@@ -298,7 +298,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if gguf_file is not None:
         # Tokenizer and chat template from the GGUF metadata, via transformers' GGUF integration. The
         # fast tokenizer class directly, not AutoTokenizer: that one builds the model's config class
-        # first, whose import costs 60-80 MB resident in transformers 5 (see `GGUFConfig`).
+        # first, whose import costs 60-80 MiB resident in transformers 5 (see `GGUFConfig`).
         hf = PreTrainedTokenizerFast.from_pretrained(
             str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
         )

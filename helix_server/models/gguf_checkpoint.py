@@ -4,11 +4,10 @@ Tensors and metadata come from `gguf.GGUFReader` (ggml's own reader); the model 
 `helix_server.engine.tokenizer`) the tokenizer and chat template come from transformers' GGUF
 integration. The config is `GGUFConfig`, the attributes that integration reads from the metadata,
 not transformers' config class: importing `LlamaConfig` in transformers 5 imports its modeling
-stack (torch.distributed, sympy) and costs 60-80 MB resident, a third of a GGUF server's overhead.
-Supported: `general.architecture`
-llama, mistral, qwen2, qwen3, with tensors in F32, F16, BF16 (loaded as ordinary weights) or in a
-block type of `helix_server.layers.quantized_linear.QUANTIZED_TYPES` (kept packed). Anything else
-is refused by name with the supported list.
+stack (torch.distributed, sympy) and costs 60-80 MiB resident, a fifth of a GGUF server's overhead.
+Supported: `general.architecture` llama, mistral, qwen2, qwen3, with tensors in F32, F16, BF16
+(loaded as ordinary weights) or in a block type of `helix_server.layers.quantized_linear.QUANTIZED_TYPES`
+(kept packed). Anything else is refused by name with the supported list.
 
 llama.cpp's converter permutes the rows of Llama's q/k projections (its RoPE pairs adjacent
 dimensions, HF's pairs halves); `GGUFCheckpoint` applies the reverse permutation, as transformers
