@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helix_server.platform.allocator import release_freed_memory
+
 logger = logging.getLogger("helix_server")
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # a cache line: every tensor starts on one
+RELEASE_EVERY = 256 << 20  # bytes copied between returns of the old tensors' memory to the OS
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -59,17 +62,19 @@ def move_to_huge_pages(model: nn.Module) -> int:
     """Move `model`'s CPU tensors into one huge-page region (see the module docstring); returns the
     bytes moved (0 where huge pages are not available). For a model after loading, whose tensors
     are only read from then on: each contiguous tensor is copied once (tensors that share their
-    first byte share the copy, each keeping its own dtype and shape); other tensors stay."""
+    first byte share the copy, each keeping its own dtype and shape); other tensors stay. The old
+    memory goes back to the OS as the copies are made, so the peak is the model plus ~RELEASE_EVERY,
+    not twice the model."""
     if not huge_pages_available():
         return 0
-    slots = [(m, n, t) for m, n, t in _tensor_slots(model) if t.is_contiguous()]
-    sizes: dict[int, int] = {}  # data_ptr -> bytes (the largest tensor starting there)
-    for _, _, tensor in slots:
-        sizes[tensor.data_ptr()] = max(sizes.get(tensor.data_ptr(), 0), tensor.nbytes)
-    offsets, total = {}, 0
-    for pointer, size in sizes.items():
-        offsets[pointer] = total
-        total += -(-size // ALIGN) * ALIGN
+    # Slots grouped by where their tensor starts (a shared Parameter's data changes at its first
+    # replacement, so each slot's dtype, shape and size are taken now).
+    groups: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
+    for module, name, tensor in _tensor_slots(model):
+        if tensor.is_contiguous():
+            groups.setdefault(tensor.data_ptr(), []).append((module, name, tensor))
+    sizes = {pointer: max(t.nbytes for _, _, t in slots) for pointer, slots in groups.items()}
+    total = sum(-(-size // ALIGN) * ALIGN for size in sizes.values())
     if total == 0:
         return 0
     # Private: a shared anonymous mapping is shmem, which takes huge pages only where shmem_enabled says.
@@ -77,16 +82,22 @@ def move_to_huge_pages(model: nn.Module) -> int:
     region = mmap.mmap(-1, (-(-total // HUGE_PAGE) + 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     region.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the copies fault in 2 MiB pages
     memory = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
-    start = -memory.data_ptr() % HUGE_PAGE
-    # Where each slot's tensor is now (a shared Parameter changes its data at its first replacement).
-    placed = [(m, n, t, t.data_ptr(), t.dtype, t.shape, t.nbytes) for m, n, t in slots]
-    copied: set[int] = set()
-    for module, name, tensor, pointer, dtype, shape, nbytes in sorted(placed, key=lambda slot: -slot[6]):
-        flat = memory[start + offsets[pointer] : start + offsets[pointer] + nbytes]  # uint8 [nbytes]
-        if pointer not in copied:  # the largest tensor starting there: its bytes cover the others'
-            flat.copy_(tensor.reshape(-1).view(torch.uint8))
-            copied.add(pointer)
-        _replace(module, name, flat.view(dtype).view(shape))
+    offset = -memory.data_ptr() % HUGE_PAGE
+    unreleased = 0
+    for pointer in list(groups):
+        slots = [(m, n, t.dtype, t.shape, t.nbytes) for m, n, t in groups[pointer]]
+        source = max((t for _, _, t in groups.pop(pointer)), key=lambda t: t.nbytes)  # covers the others' bytes
+        flat = memory[offset : offset + sizes[pointer]]  # uint8 [bytes]
+        flat.copy_(source.reshape(-1).view(torch.uint8))
+        del source
+        for module, name, dtype, shape, nbytes in slots:
+            _replace(module, name, flat[:nbytes].view(dtype).view(shape))
+        offset += -(-sizes[pointer] // ALIGN) * ALIGN
+        unreleased += sizes[pointer]
+        if unreleased >= RELEASE_EVERY:  # the old tensors are freed: give their pages back now
+            release_freed_memory()
+            unreleased = 0
+    release_freed_memory()
     logger.debug("model tensors in transparent huge pages: %.1f MiB", total / (1 << 20))
     return total
 

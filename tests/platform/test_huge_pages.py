@@ -75,3 +75,17 @@ def test_a_model_loaded_on_the_cpu_streams_its_weights_from_huge_pages(tiny_mode
     layer = model.model.layers[0]
     for tensor in (model.model.embed_tokens.weight, layer.input_layernorm.weight):
         assert _advised_for_huge_pages(tensor.data_ptr())
+
+
+@pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages here")
+def test_the_old_memory_goes_back_as_the_copies_are_made(monkeypatch):
+    """The peak is the model plus a little, not twice the model: the old tensors are freed and their
+    pages returned every RELEASE_EVERY bytes copied."""
+    model = nn.Sequential(*(nn.Linear(256, 256) for _ in range(8)))  # 16 tensors, 8 of 256 KiB
+    originals = [p.data_ptr() for p in model.parameters()]
+    released = []
+    monkeypatch.setattr(huge_pages, "RELEASE_EVERY", 512 << 10)
+    monkeypatch.setattr(huge_pages, "release_freed_memory", lambda: released.append(len(released)) or True)
+    move_to_huge_pages(model)
+    assert len(released) >= 4  # every two weights, and once at the end
+    assert not set(originals) & {p.data_ptr() for p in model.parameters()}
