@@ -9,6 +9,7 @@ import time
 import pytest
 
 from helix_server import LLM, SamplingParams
+from helix_server.engine import async_engine as async_engine_module
 from helix_server.engine.async_engine import AsyncEngine
 from helix_server.engine.core import EngineCore
 from helix_server.engine.llm import engine_config_from_settings
@@ -152,3 +153,31 @@ def test_a_dead_engine_loop_fails_streams_with_engine_dead_error(tiny_model_dir)
             engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_freed_memory_goes_back_to_the_os_once_the_engine_runs_out_of_work(tiny_model_dir, monkeypatch):
+    """On the CPU glibc keeps freed buffers between steps; after a burst, not for good."""
+    busy_when_released: list[bool] = []
+    config = engine_config_from_settings(str(tiny_model_dir), dtype="float32", num_kv_blocks=64)
+    engine = AsyncEngine.from_config(config)
+    assert engine.release_memory_when_idle
+    monkeypatch.setattr(
+        async_engine_module, "release_freed_memory",
+        lambda: busy_when_released.append(engine.core.has_unfinished_requests()) or True,
+    )
+
+    async def main() -> None:
+        engine.start()
+        try:
+            params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            streams = [await engine.add_request(p, params) for p in ("def f(x):", "import os")]
+            for stream in streams:
+                async for _ in stream:
+                    pass
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+    assert engine.num_steps >= 6
+    assert busy_when_released and not any(busy_when_released)  # only when idle: not every step
+    assert len(busy_when_released) <= 2
