@@ -113,7 +113,7 @@ def test_running_out_of_file_descriptors_is_logged_briefly_and_service_resumes(t
             silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         time.sleep(6)  # accept fails for a while (each retry a second apart), then timeouts free descriptors
         response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=20)
-        assert response.status_code == 200
+        assert response.status_code == 200, response.text
     finally:
         for sock in silent:
             sock.close()

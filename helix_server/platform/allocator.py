@@ -12,7 +12,7 @@ the C library; elsewhere it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import sys
 
@@ -26,16 +26,16 @@ _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = (1 << 31) - 1
 
 
+@functools.cache
 def _glibc_function(name: str):
     """glibc's function `name` through ctypes, or None (not Linux, or a C library without it, such
-    as musl, which has neither mallopt nor malloc_trim)."""
+    as musl, which has neither mallopt nor malloc_trim). Looked up among the process's own symbols
+    (`dlopen(NULL)`), once: `ctypes.util.find_library` runs `ldconfig` in a subprocess, which fails
+    when the server is out of file descriptors, and the engine loop calls `release_freed_memory`."""
     if not sys.platform.startswith("linux"):
         return None
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
     try:
-        return getattr(ctypes.CDLL(library), name)
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 

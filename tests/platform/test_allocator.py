@@ -36,3 +36,25 @@ def test_memory_freed_while_loading_is_kept_until_released():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout
     kept, released = map(float, out.split())
     assert kept - released > 250, (kept, released)
+
+
+def test_releasing_works_with_no_file_descriptor_left():
+    """The engine loop returns memory when it goes idle, perhaps while the server is out of file
+    descriptors (a flood of connections): the release must not need one (no `ldconfig` subprocess)."""
+    script = textwrap.dedent(
+        """
+        import resource, socket
+        from helix_server.platform.allocator import release_freed_memory
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while True:
+                held.append(socket.socket())
+        except OSError:
+            pass
+        print(release_freed_memory())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["True"], out.stderr[-2000:]
