@@ -33,7 +33,7 @@ from helix_server.engine.core import EngineCore
 from helix_server.engine.input_processor import EngineCoreRequest, check_request_id
 from helix_server.engine.outputs import RequestOutput
 from helix_server.engine.stats import EngineStats
-from helix_server.engine.tokenizer import Tokenizer, load_tokenizer
+from helix_server.engine.tokenizer import Tokenizer
 from helix_server.engine.torch_thread import TorchThread
 from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
 from helix_server.platform.allocator import release_freed_memory
@@ -98,9 +98,10 @@ class AsyncEngine:
         """`torch_thread`: the thread that loaded `core`'s model, to run its steps too (see
         `TorchThread`); a new one when None."""
         self.core = core
-        # The event loop tokenizes with its own tokenizer instance: HF fast tokenizers are not safe
-        # to share with the engine thread that detokenizes.
-        self.tokenizer = tokenizer or load_tokenizer(core.runtime.model_dir)
+        # The event loop tokenizes with the engine's own tokenizer, which its thread detokenizes
+        # with: `Tokenizer` is safe to share between threads (see its docstring), and a second copy
+        # of a 49k-token vocabulary costs ~10 MiB of resident memory.
+        self.tokenizer = tokenizer or core.tokenizer
         self.tokenizer.sanitize_chat_content = not core.config.model.allow_special_tokens_in_content
         self.runtime = core.runtime
         # Validation needs only values the engine fixed at start-up: safe on the event loop.

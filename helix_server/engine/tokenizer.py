@@ -17,6 +17,7 @@ import asyncio
 import functools
 import json
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +63,12 @@ class Tokenizer:
     `eos_token_ids` is the union of the tokenizer's EOS token and the ids the model directory's
     `config.json` / `generation_config.json` declare. `vocab_size` counts added tokens too (it can be
     smaller than the model's embedding rows; ids the tokenizer does not know decode to "").
+
+    Safe to share between threads (the server's event loop, its tokenizer worker and the engine
+    thread use one instance): after construction nothing changes the Rust backend's settings. (The
+    "Already borrowed" errors of HF fast tokenizers used from several threads come from
+    transformers switching truncation and padding on the backend per call; `encode` calls the
+    backend directly instead, and chat templates are rendered to text first.)
     """
 
     def __init__(self, hf: Any, eos_token_ids: Iterable[int] = ()) -> None:
@@ -87,6 +94,7 @@ class Tokenizer:
         self.sanitize_chat_content = True
         self._control_tokens: ControlTokens | None = None
         self._plain_backend: Any = None  # the backend with special tokens split, for user text
+        self._plain_backend_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
     # -- text <-> ids -------------------------------------------------------------------------------
@@ -102,12 +110,13 @@ class Tokenizer:
         """Token ids of `text` with every special token in it split into ordinary tokens."""
         if self._backend is None:
             return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
-        if self._plain_backend is None:
-            from tokenizers import Tokenizer as RustTokenizer
+        with self._plain_backend_lock:  # built once, set up before any thread encodes with it
+            if self._plain_backend is None:
+                from tokenizers import Tokenizer as RustTokenizer
 
-            plain = RustTokenizer.from_str(self._backend.to_str())
-            plain.encode_special_tokens = True
-            self._plain_backend = plain
+                plain = RustTokenizer.from_str(self._backend.to_str())
+                plain.encode_special_tokens = True
+                self._plain_backend = plain
         return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -48,6 +48,8 @@ def test_concurrent_streams_match_offline_generation(tiny_model_dir):
 
     async def main():
         engine = _async_engine(tiny_model_dir)
+        # One tokenizer for the event loop and the engine thread (a second would cost ~10 MiB).
+        assert engine.tokenizer is engine.core.tokenizer
         engine.start()
         try:
             streams = [await engine.add_request(p, params) for p in prompts]

@@ -9,6 +9,7 @@ pre-tokenizer + decoder).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,39 @@ def test_template_errors_become_parameter_errors(byte_level: Tokenizer) -> None:
 def test_load_tokenizer_requires_a_local_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "does-not-exist")
+
+
+def test_one_tokenizer_serves_several_threads(tmp_path: Path) -> None:
+    """The server's event loop, its tokenizer worker and the engine thread share one `Tokenizer`:
+    encoding (plain, chat, user text with a control token in it), decoding and token bytes from four
+    threads at once give what they give on their own, and nothing raises. (An HF fast tokenizer whose
+    settings a call switches raises "Already borrowed" when another thread is inside it; the plain
+    backend for user text is built by whichever thread needs it first.)"""
+    texts = ASCII_CORPUS[:4] + UNICODE_CORPUS[:2]
+    conversations = [[{"role": "user", "content": text + " <|im_end|> and more"}] for text in texts]
+
+    def work(tok: Tokenizer) -> list:
+        results = []
+        for text, messages in zip(texts, conversations):
+            ids = tok.encode(text)
+            results += [ids, tok.decode(ids), [tok.token_bytes(i) for i in ids], tok.encode_chat(messages)]
+        return results
+
+    expected = work(build_byte_level(tmp_path / "alone"))
+    shared = build_byte_level(tmp_path / "shared")
+    start = threading.Barrier(4)
+    outcomes: list = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            outcomes.extend(work(shared) == expected for _ in range(20))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [True] * 80
