@@ -32,31 +32,24 @@ using helix_vec::store_lanes;
 using helix_vec::tail_mask;
 using helix_vec::to_float;
 
-// q . k_u for 16 keys at once: key u's products are summed over head_dim 16 lanes at a time, in
-// order, then its 16 lanes by one fixed tree, the same for every key and lane, so a key's score
-// does not depend on the keys beside it. `key_at(u)` points at key u's head_dim values; keys past
-// `n` score 0 and are not read.
-template <typename T, typename KeyAt>
-inline __m512 dot16(const float* q, const KeyAt& key_at, int64_t n, int64_t dim) {
-  __m512 p[kLanes];
-  for (int64_t u = 0; u < kLanes; ++u) {
-    __m512 acc = _mm512_setzero_ps();
-    if (u < n) {
-      const T* k = key_at(u);
-      for (int64_t i = 0; i < dim; i += kLanes) acc = _mm512_fmadd_ps(load_lanes(q + i, dim - i), load_lanes(k + i, dim - i), acc);
-    }
-    p[u] = acc;
-  }
-  // Lanes within each 128-bit quarter: (a0 + a2) + (a1 + a3), four keys to a vector.
-  __m512 quarter[4];
-  for (int g = 0; g < 4; ++g) {
-    __m512* v = p + 4 * g;
-    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
-    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
-    quarter[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
-                               _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  // Then the quarters: (q0 + q1) + (q2 + q3); key u ends in lane u.
+// Ask for the cache lines of `n` values from `row` on.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+}
+
+// Four keys' 16-lane partial sums (key u's in p[u]) folded within each 128-bit quarter:
+// (a0 + a2) + (a1 + a3), four keys to a vector (key u of the four ends in quarter lane u).
+inline __m512 fold_quarter(const __m512* p) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(p[0], p[1]), _mm512_unpackhi_ps(p[0], p[1]));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(p[2], p[3]), _mm512_unpackhi_ps(p[2], p[3]));
+  return _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// Then the four quarters: (q0 + q1) + (q2 + q3); key u of the 16 ends in lane u.
+inline __m512 fold_quarters(const __m512* quarter) {
   const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(quarter[0], quarter[1], _MM_SHUFFLE(2, 0, 2, 0)),
                                    _mm512_shuffle_f32x4(quarter[0], quarter[1], _MM_SHUFFLE(3, 1, 3, 1)));
   const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(quarter[2], quarter[3], _MM_SHUFFLE(2, 0, 2, 0)),
@@ -65,30 +58,66 @@ inline __m512 dot16(const float* q, const KeyAt& key_at, int64_t n, int64_t dim)
                        _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Softmax weights of one query row (float32) over its `count` keys, from key `first` on:
-// weights[j] = e^(s_j - max) with s_j = scale * q . k_(first + j); returns 1 / sum of the weights
-// (summed 16 keys at a time in key order). `offsets[j]` is key j's offset in the cache.
-template <typename T>
-float softmax_weights(const float* q, const T* key_head, const int64_t* offsets, int64_t first, int64_t count,
-                      int64_t dim, float scale, float* weights) {
+// q_h . k_u for 16 keys and H query heads that share them (one GQA group): key u's products with
+// head h are summed over head_dim 16 lanes at a time, in order, then its 16 lanes by one fixed tree
+// (`fold_quarter`, `fold_quarters`), the same for every key, head and lane, so a score depends on
+// its query and key only (not on the keys beside it, nor on the other heads). Each key is read and
+// widened once for all H heads. `key_at(u)` points at key u's head_dim values; keys past `n`
+// score 0 and are not read. out[h]: head h's 16 scores, key u in lane u.
+template <int H, typename T, typename KeyAt>
+inline void dot16_heads(const float* const* q, const KeyAt& key_at, int64_t n, int64_t dim, __m512* out) {
+  __m512 quarter[H][4];
+  for (int g = 0; g < 4; ++g) {
+    __m512 p[H][4];
+    for (int u = 0; u < 4; ++u) {
+      for (int h = 0; h < H; ++h) p[h][u] = _mm512_setzero_ps();
+      if (4 * g + u >= n) continue;
+      const T* k = key_at(4 * g + u);
+      for (int64_t i = 0; i < dim; i += kLanes) {
+        const __m512 key = load_lanes(k + i, dim - i);
+        for (int h = 0; h < H; ++h) p[h][u] = _mm512_fmadd_ps(load_lanes(q[h] + i, dim - i), key, p[h][u]);
+      }
+    }
+    for (int h = 0; h < H; ++h) quarter[h][g] = fold_quarter(p[h]);
+  }
+  for (int h = 0; h < H; ++h) out[h] = fold_quarters(quarter[h]);
+}
+
+// Softmax weights of H query rows (float32) that share their `count` keys, from key `first` on:
+// weights[h][j] = e^(s_hj - max_h) with s_hj = scale * q_h . k_(first + j); inv_sum[h] = 1 / the sum
+// of head h's weights (summed 16 keys at a time in key order). `offsets[j]` is key j's offset in
+// the cache.
+template <int H, typename T>
+void softmax_weights(const float* const* q, const T* key_head, const int64_t* offsets, int64_t first, int64_t count,
+                     int64_t dim, float scale, float* const* weights, float* inv_sum) {
   const __m512 scale_vec = _mm512_set1_ps(scale);
-  __m512 max_vec = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 max_vec[H];
+  for (int h = 0; h < H; ++h) max_vec[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < count; j += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, count - j);
     const auto key_at = [&](int64_t u) { return key_head + offsets[first + j + u]; };
-    const __m512 s = _mm512_mul_ps(dot16<T>(q, key_at, n, dim), scale_vec);
-    _mm512_mask_storeu_ps(weights + j, tail_mask(n), s);
-    max_vec = _mm512_mask_max_ps(max_vec, tail_mask(n), max_vec, s);
+    // The next 16 keys, from wherever their blocks are: the cache is too large to stay cached.
+    for (int64_t u = kLanes; u < std::min<int64_t>(2 * kLanes, count - j); ++u) prefetch_row(key_at(u), dim);
+    __m512 dots[H];
+    dot16_heads<H, T>(q, key_at, n, dim, dots);
+    for (int h = 0; h < H; ++h) {
+      const __m512 s = _mm512_mul_ps(dots[h], scale_vec);
+      _mm512_mask_storeu_ps(weights[h] + j, tail_mask(n), s);
+      max_vec[h] = _mm512_mask_max_ps(max_vec[h], tail_mask(n), max_vec[h], s);
+    }
   }
-  const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max_vec));
-  __m512 sum_vec = _mm512_setzero_ps();
-  for (int64_t j = 0; j < count; j += kLanes) {
-    const __mmask16 mask = tail_mask(count - j);
-    const __m512 weight = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, weights + j), max_score)));
-    _mm512_mask_storeu_ps(weights + j, mask, weight);
-    sum_vec = _mm512_add_ps(sum_vec, weight);
+  for (int h = 0; h < H; ++h) {
+    const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max_vec[h]));
+    __m512 sum_vec = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; j += kLanes) {
+      const __mmask16 mask = tail_mask(count - j);
+      const __m512 weight =
+          _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, weights[h] + j), max_score)));
+      _mm512_mask_storeu_ps(weights[h] + j, mask, weight);
+      sum_vec = _mm512_add_ps(sum_vec, weight);
+    }
+    inv_sum[h] = 1.0f / _mm512_reduce_add_ps(sum_vec);
   }
-  return 1.0f / _mm512_reduce_add_ps(sum_vec);
 }
 
 // out_h = inv_sum_h * sum_j weights_h[j] v_(first + j), in key order, for H query heads that share
@@ -104,6 +133,7 @@ void weighted_values(const float* const* weights, const float* inv_sum, const T*
       for (int h = 0; h < H; ++h) acc[h][v] = _mm512_setzero_ps();
     }
     for (int64_t j = 0; j < count; ++j) {
+      if (j + kLanes < count) prefetch_row(value_head + offsets[first + j + kLanes] + i, std::min<int64_t>(dim - i, 4 * kLanes));
       const T* value = value_head + offsets[first + j] + i;
       __m512 vec[4];
       for (int v = 0; v < 4; ++v) vec[v] = lanes[v] > 0 ? load_lanes(value + v * kLanes, lanes[v]) : _mm512_setzero_ps();
@@ -212,23 +242,37 @@ void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
         const int64_t row = r * query_len + t;
         for (int64_t h0 = kv_head * group; h0 < (kv_head + 1) * group; h0 += kHeadsAtOnce) {
           const int64_t n_heads = std::min(kHeadsAtOnce, (kv_head + 1) * group - h0);
-          const float* head_weights[kHeadsAtOnce];
+          const float* q_heads[kHeadsAtOnce];
+          float* head_weights[kHeadsAtOnce];
           float inv_sum[kHeadsAtOnce];
           T* outs[kHeadsAtOnce];
           for (int64_t h = 0; h < n_heads; ++h) {
             const T* q = qp + row * q_stride + (h0 + h) * dim;
             float* q_row = q_rows.data() + h * dim;
             for (int64_t i = 0; i < dim; ++i) q_row[i] = to_float(q[i]);
-            float* w = weights.data() + h * lens[r];
-            inv_sum[h] = softmax_weights(q_row, k_head, offsets.data(), first, count, dim, scale, w);
-            head_weights[h] = w;
+            q_heads[h] = q_row;
+            head_weights[h] = weights.data() + h * lens[r];
             outs[h] = op + (row * heads + h0 + h) * dim;
           }
+          const int64_t* offs = offsets.data();
+          const float* const* w = head_weights;
           switch (n_heads) {
-            case 1: weighted_values<1>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
-            case 2: weighted_values<2>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
-            case 3: weighted_values<3>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
-            default: weighted_values<4>(head_weights, inv_sum, v_head, offsets.data(), first, count, dim, outs); break;
+            case 1:
+              softmax_weights<1>(q_heads, k_head, offs, first, count, dim, scale, head_weights, inv_sum);
+              weighted_values<1>(w, inv_sum, v_head, offs, first, count, dim, outs);
+              break;
+            case 2:
+              softmax_weights<2>(q_heads, k_head, offs, first, count, dim, scale, head_weights, inv_sum);
+              weighted_values<2>(w, inv_sum, v_head, offs, first, count, dim, outs);
+              break;
+            case 3:
+              softmax_weights<3>(q_heads, k_head, offs, first, count, dim, scale, head_weights, inv_sum);
+              weighted_values<3>(w, inv_sum, v_head, offs, first, count, dim, outs);
+              break;
+            default:
+              softmax_weights<4>(q_heads, k_head, offs, first, count, dim, scale, head_weights, inv_sum);
+              weighted_values<4>(w, inv_sum, v_head, offs, first, count, dim, outs);
+              break;
           }
         }
       }
