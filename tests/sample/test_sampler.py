@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helix_server.sample.sampler import Sampler
+from helix_server.sample.sampler import Sampler, greedy_tokens
 from helix_server.sample.sampling_row import SamplingRow
 from helix_server.sampling_params import SamplingParams
 
@@ -45,6 +45,15 @@ def test_greedy_is_argmax_and_draws_nothing():
     assert all(lp is None for _, lp in out)
     assert torch.equal(sampler.generator.get_state(), shared_state)
     assert torch.equal(seeded.generator.get_state(), own_state)
+
+
+def test_greedy_tokens_break_ties_and_nans_as_argmax():
+    """The first of equal maxima wins, and a row with a NaN gives its first NaN, as `argmax`."""
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(2))
+    logits[0, [7, 30000]] = 100.0  # a tie: 7
+    logits[1, [5, 9]] = float("nan")  # 5
+    logits[2, -1] = 100.0  # the last column
+    assert greedy_tokens(logits).tolist() == logits.argmax(-1).tolist() == [7, 5, 49151, logits[3].argmax()]
 
 
 def test_logit_bias_hand_computation():
