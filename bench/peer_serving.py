@@ -11,7 +11,11 @@ Each server is started here on a free loopback port, warmed up, then given the s
     tokens (seeded); output tokens per second of wall time;
   * memory: the server process's resident set once idle after the workload (1 s after the last
     stream ended: helix returns a burst's freed buffers to the OS when it runs out of work) and
-    its peak (VmRSS, VmHWM).
+    its peak (VmRSS, VmHWM);
+  * shared prefix (after the memory reading): one request with a 1,000-word prompt, then
+    `--shared-prefix` requests at once that share it, each with its own 10-30-word question and 16
+    output tokens; median and largest time to first token (a server that reuses the cached prefix
+    computes only the questions).
 
 The peers: `--llama-server PATH --gguf FILE` runs llama.cpp's `llama-server` on a GGUF file (2
 threads, continuous batching with `--concurrent` slots); `--vllm-python PYTHON --vllm-args '--model
@@ -156,6 +160,19 @@ async def concurrent(server: Server, model: str, count: int) -> dict:
     return {"output_tok_s": tokens / wall, "wall_s": wall, "output_tokens": tokens}
 
 
+async def shared_prefix(server: Server, model: str, count: int) -> dict:
+    """Time to first token of `count` concurrent requests sharing a 1,000-word prompt seen once before."""
+    rng = random.Random(2)
+    prefix = text_of(1000, rng)
+    prompts = [prefix + " " + text_of(rng.randint(10, 30), rng) for _ in range(count)]
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        await stream_completion(client, server.url, model, prefix + " " + text_of(20, rng), 16)  # the prefix, once
+        results = await asyncio.gather(*(stream_completion(client, server.url, model, p, 16) for p in prompts))
+    ttfts = [r["arrivals"][0] - r["start"] for r in results]
+    return {"requests": count, "ttft_median_s": statistics.median(ttfts), "ttft_max_s": max(ttfts)}
+
+
 def memory_mb(pid: int) -> dict:
     """The process's resident set now and at its peak (VmRSS, VmHWM), in MiB (Linux)."""
     fields = {}
@@ -173,10 +190,14 @@ def run(server: Server, model: str, args) -> dict:
             result["concurrent"] = asyncio.run(concurrent(server, model, args.concurrent))
         time.sleep(IDLE_SETTLE_S)  # the last stream ends a moment before the server goes idle
         result["memory"] = memory_mb(server.process.pid)
+        if args.shared_prefix:
+            result["shared_prefix"] = asyncio.run(shared_prefix(server, model, args.shared_prefix))
     print(f"{server.name}: batch-1 decode {result['batch1']['decode_tok_s']:.1f} tok/s "
           f"(TTFT {result['batch1']['ttft_s'] * 1000:.0f} ms)"
           + (f"; {args.concurrent} concurrent: {result['concurrent']['output_tok_s']:.1f} output tok/s"
-             if args.concurrent else ""), flush=True)
+             if args.concurrent else "")
+          + (f"; {args.shared_prefix} sharing a prefix: median TTFT {result['shared_prefix']['ttft_median_s']:.2f} s"
+             if args.shared_prefix else ""), flush=True)
     return result
 
 
@@ -203,12 +224,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrent", type=int, default=16, help="0 skips the concurrent workload")
+    parser.add_argument("--shared-prefix", type=int, default=16,
+                        help="requests sharing a 1,000-word prompt (TTFT); 0 skips the workload")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "peer_serving.json"))
     args = parser.parse_args()
 
     results: dict = {"workload": {"requests": args.requests, "max_tokens": args.max_tokens,
-                                  "concurrent": args.concurrent},
+                                  "concurrent": args.concurrent, "shared_prefix": args.shared_prefix},
                      "command": _command_line(), "load_average_before": os.getloadavg()[0]}
     port = free_port()
     helix = [sys.executable, "-m", "helix_server", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -232,6 +255,9 @@ def main() -> int:
             ratio = results["helix"]["concurrent"]["output_tok_s"] / results["llama_server"]["concurrent"]["output_tok_s"]
             results["helix_over_llama_concurrent"] = ratio
             print(f"helix / llama-server, {args.concurrent} concurrent: {ratio:.2f}x")
+        if args.shared_prefix:
+            ratio = shared_prefix_lead(results, "llama_server")
+            print(f"llama-server's median TTFT over helix's, shared prefix: {ratio:.2f}x")
     if args.vllm_python:
         port = free_port()
         vllm = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port",
@@ -247,8 +273,18 @@ def main() -> int:
                 results["helix"]["concurrent"]["output_tok_s"] / results["vllm"]["concurrent"]["output_tok_s"])
         print(f"helix / vLLM, batch-1 decode: {results['helix_over_vllm_batch1']:.2f}x"
               + (f"; {args.concurrent} concurrent: {results['helix_over_vllm_concurrent']:.2f}x" if args.concurrent else ""))
+        if args.shared_prefix:
+            print(f"vLLM's median TTFT over helix's, shared prefix: {shared_prefix_lead(results, 'vllm'):.2f}x")
     save(results, Path(args.out))
     return 0
+
+
+def shared_prefix_lead(results: dict, peer: str) -> float:
+    """The peer's median shared-prefix TTFT over helix's (above 1: helix answers first), stored as
+    `ttft_lead_over_<peer>_shared_prefix`."""
+    ratio = results[peer]["shared_prefix"]["ttft_median_s"] / results["helix"]["shared_prefix"]["ttft_median_s"]
+    results[f"ttft_lead_over_{peer}_shared_prefix"] = ratio
+    return ratio
 
 
 def save(results: dict, out: Path) -> None:

@@ -36,26 +36,43 @@ def _load_note(data: dict) -> str:
 
 
 def peer_serving(data: dict) -> str:
-    """helix against llama.cpp's llama-server on one GGUF file (`bench/peer_serving.py`)."""
+    """helix against llama.cpp's llama-server, and vLLM when the run had it (`bench/peer_serving.py`).
+    vLLM's resident set is not shown: its engine runs in a child process the reading misses."""
     work = data["workload"]
     servers = [("helix", data["helix"])]
     if "llama_server" in data:
         servers.append(("llama.cpp `llama-server`", data["llama_server"]))
+    if "vllm" in data:
+        servers.append(("vLLM (CPU)", {**data["vllm"], "memory": {}}))
+    shared = work.get("shared_prefix")  # runs before this workload existed have no such column
     header = f"| server | batch-1 decode tok/s | batch-1 TTFT | {work['concurrent']} concurrent, output tok/s |"
-    rows = [header + " RSS idle after the workload (peak) |", "|---|---|---|---|---|"]
+    header += f" {shared} sharing a prefix: median TTFT |" if shared else ""
+    rows = [header + " RSS idle after the workload (peak) |", "|---|---|---|---|---|" + ("---|" if shared else "")]
     for name, result in servers:
         batch1, memory = result["batch1"], result.get("memory", {})
         conc = result.get("concurrent")
         rss = f"{memory['rss_mb']:.0f} MiB ({memory['peak_rss_mb']:.0f} MiB)" if memory.get("rss_mb") else "-"
         conc_cell = f"{conc['output_tok_s']:.1f}" if conc else "-"
-        rows.append(f"| {name} | {batch1['decode_tok_s']:.1f} | {batch1['ttft_s'] * 1000:.0f} ms | {conc_cell} | {rss} |")
+        shared_cell = f" {result['shared_prefix']['ttft_median_s']:.2f} s |" if shared else ""
+        rows.append(f"| {name} | {batch1['decode_tok_s']:.1f} | {batch1['ttft_s'] * 1000:.0f} ms | {conc_cell} |"
+                    f"{shared_cell} {rss} |")
     if "helix_over_llama_batch1" in data:
         conc_ratio = data.get("helix_over_llama_concurrent")
         conc_cell = f"**{conc_ratio:.2f}x**" if conc_ratio is not None else "-"
-        rows.append(f"| helix / llama-server | **{data['helix_over_llama_batch1']:.2f}x** | | {conc_cell} | |")
+        lead = data.get("ttft_lead_over_llama_server_shared_prefix")
+        shared_cell = (f" llama-server / helix: **{lead:.2f}x** |" if lead is not None else " - |") if shared else ""
+        rows.append(f"| helix / llama-server | **{data['helix_over_llama_batch1']:.2f}x** | | {conc_cell} |{shared_cell} |")
+    if "helix_over_vllm_batch1" in data:
+        conc_ratio = data.get("helix_over_vllm_concurrent")
+        conc_cell = f"**{conc_ratio:.2f}x**" if conc_ratio is not None else "-"
+        lead = data.get("ttft_lead_over_vllm_shared_prefix")
+        shared_cell = (f" vLLM / helix: **{lead:.2f}x** |" if lead is not None else " - |") if shared else ""
+        rows.append(f"| helix / vLLM | **{data['helix_over_vllm_batch1']:.2f}x** | | {conc_cell} |{shared_cell} |")
     note = (f"\n{work['requests']} sequential requests of {work['max_tokens']} tokens (medians), then "
-            f"{work['concurrent']} at once (prompts 64-1,024 words, 64-256 output tokens). `{_command(data)}`."
-            + _load_note(data) + "\n")
+            f"{work['concurrent']} at once (prompts 64-1,024 words, 64-256 output tokens)"
+            + (f", then {shared} at once sharing a 1,000-word prompt seen once before (16 output tokens each)"
+               if shared else "")
+            + f". `{_command(data)}`." + _load_note(data) + "\n")
     return "\n".join(rows) + "\n" + note
 
 
@@ -82,7 +99,12 @@ def default_speculation(data: dict) -> str:
     return "\n".join(rows) + "\n" + note
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"peer_serving": peer_serving, "default_speculation": default_speculation}
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "peer_serving": peer_serving,
+    "peer_serving_bf16_peers": peer_serving,
+    "peer_serving_f32_peers": peer_serving,
+    "default_speculation": default_speculation,
+}
 
 
 def render_page(page: str, results: Path) -> str:
