@@ -56,18 +56,15 @@ def peer_serving(data: dict) -> str:
         shared_cell = f" {result['shared_prefix']['ttft_median_s']:.2f} s |" if shared else ""
         rows.append(f"| {name} | {batch1['decode_tok_s']:.1f} | {batch1['ttft_s'] * 1000:.0f} ms | {conc_cell} |"
                     f"{shared_cell} {rss} |")
-    if "helix_over_llama_batch1" in data:
-        conc_ratio = data.get("helix_over_llama_concurrent")
+    # A ratio row per peer: helix's rates over the peer's, and the peer's shared-prefix TTFT over helix's.
+    for key, peer, label in (("llama", "llama_server", "llama-server"), ("vllm", "vllm", "vLLM")):
+        if f"helix_over_{key}_batch1" not in data:
+            continue
+        conc_ratio = data.get(f"helix_over_{key}_concurrent")
         conc_cell = f"**{conc_ratio:.2f}x**" if conc_ratio is not None else "-"
-        lead = data.get("ttft_lead_over_llama_server_shared_prefix")
-        shared_cell = (f" llama-server / helix: **{lead:.2f}x** |" if lead is not None else " - |") if shared else ""
-        rows.append(f"| helix / llama-server | **{data['helix_over_llama_batch1']:.2f}x** | | {conc_cell} |{shared_cell} |")
-    if "helix_over_vllm_batch1" in data:
-        conc_ratio = data.get("helix_over_vllm_concurrent")
-        conc_cell = f"**{conc_ratio:.2f}x**" if conc_ratio is not None else "-"
-        lead = data.get("ttft_lead_over_vllm_shared_prefix")
-        shared_cell = (f" vLLM / helix: **{lead:.2f}x** |" if lead is not None else " - |") if shared else ""
-        rows.append(f"| helix / vLLM | **{data['helix_over_vllm_batch1']:.2f}x** | | {conc_cell} |{shared_cell} |")
+        lead = data.get(f"ttft_lead_over_{peer}_shared_prefix")
+        shared_cell = (f" {label} / helix: **{lead:.2f}x** |" if lead is not None else " - |") if shared else ""
+        rows.append(f"| helix / {label} | **{data[f'helix_over_{key}_batch1']:.2f}x** | | {conc_cell} |{shared_cell} |")
     note = (f"\n{work['requests']} sequential requests of {work['max_tokens']} tokens (medians), then "
             f"{work['concurrent']} at once (prompts 64-1,024 words, 64-256 output tokens)"
             + (f", then {shared} at once sharing a 1,000-word prompt seen once before (16 output tokens each)"
