@@ -14,12 +14,11 @@ value per query head and key: 4 x head_dim flops) and the KV bytes read per seco
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from bench_results import save_results
+from quant_kernels import median_us
 
 from helix_server.layers.cpu_kernels import load_cpu_kernels
 
@@ -41,14 +40,9 @@ def time_case(dtype: torch.dtype, requests: int, keys: int, repeats: int, genera
     def call() -> torch.Tensor:
         return op(query, key_cache, value_cache, block_tables, seq_lens, 1, HEAD_DIM**-0.5, 0)
 
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    call()
+    call()  # with median_us's own, 3 warm-ups
+    seconds = median_us(call, repeats) / 1e6
     flops = requests * HEADS * keys * HEAD_DIM * 4
     kv_bytes = requests * keys * KV_HEADS * HEAD_DIM * 2 * key_cache.element_size()
     return {"dtype": str(dtype).removeprefix("torch."), "requests": requests, "keys": keys, "ms": seconds * 1e3,
