@@ -94,19 +94,21 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows_of_the_call(rows, start, ou
 
 
 @needs_kernels
-def test_one_row_gets_the_same_bits_whatever_the_thread_count():
+@pytest.mark.parametrize("threads", [1, 3])  # 3: runs of panels that split the tiles' groups unevenly
+def test_one_row_gets_the_same_bits_whatever_the_thread_count(threads):
     generator = torch.Generator().manual_seed(2)
     layer = PanelLinear(torch.randn(1000, 256, generator=generator), torch.randn(1000, generator=generator))
     x = torch.randn(20, 256, generator=generator)
-    threads = torch.get_num_threads()
+    default_threads = torch.get_num_threads()
     with torch.inference_mode():
         expected = layer(x)
         try:
-            torch.set_num_threads(1)
-            single = layer(x)
-        finally:
             torch.set_num_threads(threads)
-    assert torch.equal(single, expected)
+            got = [layer(x[:rows]) for rows in (1, 5, 20)]
+        finally:
+            torch.set_num_threads(default_threads)
+    for rows, result in zip((1, 5, 20), got):
+        assert torch.equal(result, expected[:rows]), rows
 
 
 @needs_kernels

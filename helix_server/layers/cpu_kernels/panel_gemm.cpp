@@ -116,17 +116,17 @@ TileShape tile_shape(int64_t m) {
   return {6, 4};
 }
 
-// Threads split the panel groups; each walks its groups' rows tile by tile (the group's weights
-// stay in cache after the first tile streamed them).
+// Threads split the panels into equal runs (a 36-panel projection splits 18 + 18, not into five
+// 8-panel groups 3 + 2, which left one thread streaming alone for a third of the call); each walks
+// its run in groups of `shape.panels` (the last one shorter), and a group's rows tile by tile (the
+// group's weights stay in cache after the first tile streamed them).
 template <typename T, typename Out>
 void run_tiles(const T* xp, const T* wp, const float* bp, Out* yp, int64_t m, int64_t k_len, int64_t n_len,
                int64_t num_panels) {
   const TileShape shape = tile_shape(m);
-  const int64_t groups = (num_panels + shape.panels - 1) / shape.panels;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t p0 = g * shape.panels;
-      const int panels_here = static_cast<int>(std::min<int64_t>(shape.panels, num_panels - p0));
+  at::parallel_for(0, num_panels, shape.panels, [&](int64_t begin, int64_t end) {
+    for (int64_t p0 = begin; p0 < end; p0 += shape.panels) {
+      const int panels_here = static_cast<int>(std::min<int64_t>(shape.panels, end - p0));
       for (int64_t row0 = 0; row0 < m; row0 += shape.rows) {
         const int rows_here = static_cast<int>(std::min<int64_t>(shape.rows, m - row0));
         kTiles<T, Out>[rows_here - 1][panels_here - 1](xp + row0 * k_len, k_len, wp + p0 * k_len * kLanes,
