@@ -1,8 +1,9 @@
-"""helix's CPU attention kernel for short queries (`helix::paged_query_attention`): milliseconds per
-call, and the rates they mean, for decode rows of SmolLM2-135M's attention shape.
+"""helix's CPU attention kernels for short queries (`helix::paged_query_attention`, and in bfloat16 on
+CPUs with AMX `helix::paged_query_attention_amx`, the one helix runs there): milliseconds per call,
+and the rates they mean, for decode rows of SmolLM2-135M's attention shape.
 
 Each case is `--requests` requests of one query token each (a decode step's rows) over the same
-number of keys, in float32 and bfloat16: 9 query heads over 3 KV heads of 64 values, 16-token
+number of keys, in float32 and bfloat16 (on both kernels where AMX is present): 9 query heads over 3 KV heads of 64 values, 16-token
 blocks scattered at random over the pool, as a pool that has served for a while holds them. Per
 case: the median of `--repeats` timed calls after 3 warm-ups, GFLOP/s (a score and a weighted
 value per query head and key: 4 x head_dim flops) and the KV bytes read per second. Both threads
@@ -21,11 +22,14 @@ from bench_results import save_results
 from quant_kernels import median_us
 
 from helix_server.layers.cpu_kernels import load_cpu_kernels
+from helix_server.layers.panel_linear import amx_available
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 
 
-def time_case(dtype: torch.dtype, requests: int, keys: int, repeats: int, generator: torch.Generator) -> dict:
+def time_case(
+    dtype: torch.dtype, kernel: str, requests: int, keys: int, repeats: int, generator: torch.Generator
+) -> dict:
     blocks_per_request = -(-keys // BLOCK_SIZE)
     num_blocks = requests * blocks_per_request + 8
     shape = (num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
@@ -35,7 +39,7 @@ def time_case(dtype: torch.dtype, requests: int, keys: int, repeats: int, genera
     block_tables = block_tables.view(requests, blocks_per_request)  # [requests, blocks] int64
     seq_lens = torch.full((requests,), keys, dtype=torch.long)
     query = torch.randn(requests, HEADS, HEAD_DIM, generator=generator).to(dtype)  # one token per request
-    op = torch.ops.helix.paged_query_attention.default
+    op = getattr(torch.ops.helix, "paged_query_attention_amx" if kernel == "amx" else "paged_query_attention").default
 
     def call() -> torch.Tensor:
         return op(query, key_cache, value_cache, block_tables, seq_lens, 1, HEAD_DIM**-0.5, 0)
@@ -45,7 +49,7 @@ def time_case(dtype: torch.dtype, requests: int, keys: int, repeats: int, genera
     seconds = median_us(call, repeats) / 1e6
     flops = requests * HEADS * keys * HEAD_DIM * 4
     kv_bytes = requests * keys * KV_HEADS * HEAD_DIM * 2 * key_cache.element_size()
-    return {"dtype": str(dtype).removeprefix("torch."), "requests": requests, "keys": keys, "ms": seconds * 1e3,
+    return {"dtype": str(dtype).removeprefix("torch."), "kernel": kernel, "requests": requests, "keys": keys, "ms": seconds * 1e3,
             "gflop_s": flops / seconds / 1e9, "kv_gb_s": kv_bytes / seconds / 1e9}
 
 
@@ -63,11 +67,14 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     cases = []
     with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16):
+        kernels = [(torch.float32, "avx512"), (torch.bfloat16, "avx512")]
+        if amx_available():
+            kernels.append((torch.bfloat16, "amx"))
+        for dtype, kernel in kernels:
             for keys in (int(k) for k in args.keys.split(",")):
-                case = time_case(dtype, args.requests, keys, args.repeats, generator)
+                case = time_case(dtype, kernel, args.requests, keys, args.repeats, generator)
                 cases.append(case)
-                print(f"{case['dtype']:>8}, {args.requests} rows x {keys} keys: {case['ms']:.3f} ms per call "
+                print(f"{case['dtype']:>8} ({kernel}), {args.requests} rows x {keys} keys: {case['ms']:.3f} ms per call "
                       f"({case['gflop_s']:.1f} GFLOP/s, KV read at {case['kv_gb_s']:.1f} GB/s)", flush=True)
     save_results({"threads": args.threads, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "cases": cases}, args.out)

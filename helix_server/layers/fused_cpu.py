@@ -12,7 +12,8 @@ float32 or bfloat16 model for versions that run one fused kernel each (at load, 
 * `RotaryEmbedding` -> `FusedRotaryEmbedding` (same bits as the torch ops);
 * `Attention` -> `FusedAttention`: the K/V store in one kernel (same bits as `write_kv_cache`)
   and the short queries' attention in one kernel per query group, reading the paged cache in
-  place (`paged_attention.cpp`; rows independent of the batch and of the query length).
+  place (`paged_attention.cpp`, or in bfloat16 on CPUs with AMX `paged_attention_amx.cpp`; rows
+  independent of the batch and of the query length).
 
 In bfloat16 the kernels widen their inputs to float32 exactly, compute in float32 and round to
 bfloat16 where the torch ops they replace round. The attention kernel rounds each output once, so
@@ -35,6 +36,7 @@ from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention, AttentionMetadata
 from helix_server.layers.attention.portable import prefill_attention
 from helix_server.layers.norm import RMSNorm
+from helix_server.layers.panel_linear import amx_available
 from helix_server.layers.rotary import RotaryEmbedding
 
 
@@ -77,10 +79,23 @@ def store_kv(
     torch.ops.helix.store_kv_(key_cache, value_cache, key, value, slot_mapping)
 
 
+def amx_attention_supported(head_dim: int) -> bool:
+    """Whether bfloat16 short queries of this head size run `helix::paged_query_attention_amx` here
+    (`paged_attention_amx.cpp`): AMX is available, and head_dim is a multiple of 32 up to 128. The
+    kernel also needs a block size that is a multiple of 16, checked per call."""
+    return head_dim % 32 == 0 and head_dim <= 128 and amx_available()
+
+
 class FusedAttention(Attention):
-    """`Attention` whose K/V store is one kernel and whose short queries (decodes, verification of drafts) attend the paged cache in place with
-    `helix::paged_query_attention`, one call per query group; prompt chunks keep the portable SDPA
-    path."""
+    """`Attention` whose K/V store is one kernel and whose short queries (decodes, verification of
+    drafts) attend the paged cache in place, one call per query group: `helix::paged_query_attention`,
+    or in bfloat16 with `use_amx` (and a block size that is a multiple of 16)
+    `helix::paged_query_attention_amx`, the same contract on AMX's tiles. Prompt chunks keep the
+    portable SDPA path."""
+
+    def __init__(self, *args, use_amx: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.use_amx = use_amx
 
     def attend(
         self,
@@ -93,8 +108,10 @@ class FusedAttention(Attention):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         window = self.sliding_window or 0
+        amx = self.use_amx and query.dtype == torch.bfloat16 and key_cache.shape[1] % 16 == 0
+        op = torch.ops.helix.paged_query_attention_amx if amx else torch.ops.helix.paged_query_attention
         parts = [
-            torch.ops.helix.paged_query_attention(
+            op(
                 query[group.token_start : group.token_end], key_cache, value_cache, group.block_tables,
                 group.seq_lens, group.query_len, self.scale, window,
             )  # [rows, heads, d]
@@ -132,6 +149,7 @@ def use_fused_cpu_ops(model: nn.Module, dtype: torch.dtype = torch.float32) -> i
                 fused = FusedAttention(
                     child.num_heads, child.num_kv_heads, child.head_dim, child.layer_idx, child.scale,
                     child.sliding_window,
+                    use_amx=dtype == torch.bfloat16 and amx_attention_supported(child.head_dim),
                 )
                 setattr(module, name, fused)
                 count += 1

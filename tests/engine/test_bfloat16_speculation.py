@@ -4,9 +4,9 @@ layers, to keep the test short).
 
 bfloat16 logits of a large vocabulary are full of near-ties, so a position must get the same bits
 whether it is computed as a decode step or as a draft being verified (k + 1 rows): every layer's
-rows must not depend on how many rows there are. helix's bfloat16 panel kernel and attention kernel
-keep that by construction (`layers.panel_linear`, `layers.fused_cpu`), and the LM head gives float32
-logits. oneDNN's bfloat16 linear layers do not on CPUs with AMX: with `cpu_kernels=False` this test
+rows must not depend on how many rows there are. helix's bfloat16 panel kernel and attention kernels
+(AVX-512's, or AMX's where the CPU has it) keep that by construction (`layers.panel_linear`,
+`layers.fused_cpu`), and the LM head gives float32 logits. oneDNN's bfloat16 linear layers do not on CPUs with AMX: with `cpu_kernels=False` this test
 fails there (checked on a Sapphire Rapids machine), and torch's SDPA promises nothing either."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pytest
 
 from helix_server import LLM, SamplingParams
 from helix_server.layers.cpu_kernels import cpu_kernels_supported
+from helix_server.layers.fused_cpu import FusedAttention
+from helix_server.layers.panel_linear import amx_available
 from tests.fixtures.tiny_models import make_tiny_model
 
 SMOLLM2_SHAPE = dict(
@@ -71,5 +73,8 @@ def test_bfloat16_greedy_is_token_identical_with_speculation(smollm_shaped_dir, 
     spec = LLM(model=str(smollm_shaped_dir), dtype="bfloat16", num_kv_blocks=256, **settings)
     got = [tokens_and_logprobs(r) for r in spec.generate(prompts, params)]
     assert got == expected
+    # The attention kernel this CPU runs in bfloat16 (AMX's where present) is the one under test.
+    attention = [m for m in spec.engine.runner.model.modules() if isinstance(m, FusedAttention)]
+    assert attention and all(m.use_amx == amx_available() for m in attention)
     stats = spec.engine.stats()
     assert stats.spec_num_draft_tokens_total > 0 and stats.spec_num_accepted_tokens_total > 0

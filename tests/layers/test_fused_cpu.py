@@ -20,6 +20,7 @@ from helix_server.layers.fused_cpu import (
     use_fused_cpu_ops,
 )
 from helix_server.layers.norm import RMSNorm
+from helix_server.layers.panel_linear import amx_available
 from helix_server.layers.rotary import RopeConfig, RotaryEmbedding
 from helix_server.models import load_model
 from tests.fixtures.tiny_models import make_tiny_model
@@ -189,31 +190,40 @@ def paged_case(head_dim: int, seq_lens: list[int], generator: torch.Generator, b
     return key_cache, value_cache, tables, block_tables
 
 
-def attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window=0):
+def attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window=0, kernel="avx512"):
+    op = torch.ops.helix.paged_query_attention_amx if kernel == "amx" else torch.ops.helix.paged_query_attention
     with torch.inference_mode():
-        return torch.ops.helix.paged_query_attention(
-            query, key_cache, value_cache, block_tables, torch.tensor(seq_lens), query_len, 0.3, window
-        )
+        return op(query, key_cache, value_cache, block_tables, torch.tensor(seq_lens), query_len, 0.3, window)
 
 
-@pytest.mark.parametrize("head_dim", [24, 64, 128])  # a partial vector, one pass, two passes over the values
+needs_amx = pytest.mark.skipif(not amx_available(), reason="this CPU has no AMX")
+AMX = pytest.param("amx", marks=needs_amx)
+# (kernel, dtype, head_dim): AVX-512 with a partial vector, one pass, two passes over the values; AMX
+# (bfloat16, head_dim a multiple of 32) with 1, 2 and 4 tile multiplies a score.
+KERNEL_CASES = [
+    *(("avx512", dtype, head_dim) for dtype in DTYPES for head_dim in (24, 64, 128)),
+    *(pytest.param("amx", torch.bfloat16, head_dim, marks=needs_amx) for head_dim in (32, 64, 128)),
+]
+
+
+@pytest.mark.parametrize("kernel,dtype,head_dim", KERNEL_CASES)
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_query_attention_matches_a_dense_reference(head_dim, window, dtype):
+@pytest.mark.parametrize("heads", [6, 14])  # GQA groups of 3 and 7 query heads (AMX: 1 and 2 score tiles a token)
+def test_paged_query_attention_matches_a_dense_reference(kernel, dtype, head_dim, window, heads):
     """bfloat16: the reference runs on the same bfloat16 values widened; the kernel computes in
     float32 and rounds each output once, so it is within bfloat16's rounding of the reference."""
     generator = torch.Generator().manual_seed(head_dim + window)
-    seq_lens, query_len, heads = [3, 40, 17], 3, 6
+    seq_lens, query_len, group = [3, 40, 17], 3, heads // 2
     key_cache, value_cache, tables, block_tables = paged_case(head_dim, seq_lens, generator)
     query = torch.randn(len(seq_lens) * query_len, heads, head_dim, generator=generator)
     key_cache, value_cache, query = key_cache.to(dtype), value_cache.to(dtype), query.to(dtype)
-    out = attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window)
+    out = attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_len, window, kernel)
     assert out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8
     for r, (seq_len, table) in enumerate(zip(seq_lens, tables)):
         slots = torch.tensor([table[j // 16] * 16 + j % 16 for j in range(seq_len)])
-        k = key_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // 3]  # [L, heads, d]
-        v = value_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // 3]
+        k = key_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // group]  # [L, heads, d]
+        v = value_cache.view(-1, 2, head_dim)[slots].double()[:, torch.arange(heads) // group]
         for t in range(query_len):
             position = seq_len - query_len + t
             allowed = torch.arange(seq_len) <= position
@@ -226,24 +236,49 @@ def test_paged_query_attention_matches_a_dense_reference(head_dim, window, dtype
             torch.testing.assert_close(out[r * query_len + t].double(), expected, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_query_rows_bits_depend_on_its_keys_only(dtype):
+@pytest.mark.parametrize("kernel,dtype", [("avx512", torch.float32), ("avx512", torch.bfloat16), (AMX, torch.bfloat16)])
+@pytest.mark.parametrize("heads,window,block_size", [(6, 0, 16), (14, 20, 32)])
+def test_a_query_rows_bits_depend_on_its_keys_only(kernel, dtype, heads, window, block_size):
     """The same position gives the same bits as a decode, as a draft being verified, alone or
-    among other requests."""
+    among other requests (AMX: whichever other query rows share its score tile)."""
     generator = torch.Generator().manual_seed(9)
     seq_lens = [50, 7, 33]
-    key_cache, value_cache, _, block_tables = paged_case(64, seq_lens, generator)
+    key_cache, value_cache, _, block_tables = paged_case(64, seq_lens, generator, block_size)
     key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
-    query = torch.randn(9, 6, 64, generator=generator).to(dtype)
-    batch = attention_op(query, key_cache, value_cache, block_tables, seq_lens, 3)  # 3 requests x 3 tokens
+    query = torch.randn(9, heads, 64, generator=generator).to(dtype)
+
+    def attend(q, tables, lens, query_len):
+        return attention_op(q, key_cache, value_cache, tables, lens, query_len, window, kernel)
+
+    batch = attend(query, block_tables, seq_lens, 3)  # 3 requests x 3 tokens
     for r, seq_len in enumerate(seq_lens):
         for t in range(3):
             row = r * 3 + t
-            alone = attention_op(query[row : row + 1], key_cache, value_cache, block_tables[r : r + 1],
-                                 [seq_len - 2 + t], 1)  # a decode at the same position
+            alone = attend(query[row : row + 1], block_tables[r : r + 1], [seq_len - 2 + t], 1)  # a decode there
             assert torch.equal(alone, batch[row : row + 1]), (r, t)
-    alone = attention_op(query[3:6], key_cache, value_cache, block_tables[1:2], [7], 3)
-    assert torch.equal(alone, batch[3:6])
+    assert torch.equal(attend(query[3:6], block_tables[1:2], [7], 3), batch[3:6])
+
+
+@needs_amx
+def test_the_amx_kernel_refuses_shapes_it_does_not_tile():
+    generator = torch.Generator().manual_seed(11)
+    for head_dim, block_size, message in [(24, 16, "got 24 and 16"), (64, 8, "got 64 and 8"), (160, 16, "got 160")]:
+        key_cache, value_cache, _, block_tables = paged_case(head_dim, [20], generator, block_size)
+        query = torch.randn(1, 4, head_dim, generator=generator).bfloat16()
+        with pytest.raises(RuntimeError, match=message):
+            attention_op(query, key_cache.bfloat16(), value_cache.bfloat16(), block_tables, [20], 1, kernel="amx")
+    key_cache, value_cache, _, block_tables = paged_case(64, [20], generator)
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        attention_op(torch.randn(1, 4, 64), key_cache, value_cache, block_tables, [20], 1, kernel="amx")
+
+
+def test_bfloat16_attention_layers_run_the_amx_kernel_where_it_tiles_them():
+    model = nn.Sequential(Attention(9, 3, 64, 0), Attention(8, 2, 24, 1))
+    use_fused_cpu_ops(model, torch.bfloat16)
+    assert [layer.use_amx for layer in model] == [amx_available(), False]
+    model = nn.Sequential(Attention(9, 3, 64, 0))
+    use_fused_cpu_ops(model, torch.float32)
+    assert not model[0].use_amx
 
 
 def test_paged_query_attention_refuses_inconsistent_metadata():

@@ -16,7 +16,8 @@ keep torch's own kernels (the `cpu_kernels` setting turns them off: `--no-cpu-ke
 Ops: `helix::panel_linear` (`panel_gemm.cpp`) and `amx_linear` / `amx_supported` (`amx_linear.cpp`,
 bfloat16 on AMX), used by `helix_server.layers.panel_linear`;
 `rms_norm`, `add_rms_norm_`, `silu_and_mul`, `rotary_`, `store_kv_` (`fused_ops.cpp`) and
-`paged_query_attention` (`paged_attention.cpp`), used by `helix_server.layers.fused_cpu`;
+`paged_query_attention` (`paged_attention.cpp`) and `paged_query_attention_amx`
+(`paged_attention_amx.cpp`, bfloat16 on AMX), used by `helix_server.layers.fused_cpu`;
 `quant_linear_k` (`quant_gemm_k.cpp`: GGUF Q4_K, Q5_K, Q6_K super-blocks), used by
 `helix_server.layers.quantized_linear`;
 `quant_dot_linear` (`quant_dot.cpp`: Q8_0, Q4_0, Q4_1 repacked by `helix_server.layers.quant_repack`,
@@ -58,6 +59,7 @@ SOURCES = tuple(
         "amx_linear.cpp",
         "fused_ops.cpp",
         "paged_attention.cpp",
+        "paged_attention_amx.cpp",
         "quant_gemm_k.cpp",
         "quant_gemm_int8.cpp",
         "quant_gemm_avx2.cpp",
@@ -65,7 +67,7 @@ SOURCES = tuple(
         "quant_dot_avx2.cpp",
     )
 )
-HEADERS = (_HERE / "vec_math.h", _HERE / "quant_common.h")
+HEADERS = (_HERE / "vec_math.h", _HERE / "quant_common.h", _HERE / "amx_common.h")
 # Sources for CPUs without AVX-512, compiled without it (so that no AVX-512 instruction can slip in).
 AVX2_SOURCES = frozenset({"quant_gemm_avx2.cpp", "quant_dot_avx2.cpp"})
 AVX2_FLAGS = ("-mavx2", "-mf16c")

@@ -22,14 +22,13 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
 #include <torch/library.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include "amx_common.h"
 #include "vec_math.h"
 
 namespace {
@@ -41,14 +40,6 @@ using helix_vec::tail_mask;
 constexpr int64_t kTileRows = 16;  // rows of x in an A tile; pairs of inputs in a B tile
 constexpr int64_t kTileK = 32;     // inputs per tile row (64 bytes of bfloat16)
 constexpr int64_t kPanel = 16;     // outputs per panel (a C tile's 16 float32 columns)
-
-// Linux hands out AMX's tile state only to a process that asks for it (once; idempotent).
-bool amx_permitted() {
-  constexpr long kArchReqXcompPerm = 0x1023;
-  constexpr long kXfeatureXtiledata = 18;
-  static const bool permitted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return permitted;
-}
 
 // Palette 1, all 8 tiles 64 bytes wide and 16 rows high, except that a call of fewer than 16 rows
 // gives its A tile (tmm0) and C tiles (tmm4-6) just its `a_rows` rows, so x needs no padding.
@@ -194,7 +185,7 @@ void run_tiles(const bf16_bits* a, int64_t a_stride, const bf16_bits* panels, in
   });
 }
 
-bool amx_supported() { return __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") && amx_permitted(); }
+bool amx_supported() { return helix_amx::amx_supported(); }
 
 // x [m, k] bfloat16, panels [num_panels, k_pad / 2, 16, 2] bfloat16 -> y [m, n_len] (bfloat16, or float32 with float_out).
 at::Tensor amx_linear(const at::Tensor& x_in, const at::Tensor& panels, const c10::optional<at::Tensor>& bias_in,
