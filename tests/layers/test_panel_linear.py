@@ -275,11 +275,12 @@ def test_amx_rows_do_not_depend_on_the_other_rows_or_the_thread_count():
     assert amx_available()
     generator = torch.Generator().manual_seed(4)
     layer = PanelLinear(torch.randn(200, 1100, generator=generator).bfloat16(), None, float_out=True, use_amx=True)
-    x = torch.randn(80, 1100, generator=generator).bfloat16()
+    # 1,100 inputs (1,120 padded): rows go in blocks of 160 (384 KB of inputs), so 400 rows make 3 blocks.
+    x = torch.randn(400, 1100, generator=generator).bfloat16()
     threads = torch.get_num_threads()
     with torch.inference_mode():
         batch = layer(x)
-        for start, rows in ((0, 1), (7, 1), (3, 16), (20, 17), (40, 40), (1, 33)):
+        for start, rows in ((0, 1), (7, 1), (3, 16), (20, 17), (40, 40), (1, 33), (150, 20), (5, 330), (0, 400)):
             assert torch.equal(layer(x[start : start + rows]), batch[start : start + rows]), (start, rows)
         try:
             torch.set_num_threads(1)

@@ -173,15 +173,27 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void run_groups(
   _tile_release();
 }
 
-// Threads split the panel groups (3 panels at a time for up to 16 rows, else 2); each walks all
-// rows over its groups, whose weights stay in cache after the first row tiles streamed them.
+// Bytes of inputs a row block holds: they stay in L2 while a thread's panel groups stream past
+// them. Walking all of a 2,048-row prompt chunk per group (2.4 MB at 576 features) ran at half the
+// rate of 512 rows: ~1.3 against ~2.5 TFLOP/s on this project's 2-core Sapphire Rapids.
+constexpr int64_t kRowBlockBytes = 384 * 1024;
+
+// Threads split the panel groups (3 panels at a time for up to 16 rows, else 2); each walks its
+// groups over a block of rows at a time (the group's weights stay in cache after the first row
+// tiles streamed them, the block's inputs across the groups).
 template <typename Out>
 void run_tiles(const bf16_bits* a, int64_t a_stride, const bf16_bits* panels, int64_t k_pad, int64_t m, Out* y,
                int64_t n_len, int64_t num_panels, const float* bias) {
   const int group = m <= kTileRows ? 3 : 2;
   const int64_t groups = (num_panels + group - 1) / group;
+  const int64_t a_row = a_stride / static_cast<int64_t>(sizeof(bf16_bits));
+  // Whole pairs of row tiles (the last block may be shorter); a row's result does not depend on
+  // which block or tile it is in.
+  const int64_t row_block = std::max<int64_t>(2 * kTileRows, kRowBlockBytes / a_stride / (2 * kTileRows) * (2 * kTileRows));
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    run_groups<Out>(begin, end, group, a, a_stride, panels, k_pad, m, y, n_len, num_panels, bias);
+    for (int64_t row0 = 0; row0 < m; row0 += row_block)
+      run_groups<Out>(begin, end, group, a + row0 * a_row, a_stride, panels, k_pad, std::min(row_block, m - row0),
+                      y + row0 * n_len, n_len, num_panels, bias);
   });
 }
 

@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "task_runs.h"
 #include "vec_math.h"
 
 namespace {
@@ -220,8 +221,11 @@ void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   const int64_t group = heads / kv_heads;
   const int64_t row_stride = kv_heads * dim;  // values between consecutive slots of one head
   constexpr int64_t kHeadsAtOnce = 4;          // query heads whose value sums share one pass over the values
-  // One task per (request, KV head): its query heads and tokens share the keys' cache lines.
-  at::parallel_for(0, num_requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One task per (request, KV head): its query heads and tokens share the keys' cache lines. Threads
+  // take runs of tasks of about equal cost (requests differ in length).
+  const std::vector<int64_t> costs =
+      helix_tasks::attention_task_costs(lens, num_requests, kv_heads, query_len, sliding_window);
+  helix_tasks::for_each_task_balanced(costs, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> offsets;                 // key j's offset in the cache, per slot
     std::vector<float> q_rows(kHeadsAtOnce * dim);  // query rows widened to float32
     std::vector<float> weights;                   // [kHeadsAtOnce, keys]

@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "amx_common.h"
+#include "task_runs.h"
 #include "vec_math.h"
 
 namespace {
@@ -334,8 +335,11 @@ at::Tensor paged_query_attention_amx(const at::Tensor& query, const at::Tensor& 
   const auto* vp = reinterpret_cast<const bf16_bits*>(value_cache.data_ptr());
   auto* op = reinterpret_cast<bf16_bits*>(out.data_ptr());
   const float scale_f = static_cast<float>(scale);
-  // One task per (request, KV head): its query heads and tokens share the keys.
-  at::parallel_for(0, num_requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One task per (request, KV head): its query heads and tokens share the keys. Threads take runs of
+  // tasks of about equal cost (requests differ in length).
+  const std::vector<int64_t> costs =
+      helix_tasks::attention_task_costs(lens, num_requests, kv_heads, query_len, sliding_window);
+  helix_tasks::for_each_task_balanced(costs, [&](int64_t begin, int64_t end) {
     const TileConfig config;
     load_config(config);
     std::vector<int64_t> offsets;  // key j's offset in the cache (from a KV head's first value)
