@@ -199,10 +199,10 @@ def attention_op(query, key_cache, value_cache, block_tables, seq_lens, query_le
 needs_amx = pytest.mark.skipif(not amx_available(), reason="this CPU has no AMX")
 AMX = pytest.param("amx", marks=needs_amx)
 # (kernel, dtype, head_dim): AVX-512 with a partial vector, one pass, two passes over the values; AMX
-# (bfloat16, head_dim a multiple of 32) with 1, 2 and 4 tile multiplies a score.
+# (bfloat16, head_dim a multiple of 32) with 1 to 4 tile multiplies a score.
 KERNEL_CASES = [
     *(("avx512", dtype, head_dim) for dtype in DTYPES for head_dim in (24, 64, 128)),
-    *(pytest.param("amx", torch.bfloat16, head_dim, marks=needs_amx) for head_dim in (32, 64, 128)),
+    *(pytest.param("amx", torch.bfloat16, head_dim, marks=needs_amx) for head_dim in (32, 64, 96, 128)),
 ]
 
 
