@@ -55,6 +55,25 @@ def make_model_dir(tmp_path_factory, tokenizer_dir):
     return make
 
 
+# SmolLM2-135M's widths: hidden 576, 9 query / 3 KV heads of 64, MLP 1,536, a tied 49,152-token
+# vocabulary; 4 of its 30 layers, to keep the tests short.
+SMOLLM2_SHAPE = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "num_hidden_layers": 4, "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 2048,
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_shaped_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A seeded random model of SmolLM2-135M's shape (`SMOLLM2_SHAPE`) with the tests' small
+    tokenizer: prompts and outputs are compared as token ids (ids past its vocabulary decode to
+    nothing)."""
+    out = make_tiny_model(tmp_path_factory.mktemp("smollm2-shaped"), "llama", **SMOLLM2_SHAPE)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, out / item.name)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(make_model_dir) -> Path:
     """The default tiny test model: Llama, 2 layers, hidden 64, GQA 4/2, vocab 512."""

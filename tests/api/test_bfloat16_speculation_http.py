@@ -7,7 +7,6 @@ speculation."""
 from __future__ import annotations
 
 import random
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,8 +16,6 @@ from openai import OpenAI
 from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from tests.api.conftest import MODEL_NAME, start_live_server
 from tests.api.test_metrics import families, value
-from tests.engine.test_bfloat16_speculation import SMOLLM2_SHAPE
-from tests.fixtures.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels_supported(), reason="bfloat16 decode attention is exact on helix's CPU kernels (AVX-512)"
@@ -33,20 +30,12 @@ PROPOSERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir):
-    out = make_tiny_model(tmp_path_factory.mktemp("smollm2-shaped-http"), "llama", **SMOLLM2_SHAPE)
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, out / item.name)
-    return out
-
-
 @pytest.fixture
-def plain_server(model_dir):
+def plain_server(smollm2_shaped_dir):
     """A fresh server per test, so that both servers see each prompt once: a prompt found in the
     prefix cache recomputes only its last token, as a one-token query, whose bfloat16 bits differ
     from the same row computed within the prompt's chunk (see docs/prefix-caching.md)."""
-    server = start_live_server(model_dir, dtype="bfloat16", speculative_method="none")
+    server = start_live_server(smollm2_shaped_dir, dtype="bfloat16", speculative_method="none")
     yield server
     server.stop()
 
@@ -73,10 +62,10 @@ def _greedy(url: str, prompt: list[int]) -> tuple[list[int], list[float]]:
 
 
 @pytest.mark.parametrize("method", sorted(PROPOSERS))
-def test_each_proposer_answers_what_the_plain_server_answers_bit_for_bit(model_dir, plain_server, method):
+def test_each_proposer_answers_what_the_plain_server_answers_bit_for_bit(smollm2_shaped_dir, plain_server, method):
     server = start_live_server(
-        model_dir, dtype="bfloat16", speculative_method=method, num_speculative_tokens=3,
-        **PROPOSERS[method](model_dir),
+        smollm2_shaped_dir, dtype="bfloat16", speculative_method=method, num_speculative_tokens=3,
+        **PROPOSERS[method](smollm2_shaped_dir),
     )
     try:
         prompts = _prompts()

@@ -12,7 +12,6 @@ fails there (checked on a Sapphire Rapids machine), and torch's SDPA promises no
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 
@@ -20,26 +19,10 @@ from helix_server import LLM, SamplingParams
 from helix_server.layers.cpu_kernels import cpu_kernels_supported
 from helix_server.layers.fused_cpu import FusedAttention
 from helix_server.layers.panel_linear import amx_available
-from tests.fixtures.tiny_models import make_tiny_model
-
-SMOLLM2_SHAPE = dict(
-    hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=4,
-    vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
-)
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels_supported(), reason="bfloat16 decode attention is exact on helix's CPU kernels (AVX-512)"
 )
-
-
-@pytest.fixture(scope="module")
-def smollm_shaped_dir(tmp_path_factory, tokenizer_dir):
-    # The tests' small tokenizer: prompts and outputs are compared as token ids (ids past its
-    # vocabulary decode to nothing).
-    out = make_tiny_model(tmp_path_factory.mktemp("smollm2-shaped"), "llama", **SMOLLM2_SHAPE)
-    for item in tokenizer_dir.iterdir():
-        shutil.copy(item, out / item.name)
-    return out
 
 
 def _prompts() -> list[list[int]]:
@@ -54,10 +37,10 @@ def _prompts() -> list[list[int]]:
 # A random model copies nothing, so n-gram lookup would draft nothing here; a draft model that is
 # the target itself drafts (and verifies) at every step, layer-skip drafts what its layers guess.
 @pytest.mark.parametrize("method", ["draft", "layer-skip"])
-def test_bfloat16_greedy_is_token_identical_with_speculation(smollm_shaped_dir, method):
+def test_bfloat16_greedy_is_token_identical_with_speculation(smollm2_shaped_dir, method):
     settings = {"speculative_method": method, "num_speculative_tokens": 3}
     if method == "draft":
-        settings["draft_model"] = str(smollm_shaped_dir)
+        settings["draft_model"] = str(smollm2_shaped_dir)
     else:
         settings["draft_layers"] = 2
     # Every sampled token's logprob too, bitwise: a random model rarely meets a near-tie in a few
@@ -68,9 +51,9 @@ def test_bfloat16_greedy_is_token_identical_with_speculation(smollm_shaped_dir, 
     def tokens_and_logprobs(output) -> list[tuple[int, float]]:
         return [(t.token_id, t.logprob) for t in output.outputs[0].logprobs]
 
-    plain = LLM(model=str(smollm_shaped_dir), dtype="bfloat16", num_kv_blocks=256)
+    plain = LLM(model=str(smollm2_shaped_dir), dtype="bfloat16", num_kv_blocks=256)
     expected = [tokens_and_logprobs(plain.generate([p], params)[0]) for p in prompts]
-    spec = LLM(model=str(smollm_shaped_dir), dtype="bfloat16", num_kv_blocks=256, **settings)
+    spec = LLM(model=str(smollm2_shaped_dir), dtype="bfloat16", num_kv_blocks=256, **settings)
     got = [tokens_and_logprobs(r) for r in spec.generate(prompts, params)]
     assert got == expected
     # The attention kernel this CPU runs in bfloat16 (AMX's where present) is the one under test.

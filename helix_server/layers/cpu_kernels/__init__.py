@@ -67,7 +67,7 @@ SOURCES = tuple(
         "quant_dot_avx2.cpp",
     )
 )
-HEADERS = (_HERE / "vec_math.h", _HERE / "quant_common.h", _HERE / "amx_common.h", _HERE / "task_runs.h")
+HEADERS = (_HERE / "vec_math.h", _HERE / "quant_common.h", _HERE / "amx_common.h", _HERE / "task_runs.h", _HERE / "paged_query_common.h")
 # Sources for CPUs without AVX-512, compiled without it (so that no AVX-512 instruction can slip in).
 AVX2_SOURCES = frozenset({"quant_gemm_avx2.cpp", "quant_dot_avx2.cpp"})
 AVX2_FLAGS = ("-mavx2", "-mf16c")

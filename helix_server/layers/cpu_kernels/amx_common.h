@@ -1,12 +1,27 @@
-// Whether this process may use AMX's tiles, for the kernels that do (amx_linear.cpp,
-// paged_attention_amx.cpp).
+// What the kernels on AMX's tiles share (amx_linear.cpp, paged_attention_amx.cpp): the tile
+// configuration's layout, and whether this process may use the tiles.
 #pragma once
 
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstdint>
+
 namespace helix_amx {
 namespace {
+
+// AMX's tile configuration (palette 1): each of the 8 tiles' rows and bytes a row (0: unused).
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  void shape(int tile, int tile_rows, int row_bytes) {
+    rows[tile] = static_cast<uint8_t>(tile_rows);
+    colsb[tile] = static_cast<uint16_t>(row_bytes);
+  }
+};
 
 // Linux hands out AMX's tile state only to a process that asks for it (once; idempotent).
 inline bool amx_permitted() {

@@ -41,22 +41,14 @@ constexpr int64_t kTileRows = 16;  // rows of x in an A tile; pairs of inputs in
 constexpr int64_t kTileK = 32;     // inputs per tile row (64 bytes of bfloat16)
 constexpr int64_t kPanel = 16;     // outputs per panel (a C tile's 16 float32 columns)
 
-// Palette 1, all 8 tiles 64 bytes wide and 16 rows high, except that a call of fewer than 16 rows
-// gives its A tile (tmm0) and C tiles (tmm4-6) just its `a_rows` rows, so x needs no padding.
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  explicit TileConfig(int64_t a_rows) {
-    for (int t = 0; t < 8; ++t) {
-      colsb[t] = 64;
-      rows[t] = kTileRows;
-    }
-    for (int t : {0, 4, 5, 6}) rows[t] = static_cast<uint8_t>(a_rows);
-  }
-};
+// All 8 tiles 64 bytes wide and 16 rows high, except that a call of fewer than 16 rows gives its A
+// tile (tmm0) and C tiles (tmm4-6) just its `a_rows` rows, so x needs no padding.
+helix_amx::TileConfig linear_tiles(int64_t a_rows) {
+  helix_amx::TileConfig config;
+  for (int t = 0; t < 8; ++t) config.shape(t, kTileRows, 64);
+  for (int t : {0, 4, 5, 6}) config.shape(t, static_cast<int>(a_rows), 64);
+  return config;
+}
 
 // C tile (16 rows x 16 outputs, float32) + bias -> y rows [row0, row0 + rows) and outputs [n0, n0 + 16) (some may be padding).
 template <typename Out>
@@ -148,7 +140,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void run_groups(
     int64_t k_pad, int64_t m, Out* y, int64_t n_len, int64_t num_panels, const float* bias) {
   const int64_t panel_len = k_pad * kPanel;
   const int64_t k_blocks = k_pad / kTileK;
-  const TileConfig config(std::min(m, kTileRows));
+  const helix_amx::TileConfig config = linear_tiles(std::min(m, kTileRows));
   _tile_loadconfig(&config);
   for (int64_t g = begin; g < end; ++g) {
     const int64_t p0 = g * group;

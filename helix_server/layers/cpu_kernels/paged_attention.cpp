@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "paged_query_common.h"
 #include "task_runs.h"
 #include "vec_math.h"
 
@@ -164,33 +165,12 @@ at::Tensor paged_query_attention(const at::Tensor& query, const at::Tensor& key_
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t query_len,
                                  double scale, int64_t sliding_window) {
   const auto dtype = query.scalar_type();
-  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && query.dim() == 3 && query.stride(2) == 1 &&
-                  query.stride(1) == query.size(2),
-              "paged_query_attention: query must be float32 or bfloat16 [rows, heads, head_dim] with contiguous heads");
-  TORCH_CHECK(key_cache.scalar_type() == dtype && key_cache.dim() == 4 && key_cache.is_contiguous() &&
-                  value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == dtype &&
-                  value_cache.is_contiguous(),
-              "paged_query_attention: caches must be contiguous [blocks, block_size, kv_heads, head_dim] of the query's dtype");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
-                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() &&
-                  seq_lens.numel() == block_tables.size(0),
-              "paged_query_attention: block_tables [n, max_blocks] and seq_lens [n] must be int64");
-  const int64_t num_requests = block_tables.size(0), max_blocks = block_tables.size(1);
-  const int64_t heads = query.size(1), dim = query.size(2);
-  const int64_t num_blocks = key_cache.size(0), block_size = key_cache.size(1), kv_heads = key_cache.size(2);
-  TORCH_CHECK(query_len >= 1 && query.size(0) == num_requests * query_len, "paged_query_attention: query has ",
-              query.size(0), " rows for ", num_requests, " requests of ", query_len);
-  TORCH_CHECK(key_cache.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0,
-              "paged_query_attention: head sizes of query and cache disagree");
+  const helix_paged::PagedQueryShape shape = helix_paged::check_paged_query_operands(
+      "paged_query_attention", {at::kFloat, at::kBFloat16}, query, key_cache, value_cache, block_tables, seq_lens,
+      query_len);
+  const int64_t max_blocks = shape.max_blocks;
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t r = 0; r < num_requests; ++r) {
-    TORCH_CHECK(lens[r] >= query_len && lens[r] <= max_blocks * block_size, "paged_query_attention: request ", r,
-                " has ", lens[r], " keys for ", query_len, " queries and ", max_blocks, " blocks");
-    for (int64_t b = 0; b < (lens[r] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[r * max_blocks + b] >= 0 && tables[r * max_blocks + b] < num_blocks,
-                  "paged_query_attention: block id out of range");
-  }
   at::Tensor out = at::empty(query.sizes(), query.options());  // contiguous
   const float scale_f = static_cast<float>(scale);
   if (dtype == at::kFloat) {
@@ -224,7 +204,7 @@ void attend_all(const at::Tensor& query, const at::Tensor& key_cache, const at::
   // One task per (request, KV head): its query heads and tokens share the keys' cache lines. Threads
   // take runs of tasks of about equal cost (requests differ in length).
   const std::vector<int64_t> costs =
-      helix_tasks::attention_task_costs(lens, num_requests, kv_heads, query_len, sliding_window);
+      helix_paged::attention_task_costs(lens, num_requests, kv_heads, query_len, sliding_window);
   helix_tasks::for_each_task_balanced(costs, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> offsets;                 // key j's offset in the cache, per slot
     std::vector<float> q_rows(kHeadsAtOnce * dim);  // query rows widened to float32

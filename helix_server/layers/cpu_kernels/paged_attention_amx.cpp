@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "amx_common.h"
+#include "paged_query_common.h"
 #include "task_runs.h"
 #include "vec_math.h"
 
@@ -59,29 +60,15 @@ constexpr int64_t kCols = 4;       // query rows per score tile (B and C columns
 constexpr int64_t kDimChunk = 32;  // dimensions per tile multiply (an A row: 64 bytes of bfloat16)
 constexpr int64_t kMaxChunks = 4;  // head_dim up to 128
 
-// Palette 1. tmm0 and tmm6: A, 16 keys x 32 dimensions; tmm1 and tmm7: C, 16 keys x 4 rows
-// (float32); tmm2-5: B, 16 dimension pairs x 4 rows x 2 (one per 32 dimensions of the queries).
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    rows[0] = kKeys;
-    colsb[0] = kDimChunk * sizeof(bf16_bits);
-    rows[1] = kKeys;
-    colsb[1] = kCols * sizeof(float);
-    rows[6] = rows[0];
-    colsb[6] = colsb[0];
-    rows[7] = rows[1];
-    colsb[7] = colsb[1];
-    for (int t = 2; t < 2 + kMaxChunks; ++t) {
-      rows[t] = kDimChunk / 2;
-      colsb[t] = kCols * 2 * sizeof(bf16_bits);
-    }
-  }
-};
+// tmm0 and tmm6: A, 16 keys x 32 dimensions; tmm1 and tmm7: C, 16 keys x 4 rows (float32); tmm2-5:
+// B, 16 dimension pairs x 4 rows x 2 (one per 32 dimensions of the queries).
+helix_amx::TileConfig attention_tiles() {
+  helix_amx::TileConfig config;
+  for (int t : {0, 6}) config.shape(t, kKeys, kDimChunk * sizeof(bf16_bits));
+  for (int t : {1, 7}) config.shape(t, kKeys, kCols * sizeof(float));
+  for (int t = 2; t < 2 + kMaxChunks; ++t) config.shape(t, kDimChunk / 2, kCols * 2 * sizeof(bf16_bits));
+  return config;
+}
 
 // Ask for the cache lines of `bytes` bytes from `p` on.
 inline void prefetch_bytes(const void* p, int64_t bytes) {
@@ -136,7 +123,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void score_keys(const bf16_
   if (keys2 != nullptr) _tile_stored(7, scores2, stride);
 }
 
-__attribute__((target("amx-tile"))) void load_config(const TileConfig& config) { _tile_loadconfig(&config); }
+__attribute__((target("amx-tile"))) void load_config(const helix_amx::TileConfig& config) { _tile_loadconfig(&config); }
 __attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
 
 // The keys a query row attends: [first, last].
@@ -296,36 +283,15 @@ at::Tensor paged_query_attention_amx(const at::Tensor& query, const at::Tensor& 
                                      const at::Tensor& seq_lens, int64_t query_len, double scale,
                                      int64_t sliding_window) {
   TORCH_CHECK(helix_amx::amx_supported(), "paged_query_attention_amx: this CPU (or kernel) does not give this process AMX");
-  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && query.dim() == 3 && query.stride(2) == 1 &&
-                  query.stride(1) == query.size(2),
-              "paged_query_attention_amx: query must be bfloat16 [rows, heads, head_dim] with contiguous heads");
-  TORCH_CHECK(key_cache.scalar_type() == at::kBFloat16 && key_cache.dim() == 4 && key_cache.is_contiguous() &&
-                  value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kBFloat16 &&
-                  value_cache.is_contiguous(),
-              "paged_query_attention_amx: caches must be contiguous bfloat16 [blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
-                  seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous() &&
-                  seq_lens.numel() == block_tables.size(0),
-              "paged_query_attention_amx: block_tables [n, max_blocks] and seq_lens [n] must be int64");
-  const int64_t num_requests = block_tables.size(0), max_blocks = block_tables.size(1);
-  const int64_t heads = query.size(1), dim = query.size(2);
-  const int64_t num_blocks = key_cache.size(0), block_size = key_cache.size(1), kv_heads = key_cache.size(2);
+  const helix_paged::PagedQueryShape shape = helix_paged::check_paged_query_operands(
+      "paged_query_attention_amx", {at::kBFloat16}, query, key_cache, value_cache, block_tables, seq_lens, query_len);
+  const int64_t num_requests = shape.num_requests, max_blocks = shape.max_blocks, heads = shape.heads;
+  const int64_t dim = shape.dim, block_size = shape.block_size, kv_heads = shape.kv_heads;
   TORCH_CHECK(dim % kDimChunk == 0 && dim <= kMaxChunks * kDimChunk && block_size % kKeys == 0,
               "paged_query_attention_amx: needs head_dim a multiple of 32 up to 128 and a block size a multiple "
               "of 16 (got ", dim, " and ", block_size, ")");
-  TORCH_CHECK(query_len >= 1 && query.size(0) == num_requests * query_len, "paged_query_attention_amx: query has ",
-              query.size(0), " rows for ", num_requests, " requests of ", query_len);
-  TORCH_CHECK(key_cache.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0,
-              "paged_query_attention_amx: head sizes of query and cache disagree");
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t r = 0; r < num_requests; ++r) {
-    TORCH_CHECK(lens[r] >= query_len && lens[r] <= max_blocks * block_size, "paged_query_attention_amx: request ",
-                r, " has ", lens[r], " keys for ", query_len, " queries and ", max_blocks, " blocks");
-    for (int64_t b = 0; b < (lens[r] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[r * max_blocks + b] >= 0 && tables[r * max_blocks + b] < num_blocks,
-                  "paged_query_attention_amx: block id out of range");
-  }
   at::Tensor out = at::empty(query.sizes(), query.options());  // contiguous
   const int64_t group = heads / kv_heads, rows = group * query_len;
   const int64_t row_stride = kv_heads * dim;  // values between consecutive slots of one head
@@ -338,9 +304,9 @@ at::Tensor paged_query_attention_amx(const at::Tensor& query, const at::Tensor& 
   // One task per (request, KV head): its query heads and tokens share the keys. Threads take runs of
   // tasks of about equal cost (requests differ in length).
   const std::vector<int64_t> costs =
-      helix_tasks::attention_task_costs(lens, num_requests, kv_heads, query_len, sliding_window);
+      helix_paged::attention_task_costs(lens, num_requests, kv_heads, query_len, sliding_window);
   helix_tasks::for_each_task_balanced(costs, [&](int64_t begin, int64_t end) {
-    const TileConfig config;
+    const helix_amx::TileConfig config = attention_tiles();
     load_config(config);
     std::vector<int64_t> offsets;  // key j's offset in the cache (from a KV head's first value)
     std::vector<float> scores;

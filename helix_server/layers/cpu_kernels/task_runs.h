@@ -42,17 +42,5 @@ void for_each_task_balanced(const std::vector<int64_t>& costs, const Run& run) {
   });
 }
 
-// What a short-query attention task (a request's KV head) costs: its query rows times the keys
-// each reads, plus a fixed part.
-inline std::vector<int64_t> attention_task_costs(const int64_t* lens, int64_t num_requests, int64_t kv_heads,
-                                                 int64_t query_len, int64_t sliding_window) {
-  std::vector<int64_t> costs(num_requests * kv_heads);
-  for (int64_t r = 0; r < num_requests; ++r) {
-    const int64_t keys = sliding_window > 0 ? std::min(lens[r], sliding_window + query_len) : lens[r];
-    for (int64_t h = 0; h < kv_heads; ++h) costs[r * kv_heads + h] = query_len * keys + 64;
-  }
-  return costs;
-}
-
 }  // namespace
 }  // namespace helix_tasks
