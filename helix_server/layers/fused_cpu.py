@@ -91,7 +91,14 @@ class FusedAttention(Attention):
     drafts) attend the paged cache in place, one call per query group: `helix::paged_query_attention`,
     or in bfloat16 with `use_amx` (and a block size that is a multiple of 16)
     `helix::paged_query_attention_amx`, the same contract on AMX's tiles. Prompt chunks keep the
-    portable SDPA path."""
+    portable SDPA path.
+
+    Chunks of up to 64 tokens count as short queries here (16 elsewhere): the kernels compute each
+    row over exactly its keys, so a chunk after a long cached prefix (16 requests' 10-30-word
+    questions after a shared 1,300-token prompt) needs no gathered copy of its keys for SDPA; that
+    step took 0.27 s instead of 0.41 in bfloat16, 0.65 instead of 0.87 in float32."""
+
+    max_short_query_len = 64
 
     def __init__(self, *args, use_amx: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)

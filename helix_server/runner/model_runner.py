@@ -15,6 +15,7 @@ import torch
 
 from helix_server.config import EngineConfig
 from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
+from helix_server.layers.attention.layer import short_query_len
 from helix_server.runner.cuda_graphs import CudaGraphRunner, cuda_graphs_enabled, graph_max_tokens
 from helix_server.runner.loader import LoadedModel
 from helix_server.sample.generators import RequestGenerators
@@ -57,6 +58,7 @@ class ModelRunner:
         self.speculator = speculator
         # Short steps (decodes, verification) replay CUDA graphs through this when set.
         self.graphs = graphs
+        self.max_short_len = short_query_len(model)  # the step's short queries, for its attention
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: EngineConfig, eos_token_ids: set[int]) -> ModelRunner:
@@ -135,7 +137,7 @@ class ModelRunner:
 
         num_blocks = self.kv_caches[0][0].shape[0]
         chunks = [SequenceChunk(s.start_position, s.num_new_tokens, s.block_ids) for s in scheduler_output.scheduled]
-        order = order_for_attention(chunks, self.block_size, num_blocks)
+        order = order_for_attention(chunks, self.block_size, num_blocks, self.max_short_len)
         batch = [scheduler_output.scheduled[i] for i in order]
         input_ids: list[int] = []
         positions: list[int] = []
@@ -149,7 +151,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(ordered):
             hidden = self.graphs.run(ordered, input_ids, positions)  # [num_tokens, hidden]
         else:
-            ctx = build_forward_context(ordered, self.block_size, self.device, self.kv_caches)
+            ctx = build_forward_context(ordered, self.block_size, self.device, self.kv_caches, self.max_short_len)
             hidden = self.model(
                 torch.tensor(input_ids, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from helix_server.layers.attention.builder import SequenceChunk, build_forward_context, order_for_attention
+from helix_server.layers.attention.layer import short_query_len
 from helix_server.spec_decode.proposer import DraftChooser, Proposal, ProposalRequest
 
 
@@ -53,6 +54,7 @@ class ModelProposer:
         self.device = device
         self.num_layers = num_layers
         self.own_kv_cache = own_kv_cache
+        self.max_short_len = short_query_len(model)  # the forward's short queries, for its attention
         # request_id -> positions [0, n) the drafter wrote K/V for in its last proposal.
         self._written: dict[str, int] = {}
 
@@ -108,7 +110,7 @@ class ModelProposer:
         """One forward over per-request chunks (token ids, start position, block ids); returns the
         logits of each request's last token, in input order: [R, V] float32."""
         seq_chunks = [SequenceChunk(start, len(ids), blocks) for ids, start, blocks in chunks]
-        order = order_for_attention(seq_chunks, self.block_size, self.kv_caches[0][0].shape[0])
+        order = order_for_attention(seq_chunks, self.block_size, self.kv_caches[0][0].shape[0], self.max_short_len)
         input_ids: list[int] = []
         positions: list[int] = []
         last_rows = [0] * len(chunks)
@@ -117,7 +119,9 @@ class ModelProposer:
             input_ids.extend(ids)
             positions.extend(range(start, start + len(ids)))
             last_rows[i] = len(input_ids) - 1
-        ctx = build_forward_context([seq_chunks[i] for i in order], self.block_size, self.device, self.kv_caches)
+        ctx = build_forward_context(
+            [seq_chunks[i] for i in order], self.block_size, self.device, self.kv_caches, self.max_short_len
+        )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),

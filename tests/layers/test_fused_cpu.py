@@ -9,6 +9,8 @@ from torch import nn
 
 from helix_server.layers.activation import SiluAndMul
 from helix_server.layers.attention import Attention
+from helix_server.layers.attention.builder import MAX_BATCHED_QUERY_LEN
+from helix_server.layers.attention.layer import short_query_len
 from helix_server.layers.attention.portable import write_kv_cache
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
 from helix_server.layers.fused_cpu import (
@@ -270,6 +272,13 @@ def test_the_amx_kernel_refuses_shapes_it_does_not_tile():
     key_cache, value_cache, _, block_tables = paged_case(64, [20], generator)
     with pytest.raises(RuntimeError, match="must be bfloat16"):
         attention_op(torch.randn(1, 4, 64), key_cache, value_cache, block_tables, [20], 1, kernel="amx")
+
+
+def test_helix_kernels_take_chunks_of_up_to_64_tokens_as_short_queries():
+    model = nn.Sequential(Attention(9, 3, 64, 0), Attention(9, 3, 64, 1))
+    assert short_query_len(model) == MAX_BATCHED_QUERY_LEN == 16  # torch's SDPA: prompt chunks past 16
+    use_fused_cpu_ops(model, torch.float32)
+    assert short_query_len(model) == 64
 
 
 def test_bfloat16_attention_layers_run_the_amx_kernel_where_it_tiles_them():

@@ -14,7 +14,9 @@ import math
 import pytest
 import torch
 
+from helix_server.layers.attention import portable
 from helix_server.layers.attention.builder import (
+    MAX_BATCHED_QUERY_LEN,
     SequenceChunk,
     build_attention_metadata,
     key_run_start,
@@ -22,9 +24,9 @@ from helix_server.layers.attention.builder import (
     padded_key_blocks,
 )
 from helix_server.layers.attention.metadata import ForwardContext
-from helix_server.layers.attention import portable
 from helix_server.layers.attention.portable import paged_attention, write_kv_cache
 from helix_server.layers.cpu_kernels import cpu_kernels_supported, load_cpu_kernels
+from helix_server.layers.fused_cpu import FusedAttention
 
 HEAD_DIM = 16
 NUM_BLOCKS = 840
@@ -104,10 +106,17 @@ def test_paged_attention_matches_dense(
 
     assert next_run <= NUM_BLOCKS // 2
     num_blocks = NUM_BLOCKS if in_place else None
-    order = order_for_attention(chunks, block_size, num_blocks)
-    metadata = build_attention_metadata([chunks[i] for i in order], block_size, "cpu", num_blocks=num_blocks)
+    # Each backend's own short queries: helix's CPU kernels take chunks of up to 64 tokens as short
+    # queries (the 40-token prompt and the 20-token chunk after context too).
+    max_short = MAX_BATCHED_QUERY_LEN if backend == "portable" else FusedAttention.max_short_query_len
+    order = order_for_attention(chunks, block_size, num_blocks, max_short)
+    metadata = build_attention_metadata(
+        [chunks[i] for i in order], block_size, "cpu", num_blocks=num_blocks, max_short_len=max_short
+    )
     query_lens = [g.query_len for g in metadata.query_groups]
     assert {1, 4} <= set(query_lens)
+    if sequences is SEQUENCES:
+        assert (40 in query_lens and 20 in query_lens) == (backend == "fused_cpu")
     assert any(g.key_start is not None for g in metadata.query_groups) == bool(in_place)
     if sequences is WIDE_SEQUENCES:  # decodes too far apart in length for one padded call
         assert query_lens.count(1) > 1
@@ -137,8 +146,6 @@ def test_paged_attention_matches_dense(
 
 def fused_attention(query, key, value, key_cache, value_cache, metadata, scale, sliding_window):
     """`paged_attention`'s arguments through `FusedAttention` (layer 0 of a one-layer cache)."""
-    from helix_server.layers.fused_cpu import FusedAttention
-
     assert load_cpu_kernels()
     num_tokens, num_heads, head_dim = query.shape
     layer = FusedAttention(num_heads, key.shape[1], head_dim, 0, scale, sliding_window)

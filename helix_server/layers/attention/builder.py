@@ -25,6 +25,7 @@ class SequenceChunk:
 
 # Chunks of at most this many tokens (decodes, verification of drafts, a drafter's catch-up) are
 # attended in batched calls with other chunks of the same length; longer ones (prompt chunks) alone.
+# An attention backend may take longer ones as short queries (`Attention.max_short_query_len`).
 MAX_BATCHED_QUERY_LEN = 16
 # Batch invariance of the padded calls: the last bits of a row that SDPA computes over padded keys
 # depend on how many key slots the call has (the CPU flash kernel walks the keys in splits whose
@@ -43,7 +44,10 @@ MAX_KEYS_GRANULE = 256
 
 
 def order_for_attention(
-    chunks: list[SequenceChunk], block_size: int = 0, num_blocks: int | None = None
+    chunks: list[SequenceChunk],
+    block_size: int = 0,
+    num_blocks: int | None = None,
+    max_short_len: int = MAX_BATCHED_QUERY_LEN,
 ) -> list[int]:
     """The batch order the attention backend expects: short chunks first, by length then by
     sequence length (so chunks that can share a padded batched call sit together), then the rest
@@ -51,6 +55,8 @@ def order_for_attention(
     `helix_server.layers.linear.bulk_row_start`).
     Given the pool's `num_blocks` (and `block_size`), the chunks whose keys are read in place (see
     `key_run_start`) come last within their key-length class, so they do not split a batched call.
+    Short chunks are those of at most `max_short_len` tokens (the model's attention layers'
+    `max_short_query_len`).
 
     Returns indices into `chunks` (stable among equals)."""
 
@@ -61,9 +67,9 @@ def order_for_attention(
         in_place = key_run_start(chunk, block_size, num_blocks) is not None
         return chunk.num_new_tokens, padded_key_blocks(chunk.seq_len, block_size), in_place, chunk.seq_len
 
-    short = [i for i, c in enumerate(chunks) if c.num_new_tokens <= MAX_BATCHED_QUERY_LEN]
+    short = [i for i, c in enumerate(chunks) if c.num_new_tokens <= max_short_len]
     short.sort(key=key)
-    long = [i for i, c in enumerate(chunks) if c.num_new_tokens > MAX_BATCHED_QUERY_LEN]
+    long = [i for i, c in enumerate(chunks) if c.num_new_tokens > max_short_len]
     long.sort(key=lambda i: chunks[i].num_new_tokens)
     return short + long
 
@@ -93,18 +99,20 @@ def build_attention_metadata(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
     num_blocks: int | None = None,
+    max_short_len: int = MAX_BATCHED_QUERY_LEN,
 ) -> AttentionMetadata:
     """Metadata for a step whose token rows are `chunks` in `order_for_attention` order (with the
-    same `num_blocks`: the pool's size, or None to gather every request's keys).
+    same `num_blocks`: the pool's size, or None to gather every request's keys, and the same
+    `max_short_len`).
 
     Builds the slot mapping on the host and moves everything to `device` once.
     """
     num_short = 0
     for chunk in chunks:
-        if chunk.num_new_tokens > MAX_BATCHED_QUERY_LEN:
+        if chunk.num_new_tokens > max_short_len:
             break
         num_short += 1
-    if any(c.num_new_tokens <= MAX_BATCHED_QUERY_LEN for c in chunks[num_short:]):
+    if any(c.num_new_tokens <= max_short_len for c in chunks[num_short:]):
         raise ValueError("short chunks must come first (see order_for_attention)")
 
     slots: list[int] = []
@@ -147,12 +155,16 @@ def build_forward_context(
     block_size: int,
     device: torch.device | str,
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    max_short_len: int = MAX_BATCHED_QUERY_LEN,
 ) -> ForwardContext:
     """The `ForwardContext` of a step whose token rows are `chunks` in `order_for_attention` order
-    (called with the pool's size): attention metadata reading in place where it can, the cache
-    tensors, and the first row of the bulk chunks the linear layers may batch."""
+    (called with the pool's size and the same `max_short_len`): attention metadata reading in place
+    where it can, the cache tensors, and the first row of the bulk chunks the linear layers may
+    batch."""
     key_cache = kv_caches[0][0]  # [num_blocks, block_size, kv_heads, head_dim]
-    metadata = build_attention_metadata(chunks, block_size, device, key_cache.dtype, key_cache.shape[0])
+    metadata = build_attention_metadata(
+        chunks, block_size, device, key_cache.dtype, key_cache.shape[0], max_short_len
+    )
     bulk_start = bulk_row_start([chunk.num_new_tokens for chunk in chunks])
     return ForwardContext(attn_metadata=metadata, kv_caches=kv_caches, bulk_start=bulk_start)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from helix_server.layers.attention.builder import MAX_BATCHED_QUERY_LEN
 from helix_server.layers.attention.metadata import AttentionMetadata, ForwardContext
 from helix_server.layers.attention.portable import paged_attention
 
@@ -13,8 +14,12 @@ class Attention(nn.Module):
     """Multi-head (grouped-query) causal attention over the paged KV cache of layer `layer_idx`.
 
     Holds no weights: the model owns the projections and RoPE; this module stores the new K/V and
-    attends through the block tables in `ctx.attn_metadata`.
+    attends through the block tables in `ctx.attn_metadata`. `max_short_query_len`: the longest
+    chunk it attends as a short query (in the metadata's query groups; longer ones are prompt
+    chunks), for the step's metadata (`short_query_len`).
     """
+
+    max_short_query_len = MAX_BATCHED_QUERY_LEN
 
     def __init__(
         self,
@@ -67,3 +72,10 @@ class Attention(nn.Module):
         return paged_attention(
             query, key, value, key_cache, value_cache, metadata, self.scale, self.sliding_window
         )
+
+
+def short_query_len(model: nn.Module) -> int:
+    """The longest chunk every attention layer of `model` attends as a short query (the builder's
+    `max_short_len` for its steps)."""
+    lengths = [m.max_short_query_len for m in model.modules() if isinstance(m, Attention)]
+    return min(lengths, default=MAX_BATCHED_QUERY_LEN)
