@@ -30,16 +30,10 @@ using helix_vec::bf16_bits;
 using helix_vec::exp_ps;
 using helix_vec::kLanes;
 using helix_vec::load_lanes;
+using helix_vec::prefetch_row;
 using helix_vec::store_lanes;
 using helix_vec::tail_mask;
 using helix_vec::to_float;
-
-// Ask for the cache lines of `n` values from `row` on.
-template <typename T>
-inline void prefetch_row(const T* row, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
-}
 
 // Four keys' 16-lane partial sums (key u's in p[u]) folded within each 128-bit quarter:
 // (a0 + a2) + (a1 + a3), four keys to a vector (key u of the four ends in quarter lane u).

@@ -52,6 +52,7 @@ using helix_vec::bf16_bits;
 using helix_vec::exp_ps;
 using helix_vec::kLanes;
 using helix_vec::load_lanes;
+using helix_vec::prefetch_row;
 using helix_vec::store_lanes;
 using helix_vec::tail_mask;
 
@@ -68,12 +69,6 @@ helix_amx::TileConfig attention_tiles() {
   for (int t : {1, 7}) config.shape(t, kKeys, kCols * sizeof(float));
   for (int t = 2; t < 2 + kMaxChunks; ++t) config.shape(t, kDimChunk / 2, kCols * 2 * sizeof(bf16_bits));
   return config;
-}
-
-// Ask for the cache lines of `bytes` bytes from `p` on.
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
 }
 
 // The B tiles (tmm2..) from `q_t` [chunks][16 pairs][4 rows][2], 256 bytes a chunk.
@@ -190,7 +185,6 @@ void weighted_values(const float* weights, int64_t j_lo, const KeyRange* ranges,
   std::sort(bounds, bounds + 2 * Rows);
   for (int64_t i = 0; i < dim; i += 4 * kLanes) {
     const int vectors = static_cast<int>(std::min<int64_t>(4, (dim - i) / kLanes));
-    const int64_t bytes = vectors * kLanes * static_cast<int64_t>(sizeof(bf16_bits));
     __m512 acc[Rows][4];
     for (int n = 0; n < Rows; ++n)
       for (int v = 0; v < 4; ++v) acc[n][v] = _mm512_setzero_ps();
@@ -200,7 +194,7 @@ void weighted_values(const float* weights, int64_t j_lo, const KeyRange* ranges,
       __mmask16 attends[Rows];
       for (int n = 0; n < Rows; ++n) attends[n] = ranges[n].first <= j_begin && j_end <= ranges[n].last + 1 ? 0xFFFF : 0;
       for (int64_t j = j_begin; j < j_end; ++j) {
-        if (j + kLanes < j_end) prefetch_bytes(value_head + offsets[j + kLanes] + i, bytes);
+        if (j + kLanes < j_end) prefetch_row(value_head + offsets[j + kLanes] + i, vectors * kLanes);
         const bf16_bits* value = value_head + offsets[j] + i;
         __m512 vec[4];
         for (int v = 0; v < 4; ++v) vec[v] = v < vectors ? load_lanes(value + v * kLanes) : _mm512_setzero_ps();
@@ -219,8 +213,8 @@ void weighted_values(const float* weights, int64_t j_lo, const KeyRange* ranges,
 }
 
 // One (request, KV head) task: its `rows` query rows (query token t, head h of the group at row
-// t * group + h), `q_rows[n]` and `out_rows[n]` row n's head_dim values, `ranges[n]` its keys.
-// `table` the request's block table; keys [0, num_keys) are stored.
+// t * group + h), `q_rows[n]` and `out_rows[n]` row n's head_dim values, `ranges[n]` its keys;
+// `offsets[j]` key j's offset from the KV head's first value, for every slot of its used blocks.
 void attend_task(const bf16_bits* const* q_rows, bf16_bits* const* out_rows, const KeyRange* ranges, int64_t rows,
                  const bf16_bits* k_head, const bf16_bits* v_head, const int64_t* offsets, int64_t dim,
                  int64_t key_bytes, float scale, std::vector<float>& scores, std::vector<bf16_bits>& q_t) {
@@ -249,7 +243,7 @@ void attend_task(const bf16_bits* const* q_rows, bf16_bits* const* out_rows, con
     load_queries(q_t.data(), chunks);
     const auto prefetch_tile = [&](int64_t tile) {  // 16 keys, from wherever their block is
       if (tile < tiles)
-        for (int64_t u = 0; u < kKeys; ++u) prefetch_bytes(k_head + offsets[j_lo + tile * kKeys] + u * key_bytes / 2, dim * 2);
+        for (int64_t u = 0; u < kKeys; ++u) prefetch_row(k_head + offsets[j_lo + tile * kKeys] + u * key_bytes / 2, dim);
     };
     prefetch_tile(0);
     prefetch_tile(1);

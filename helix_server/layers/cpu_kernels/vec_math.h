@@ -32,6 +32,13 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Ask for the cache lines of `n` values from `row` on.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+}
+
 // bfloat16 values are handled as their bits: the high half of a float32, so widening is exact.
 using bf16_bits = uint16_t;
 
