@@ -12,6 +12,13 @@ socket (and a file descriptor) for ever. `TimedH11Protocol` adds two timers:
   connection is closed; the handler waiting for the body sees a disconnect.
 
 Nothing is timed while the app works on a request or streams its answer.
+
+`TimedH11Protocol` also turns Nagle's algorithm off on every TCP connection (`TCP_NODELAY`).
+asyncio does that itself only for sockets created with `IPPROTO_TCP`, and the listening socket that
+`serve` binds before loading has protocol 0, as do the connections it accepts. With Nagle on, a
+response's body (written after its head) waited for the client's delayed ACK: every request after
+the first on a kept-alive connection, as the OpenAI SDK sends them, took 40 ms more (measured:
+`GET /v1/models` 44 ms instead of 1 ms), and streamed chunks were held back the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from dataclasses import dataclass
 
 import h11
@@ -52,6 +60,17 @@ def timeout_response() -> bytes:
     return head.encode("ascii") + body
 
 
+def send_without_delay(transport: asyncio.BaseTransport) -> None:
+    """Turn Nagle's algorithm off on `transport`'s TCP socket (nothing for other sockets)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:  # a connection the client already reset
+        logger.debug("could not set TCP_NODELAY: %s", exc)
+
+
 class TimedH11Protocol(H11Protocol):
     """`H11Protocol` with a deadline on the request head and an idle limit between body reads."""
 
@@ -68,6 +87,7 @@ class TimedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        send_without_delay(transport)
         self._head_timer = self.loop.call_later(self.timeouts.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:

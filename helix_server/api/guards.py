@@ -2,6 +2,10 @@
 
 Routes marked `opt={"public": True}` (/health, /ready, /metrics) skip both: probes and scrapers need
 no key, and they must keep answering while the server drains.
+
+Both are coroutine functions: Litestar runs a plain-function guard in a worker thread (the event
+loop's default executor), a thread hop per guard per request that also kept six idle threads, each
+with its own malloc arena, for the server's life.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def _is_public(handler: BaseRouteHandler) -> bool:
     return bool(handler.opt.get("public"))
 
 
-def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+async def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """401 unless `Authorization: Bearer <api_key>` or (Anthropic's header) `x-api-key: <api_key>`
     matches (constant-time), when a key is set."""
     state = connection.app.state[STATE_KEY]
@@ -51,7 +55,7 @@ def _matches(token: str, api_key: str) -> bool:
     return hmac.compare_digest(token.encode("utf-8"), api_key.encode("utf-8"))
 
 
-def refuse_while_draining(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+async def refuse_while_draining(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """503 with Retry-After for every non-public route once shutdown has begun."""
     if connection.app.state[STATE_KEY].draining and not _is_public(handler):
         raise service_unavailable("The server is shutting down; retry on another replica.", "server_draining")

@@ -79,3 +79,15 @@ def test_cors_when_origins_are_set(tiny_model_dir):
         assert response.headers["access-control-allow-origin"] == "http://app.example"
     finally:
         live.stop()
+
+
+def test_guards_run_on_the_event_loop(secured):
+    """Litestar runs a guard that is a plain function in the event loop's default executor: a thread
+    hop per guard per request. helix's guards are coroutines, so serving requests, accepted or
+    refused, never starts that executor."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for _ in range(3):
+        accepted = httpx.post(secured.url + "/v1/completions", headers=headers, json={"prompt": "a", "max_tokens": 2})
+        assert accepted.status_code == 200
+        assert_error(httpx.get(secured.url + "/v1/models"), 401)
+    assert secured.engine._loop._default_executor is None

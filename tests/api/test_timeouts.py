@@ -163,6 +163,23 @@ def test_a_keep_alive_connection_serves_a_second_request(timed):
             assert data.startswith(b"HTTP/1.1 200 "), data
 
 
+def test_connections_send_without_nagle_delay(timed):
+    """Every accepted connection has TCP_NODELAY: with Nagle's algorithm on, a response body written
+    after its head waited for the client's delayed ACK, 40 ms on each kept-alive request after the
+    first. (The fixture binds its socket with protocol 0, as `serve` does, for which asyncio leaves
+    Nagle on.)"""
+    with timed.connect() as sock:
+        sock.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"}" not in data:
+            data += sock.recv(65536)
+        connections = list(timed.server.server_state.connections)
+        assert connections
+        for protocol in connections:
+            server_side = protocol.transport.get_extra_info("socket")
+            assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_a_hang_up_before_the_body_is_complete_is_quiet(timed, caplog):
     caplog.set_level(logging.DEBUG)
     with timed.connect() as sock:
