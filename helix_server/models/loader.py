@@ -39,6 +39,13 @@ INDEX_FILE = "model.safetensors.index.json"
 ProgressCallback = Callable[[int, int], None]
 
 
+def open_gguf(model_dir: str | Path) -> GGUFCheckpoint | None:
+    """The GGUF file `model_dir` is (or holds), opened: its ~2 s parse serves both its config
+    (`.hf_config()`) and its weights (`load_model(..., gguf=...)`). None for a safetensors model."""
+    gguf_file = find_gguf_file(Path(model_dir))
+    return GGUFCheckpoint(gguf_file) if gguf_file is not None else None
+
+
 def load_hf_config(model_dir: str | Path) -> Any:
     """The transformers config of a local model directory, or of a GGUF file (or a directory
     holding one) from its metadata (no network, no remote code)."""
@@ -108,11 +115,13 @@ def load_model(
     cpu_kernels: bool = True,
     quantization: str | None = None,
     hf_config: Any | None = None,
+    gguf: GGUFCheckpoint | None = None,
 ) -> nn.Module:
     """Build the registered model for `model_dir` on `device` in `dtype` and load its weights.
 
     `progress(loaded, total)` is called after each tensor. `max_model_len` (default: the model's
-    `max_position_embeddings`) bounds the RoPE table. Embeddings are shared with the LM head when
+    `max_position_embeddings`) bounds the RoPE table. A GGUF file already opened (`open_gguf`) is
+    passed as `gguf`, with its `hf_config`, so it is parsed once. Embeddings are shared with the LM head when
     the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
     gradients off. `quantization="int8"` turns every projection and the LM head of a safetensors
     model into an `Int8Linear` (see `helix_server.layers.int8_linear`). On the CPU the modules are
@@ -129,7 +138,8 @@ def load_model(
             "file, whose weights load in their own quantized format",
             "quantization",
         )
-    gguf = GGUFCheckpoint(gguf_file) if gguf_file is not None else None
+    if gguf is None and gguf_file is not None:  # callers that opened it already pass it (`open_gguf`)
+        gguf = GGUFCheckpoint(gguf_file)
     if hf_config is None:  # callers that read it already pass it: a GGUF file's takes seconds to parse
         hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
     spec = resolve_architecture(hf_config)

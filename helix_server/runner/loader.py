@@ -17,7 +17,7 @@ import torch
 from helix_server.config import EngineConfig
 from helix_server.config_validation import validate_against_checkpoint, validate_engine_config
 from helix_server.errors import ParameterError
-from helix_server.models import load_hf_config
+from helix_server.models import load_hf_config, open_gguf
 from helix_server.models import load_model as load_weights
 from helix_server.platform import device_description, resolve_device, resolve_dtype
 from helix_server.runner.kv_cache import KVCaches, allocate_kv_pool
@@ -68,7 +68,8 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
     validate_engine_config(config)
     model_dir = Path(config.model.model)
     device = resolve_device(config.model.device)
-    hf_config = load_hf_config(model_dir)
+    gguf = open_gguf(model_dir)  # parsed once, for its config and its weights
+    hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
     spec = config.speculative
@@ -83,7 +84,9 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
         cpu_kernels=config.model.cpu_kernels,
         quantization=config.model.quantization,
         hf_config=hf_config,
+        gguf=gguf,
     )
+    del gguf  # its map of the file: the weights are copied out of it
 
     draft_model = None
     if spec.method == "draft":

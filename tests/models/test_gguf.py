@@ -317,6 +317,21 @@ def test_serving_a_gguf_file_imports_neither_transformers_config_classes_nor_sym
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_an_engine_parses_its_gguf_file_once(tmp_path, tokenizer_dir, monkeypatch):
+    """The config and the weights come from one parse (`open_gguf`): a parse takes ~2 s on
+    SmolLM2-135M's file, and the engine used to make two."""
+    from helix_server import LLM, SamplingParams
+    from helix_server.models import gguf_checkpoint
+
+    path = write_gguf(tiny_hf_model("llama"), tokenizer_dir, tmp_path / "m.gguf", Q.Q8_0)
+    parses = []
+    read_tables = gguf_checkpoint._read_tables
+    monkeypatch.setattr(gguf_checkpoint, "_read_tables", lambda p: parses.append(p) or read_tables(p))
+    llm = LLM(str(path), num_kv_blocks=16)
+    assert parses == [path]
+    assert llm.generate(["x = 1"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
 def test_safetensors_directories_still_load(tmp_path):
     model_dir = make_tiny_model(tmp_path, "llama")
     assert not any(isinstance(m, QuantizedLinear) for m in load_model(model_dir, torch.float32, "cpu").modules())
