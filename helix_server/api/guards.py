@@ -4,8 +4,8 @@ Routes marked `opt={"public": True}` (/health, /ready, /metrics) skip both: prob
 no key, and they must keep answering while the server drains.
 
 Both are coroutine functions: Litestar runs a plain-function guard in a worker thread (the event
-loop's default executor), a thread hop per guard per request that also kept six idle threads, each
-with its own malloc arena, for the server's life.
+loop's default executor), a thread hop per guard per request, and the executor's threads (six on a
+2-core machine) then idled for the server's life.
 """
 
 from __future__ import annotations
