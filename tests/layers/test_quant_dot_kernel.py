@@ -86,6 +86,23 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads(name, suffix)
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("name", TYPES)
+def test_prompt_sized_inputs_quantize_in_buffers_of_their_own(name, suffix):
+    """Over 64 rows (kKeptActivationRows) an input's quantized activations live in buffers of its call,
+    freed when it returns; up to 64 in the thread's kept ones. Both give each row its bits alone, in
+    any order of large and small calls."""
+    assert load_quant_kernels()
+    raw, _ = file_rows((48, 576), name, seed=7)
+    x = torch.randn(150, 576, generator=torch.Generator().manual_seed(4))
+    together = dot_linear(x, raw, name, suffix)
+    rows = [dot_linear(x[row : row + 1], raw, name, suffix)[0] for row in range(150)]
+    assert all(torch.equal(got, together[row]) for row, got in enumerate(rows))
+    assert torch.equal(dot_linear(x[:64], raw, name, suffix), together[:64])
+    assert torch.equal(dot_linear(x[10:], raw, name, suffix), together[10:])
+    assert torch.equal(dot_linear(x[:3], raw, name, suffix), together[:3])
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
 def test_a_block_of_zeros_contributes_nothing(suffix):
     """amax 0: the block's scale is 0 and its quants 0 (no division by zero, no NaN)."""
     assert load_quant_kernels()

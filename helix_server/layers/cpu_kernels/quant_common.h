@@ -12,7 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 // Everything here has internal linkage (an unnamed namespace): this header is compiled into sources
 // built for different instruction sets (AVX-512, and AVX2 only), and one shared copy of an inline
@@ -234,18 +234,36 @@ struct QuantizedActivations {
   int64_t blocks;  // K / 32
 };
 
-// `QuantizedActivations` for an [M, K] input in this thread's scratch memory (grown as needed, reused
-// by the thread's next call: a decode step makes ~100 such calls, too many for fresh allocations).
-inline QuantizedActivations activation_scratch(int64_t m, int64_t k_len) {
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> d, s;
-  thread_local std::vector<int32_t> sum;
-  const int64_t blocks = k_len / kBlock;
-  q.resize(static_cast<size_t>(2 * m * k_len));
-  d.resize(static_cast<size_t>(2 * m * blocks));
-  sum.resize(static_cast<size_t>(2 * m * blocks));
-  s.resize(static_cast<size_t>(m * blocks));
-  return {q.data(), d.data(), sum.data(), s.data(), blocks};
+// Buffers for the quantized activations of an [M, K] input, grown as needed (never zeroed).
+struct ActivationBuffers {
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> d, s;
+  std::unique_ptr<int32_t[]> sum;
+  int64_t capacity = 0;  // inputs (M x K) the buffers hold
+
+  QuantizedActivations resize(int64_t m, int64_t k_len) {
+    const int64_t blocks = k_len / kBlock;  // k_len is a multiple of kBlock (checked by the op)
+    if (m * k_len > capacity) {
+      q.reset(new int8_t[2 * m * k_len]);
+      d.reset(new float[2 * m * blocks]);
+      sum.reset(new int32_t[2 * m * blocks]);
+      s.reset(new float[m * blocks]);
+      capacity = m * k_len;
+    }
+    return {q.get(), d.get(), sum.get(), s.get(), blocks};
+  }
+};
+
+// Up to this many rows (decode steps, drafts) the buffers are the thread's own, reused by its next
+// call: a decode step makes ~100 such calls, too many for fresh allocations. A longer input (a
+// prompt chunk) gets buffers for the call alone: kept, they would hold 2 bytes per input of the
+// longest chunk ever seen (6 MiB for a 2,048-token chunk of SmolLM2's down projection) for the
+// thread's life, beyond `release_freed_memory`'s reach; freed, glibc hands them to the next chunk.
+constexpr int64_t kKeptActivationRows = 64;
+
+inline ActivationBuffers& kept_activation_buffers() {
+  thread_local ActivationBuffers buffers;
+  return buffers;
 }
 
 // The scale of a block from its largest magnitude, and the reciprocal activations are multiplied by.
@@ -296,7 +314,9 @@ at::Tensor dot_linear(const char* op, const at::Tensor& x_in, const at::Tensor& 
   const int64_t m = x.size(0), k_len = x.size(1);
   at::Tensor y = at::empty({m, n_len}, x.options());
   if (m == 0 || n_len == 0) return y;
-  const QuantizedActivations a = activation_scratch(m, k_len);
+  ActivationBuffers call_buffers;  // a prompt chunk's (see kKeptActivationRows), freed on return
+  const QuantizedActivations a =
+      (m <= kKeptActivationRows ? kept_activation_buffers() : call_buffers).resize(m, k_len);
   quantize(x.data_ptr<float>(), m, k_len, a);
   const auto& type_tiles = tiles[quant_type];
   const uint8_t* w = weight.data_ptr<uint8_t>();
