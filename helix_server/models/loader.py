@@ -122,13 +122,14 @@ def load_model(
     `progress(loaded, total)` is called after each tensor. `max_model_len` (default: the model's
     `max_position_embeddings`) bounds the RoPE table. A GGUF file already opened (`open_gguf`) is
     passed as `gguf`, with its `hf_config`, so it is parsed once. Embeddings are shared with the LM
-    head when the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval mode with
-    gradients off. `quantization="int8"` turns every projection and the LM head of a safetensors
-    model into an `Int8Linear` (see `helix_server.layers.int8_linear`). On the CPU the modules are
-    then swapped for the kernels this CPU runs (`helix_server.models.cpu_kernel_choice`): the float
-    linear layers for pre-packed ones unless `pack_for_cpu` is False (helix's own, with the fused
-    norms, activations, RoPE and attention, only with `cpu_kernels`), quantized layers for helix's
-    kernels with `cpu_kernels`, even with `pack_for_cpu` False.
+    head when the config ties them or the checkpoint has no `lm_head.weight`. The model is in eval
+    mode with gradients off. `quantization="int8"` turns every projection and the LM head of a
+    safetensors model into an `Int8Linear` (see `helix_server.layers.int8_linear`). On the CPU the
+    modules are then swapped for the kernels this CPU runs
+    (`helix_server.models.cpu_kernel_choice`): the float linear layers for pre-packed ones unless
+    `pack_for_cpu` is False (helix's own, with the fused norms, activations, RoPE and attention,
+    only with `cpu_kernels`), quantized layers for helix's kernels with `cpu_kernels`, even with
+    `pack_for_cpu` False.
     """
     check_quantization(quantization)
     gguf_file = find_gguf_file(model_dir)

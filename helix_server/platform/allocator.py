@@ -1,4 +1,4 @@
-"""Keep glibc from returning large CPU buffers to the OS after every use, and give them back on demand.
+"""Keep glibc from returning large CPU buffers to the OS after every use; give them back on demand.
 
 By default glibc serves allocations above a threshold (128 KiB, adapting up to 32 MiB) with mmap and
 gives them back with munmap when freed. A CPU forward allocates and frees the same large activation
@@ -47,15 +47,19 @@ def _glibc_function(name: str):
         return None
 
 
-@functools.cache
 def _mkl_free_buffers():
     """oneMKL's `mkl_free_buffers` (exported as `mkl_serv_free_buffers`) from the libtorch_cpu torch
-    loaded, or None (torch not imported, a build without oneMKL, not Linux). Looked up with
-    `RTLD_NOLOAD`: nothing is loaded, and no file descriptor is needed."""
+    loaded, or None (torch not imported yet, a build without oneMKL, not Linux)."""
     torch = sys.modules.get("torch")
     if torch is None or not sys.platform.startswith("linux") or not hasattr(os, "RTLD_NOLOAD"):
         return None
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    return _mkl_free_buffers_in(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")
+
+
+@functools.cache
+def _mkl_free_buffers_in(library: Path):
+    """`mkl_serv_free_buffers` of the loaded `library`, looked up once with `RTLD_NOLOAD`: nothing is
+    loaded, and no file descriptor is needed."""
     try:
         return ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY).mkl_serv_free_buffers
     except (OSError, AttributeError):
