@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -124,15 +124,27 @@ class GGUFConfig(SimpleNamespace):
     sliding window unless the metadata has one (llama.cpp runs the file without one too)."""
 
 
-def _read_tables(path: Path) -> bytes:
-    """The tensor table and the scalar metadata of the GGUF file `path`, pickled.
+def _kept_apart(read: Callable[..., Any], *args: Any) -> Any:
+    """`read(*args)`, for a read that parses a whole GGUF file to keep a few values, rebuilt once
+    everything the parse made is collected.
 
     `GGUFReader` parses every field, the vocabulary and merges too: ~100k small numpy objects, ~150
     MB at their peak, spread over Python's allocator arenas. An arena goes back to the OS only when
     all of it is free, so the few objects a checkpoint keeps, if built while the parse's objects
     lived, would be scattered over those arenas and hold ~11 MiB of them for the process's life
-    (measured on SmolLM2-135M's GGUF). Returned as bytes, they are rebuilt (`pickle.loads`) once the
-    reader and everything it made are collected: a parse then leaves ~2.5 MiB, and a second ~0."""
+    (measured on SmolLM2-135M's GGUF). Pickled, collected (part of the parse is in cycles), then
+    unpickled, they land elsewhere: a parse then leaves ~2.5 MiB, and a second ~0."""
+    values = _pickled(read, args)
+    gc.collect()
+    return pickle.loads(values)
+
+
+def _pickled(read: Callable[..., Any], args: tuple) -> bytes:
+    return pickle.dumps(read(*args), protocol=pickle.HIGHEST_PROTOCOL)  # what read made dies here
+
+
+def _read_tables(path: Path) -> tuple[list[_TensorRecord], dict[str, Any]]:
+    """The tensor table and the scalar metadata of the GGUF file `path`."""
     reader = GGUFReader(path)
     tensors = [
         # ggml's ne is innermost first; HF order is outermost first
@@ -141,15 +153,15 @@ def _read_tables(path: Path) -> bytes:
         for t in reader.tensors
     ]
     metadata = {key: f.contents() for key, f in reader.fields.items() if f.types[:1] != [GGUFValueType.ARRAY]}
-    return pickle.dumps((tensors, metadata), protocol=pickle.HIGHEST_PROTOCOL)
+    return tensors, metadata
 
 
-def _transformers_config(path: Path) -> bytes:
-    """The config values transformers' GGUF integration reads from `path`'s metadata, pickled: its
-    own parse of the whole file leaves objects behind like `GGUFReader`'s (`_read_tables`)."""
+def _transformers_config(path: Path) -> dict[str, Any]:
+    """The config values transformers' GGUF integration reads from `path`'s metadata (its own parse
+    of the whole file)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    return pickle.dumps(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
+    return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
 
 
 class GGUFCheckpoint:
@@ -157,9 +169,7 @@ class GGUFCheckpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        tables = _read_tables(self.path)
-        gc.collect()  # the parse's objects are garbage now, some of them in cycles
-        self._tensors, self._metadata = pickle.loads(tables)
+        self._tensors, self._metadata = _kept_apart(_read_tables, self.path)
         self._file = np.memmap(self.path, dtype=np.uint8, mode="r")  # the whole file, uint8
         self.architecture = self._field("general.architecture")
         if self.architecture not in GGUF_ARCHITECTURES:
@@ -196,9 +206,7 @@ class GGUFCheckpoint:
         """The model config from the GGUF metadata (via transformers' GGUF integration), with
         `architectures` set, `head_dim` taken from `attention.key_length` when present and the
         bias switches from the tensors present."""
-        values = _transformers_config(self.path)
-        gc.collect()  # transformers' parse of the file is garbage now (see `_read_tables`)
-        config = GGUFConfig(**pickle.loads(values))
+        config = GGUFConfig(**_kept_apart(_transformers_config, self.path))
         config.architectures = [GGUF_ARCHITECTURES[self.architecture]]
         key_length = self._field(f"{self.architecture}.attention.key_length")
         if key_length is not None:

@@ -52,9 +52,9 @@ def load_hf_config(model_dir: str | Path) -> Any:
     from transformers import AutoConfig
 
     path = Path(model_dir)
-    gguf_file = find_gguf_file(path)
-    if gguf_file is not None:
-        return GGUFCheckpoint(gguf_file).hf_config()
+    gguf = open_gguf(path)
+    if gguf is not None:
+        return gguf.hf_config()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
