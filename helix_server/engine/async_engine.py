@@ -37,7 +37,6 @@ from helix_server.engine.tokenizer import Tokenizer
 from helix_server.engine.torch_thread import TorchThread
 from helix_server.errors import EngineDeadError, EngineOverloadedError, ParameterError
 from helix_server.platform.allocator import release_freed_memory
-from helix_server.runner.loader import load_model
 from helix_server.sampling_params import SamplingParams, StructuredOutputSpec
 
 logger = logging.getLogger("helix_server")
@@ -134,7 +133,7 @@ class AsyncEngine:
         """Load the model on the engine thread, which then runs the steps (see `TorchThread`)."""
         torch_thread = TorchThread("helix-engine")
         try:
-            core = torch_thread.submit(lambda: EngineCore(config, load_model(config, progress=progress))).result()
+            core = torch_thread.submit(lambda: EngineCore(config, progress=progress)).result()
         except BaseException:
             torch_thread.close(timeout=0)
             raise

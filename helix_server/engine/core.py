@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
@@ -32,7 +32,8 @@ from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.structured import StructuredOutputBackend
 from helix_server.engine.structured.manager import StructuredOutputManager
-from helix_server.engine.tokenizer import load_tokenizer
+from helix_server.engine.checkpoint_reading import start_reading_checkpoint
+from helix_server.engine.tokenizer import Tokenizer
 from helix_server.runner.loader import LoadedModel, load_model
 from helix_server.runner.model_runner import ModelRunner
 from helix_server.sampling_params import SamplingParams
@@ -49,11 +50,19 @@ class EngineCore:
     calls them directly; `AsyncEngine` from its background thread).
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        loaded = loaded or load_model(config)
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        # The tokenizer (and a GGUF file's config) is read in a child process while the weights load.
+        reading = start_reading_checkpoint(config)
+        try:
+            loaded = loaded or load_model(config, progress=progress, gguf_config=lambda: reading.result().gguf_config)
+        except BaseException:
+            reading.cancel()
+            raise
         self.config = config
         self.runtime = loaded.runtime
-        self.tokenizer = load_tokenizer(Path(config.model.tokenizer) if config.model.tokenizer else self.runtime.model_dir)
+        self.tokenizer = Tokenizer(reading.result().tokenizer)
         self.tokenizer.sanitize_chat_content = not config.model.allow_special_tokens_in_content
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(

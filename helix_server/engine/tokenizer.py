@@ -1,9 +1,11 @@
 """The engine's view of a Hugging Face tokenizer: text <-> ids, chat templates, EOS ids, token bytes.
 
-`load_tokenizer(path)` wraps `transformers.AutoTokenizer` loaded from a local directory (never the
-hub, never remote code). Decoding never applies transformers' `clean_up_tokenization_spaces`
-heuristic (it rewrites " ." into "." and the like, which corrupts code and breaks incremental
-decoding), so `decode` is a pure function of the ids.
+`load_tokenizer(path)` has transformers read the tokenizer of a local model directory or GGUF file
+(`tokenizer_spec`; never the hub, never remote code) and serves it from its Rust backend
+(`tokenizers`) and its chat template (`chat_template`, rendered as transformers renders it).
+Decoding never applies transformers' `clean_up_tokenization_spaces` heuristic (it rewrites " ."
+into "." and the like, which corrupts code and breaks incremental decoding), so `decode` is a pure
+function of the ids.
 
 Chat prompts are encoded so that user text cannot make control tokens (`encode_chat`, see
 `chat_encoding`). The `*_async` methods are for the event loop: large inputs (past `INLINE_CHARS`
@@ -18,13 +20,16 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from helix_server.engine.chat_encoding import ControlTokens, unmark
+from helix_server.engine.chat_template import render_chat, select_template
+from helix_server.engine.tokenizer_spec import TokenizerSpec
 from helix_server.errors import ParameterError
+from helix_server.platform.child_process import ChildCall
 
 BYTE_LEVEL = "byte_level"
 SENTENCEPIECE = "sentencepiece"
@@ -58,37 +63,31 @@ _UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
-    """A loaded tokenizer plus the facts the engine needs about it.
+    """A tokenizer served from its `TokenizerSpec`: the Rust backend, special tokens, chat template.
 
     `eos_token_ids` is the union of the tokenizer's EOS token and the ids the model directory's
     `config.json` / `generation_config.json` declare. `vocab_size` counts added tokens too (it can be
     smaller than the model's embedding rows; ids the tokenizer does not know decode to "").
 
     Safe to share between threads (the server's event loop, its tokenizer worker and the engine
-    thread use one instance): after construction nothing changes the Rust backend's settings. (The
-    "Already borrowed" errors of HF fast tokenizers used from several threads come from
-    transformers switching truncation and padding on the backend per call; `encode` calls the
-    backend directly instead, and chat templates are rendered to text first.)
+    thread use one instance): after construction nothing changes the Rust backend's settings.
     """
 
-    def __init__(self, hf: Any, eos_token_ids: Iterable[int] = ()) -> None:
-        self.hf = hf
-        eos = set(int(i) for i in eos_token_ids)
-        if getattr(hf, "eos_token_id", None) is not None:
-            eos.add(int(hf.eos_token_id))
-        self.eos_token_ids: set[int] = eos
-        self.all_special_ids: set[int] = set(int(i) for i in hf.all_special_ids)
-        self.vocab_size: int = len(hf)
-        self._backend = getattr(hf, "backend_tokenizer", None)
-        self._added: dict[int, str] = {int(i): str(tok) for i, tok in hf.added_tokens_decoder.items()}
-        self.kind: str = _detect_kind(self._backend)
+    def __init__(self, spec: TokenizerSpec) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.name = spec.name
+        self.backend = RustTokenizer.from_str(spec.backend_json)
+        self.eos_token_ids: set[int] = set(spec.eos_token_ids)
+        self.all_special_ids: set[int] = set(spec.all_special_ids)
+        self.all_special_tokens: tuple[str, ...] = spec.all_special_tokens
+        self.special_tokens: dict[str, str] = dict(spec.special_tokens)
+        self.vocab_size: int = spec.vocab_size
+        self.chat_template: str | dict[str, str] | None = spec.chat_template
+        self._added: dict[int, str] = {token.id: token.content for token in spec.added_tokens}
+        self._special_added = tuple(token.content for token in spec.added_tokens if token.special)
+        self.kind: str = _detect_kind(self.backend)
         self._bytes_cache: dict[int, bytes] = {}
-        if self._backend is not None:
-            # `encode` calls the backend directly; transformers would switch these off per call.
-            if self._backend.truncation is not None:
-                self._backend.no_truncation()
-            if self._backend.padding is not None:
-                self._backend.no_padding()
         # Encode control tokens in chat messages' text as plain text (`encode_chat`); False only
         # for trusted clients (`allow_special_tokens_in_content`).
         self.sanitize_chat_content = True
@@ -97,41 +96,49 @@ class Tokenizer:
         self._plain_backend_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
+    @property
+    def bos_token_id(self) -> int | None:
+        """The id of the tokenizer's BOS token, if it has one."""
+        bos = self.special_tokens.get("bos_token")
+        return None if bos is None else self.token_to_id(bos)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The id of the tokenizer's own EOS token, if it has one (`eos_token_ids` may hold more)."""
+        eos = self.special_tokens.get("eos_token")
+        return None if eos is None else self.token_to_id(eos)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of the vocabulary string `token`; None if it is not one."""
+        return self.backend.token_to_id(token)
+
     # -- text <-> ids -------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds the model's BOS/EOS the way it was trained."""
-        if self._backend is not None:
-            # encode_batch, not encode: it releases the GIL while it works (encode holds it).
-            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        # encode_batch, not encode: it releases the GIL while it works (encode holds it).
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_as_text(self, text: str) -> list[int]:
         """Token ids of `text` with every special token in it split into ordinary tokens."""
-        if self._backend is None:
-            return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
         with self._plain_backend_lock:  # built once, set up before any thread encodes with it
             if self._plain_backend is None:
                 from tokenizers import Tokenizer as RustTokenizer
 
-                plain = RustTokenizer.from_str(self._backend.to_str())
+                plain = RustTokenizer.from_str(self.backend.to_str())
                 plain.encode_special_tokens = True
                 self._plain_backend = plain
         return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (no tokenization-space clean-up). Unknown ids contribute nothing."""
-        if self._backend is not None:
-            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return self.hf.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # -- chat ---------------------------------------------------------------------------------------
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return bool(self.chat_template)
 
     def render_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
@@ -149,9 +156,9 @@ class Tokenizer:
                 "messages",
             )
         try:
-            text = self.hf.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
-            )
+            source = select_template(self.chat_template, has_tools=template_kwargs.get("tools") is not None)
+            variables = {**self.special_tokens, **template_kwargs}  # the caller's win over the tokens'
+            text = render_chat(source, messages, add_generation_prompt=add_generation_prompt, **variables)
         except ParameterError:
             raise
         except Exception as exc:  # jinja2 errors, including the template's own raise_exception()
@@ -182,7 +189,7 @@ class Tokenizer:
         ids: list[int] = []
         for index, piece in enumerate(control.split(rendered)):
             piece_ids = self._encode_piece(piece.text, piece.as_text, first=index == 0)
-            if piece.as_text and self.hf.convert_tokens_to_ids(piece.text) in piece_ids:
+            if piece.as_text and self.token_to_id(piece.text) in piece_ids:
                 raise ParameterError(
                     f"The text {piece.text!r} can't be sent in a message: this tokenizer makes the "
                     "control token from plain text too.",
@@ -204,8 +211,7 @@ class Tokenizer:
 
     def _chat_control_tokens(self) -> ControlTokens:
         if self._control_tokens is None:
-            added = self.hf.added_tokens_decoder.values()
-            self._control_tokens = ControlTokens(str(t.content) for t in added if t.special)
+            self._control_tokens = ControlTokens(self._special_added)
         return self._control_tokens
 
     # -- off the event loop -------------------------------------------------------------------------
@@ -244,15 +250,13 @@ class Tokenizer:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _decode_releasing_gil(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        if self._backend is not None:
-            return self._backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
-        return self.decode(ids, skip_special_tokens)
+        return self.backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
     # -- single tokens ------------------------------------------------------------------------------
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary string of `token_id` (e.g. "Ġthe", "▁the", "<0xE4>"); "" if unknown."""
-        token = self.hf.convert_ids_to_tokens(int(token_id))
+        token = self.backend.id_to_token(int(token_id))
         return token if isinstance(token, str) else ""
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -291,34 +295,19 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def __repr__(self) -> str:
-        name = getattr(self.hf, "name_or_path", "")
-        return f"Tokenizer({name!r}, kind={self.kind}, vocab_size={self.vocab_size})"
+        return f"Tokenizer({self.name!r}, kind={self.kind}, vocab_size={self.vocab_size})"
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of the local model directory `path`, or of a GGUF file (or a directory
-    holding one) from its metadata (no hub access, no remote code)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    holding one) from its metadata (no hub access, no remote code).
 
-    from helix_server.models.gguf_checkpoint import find_gguf_file
-
-    model_dir = Path(path)
-    gguf_file = find_gguf_file(model_dir)
-    if gguf_file is not None:
-        # Tokenizer and chat template from the GGUF metadata, via transformers' GGUF integration. The
-        # fast tokenizer class directly, not AutoTokenizer: that one builds the model's config class
-        # first, whose import costs 60-80 MiB resident in transformers 5 (see `GGUFConfig`).
-        hf = PreTrainedTokenizerFast.from_pretrained(
-            str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
-        )
-        return Tokenizer(hf)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"Tokenizer directory {str(model_dir)!r} does not exist.")
-    hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
-    eos: set[int] = set()
-    for name in ("config.json", "generation_config.json"):
-        eos |= _eos_ids_from_json(model_dir / name)
-    return Tokenizer(hf, eos)
+    transformers reads it (`read_tokenizer_spec`), in a child process unless this one has imported
+    transformers already, so that the process does not hold transformers' modules for good. (An
+    engine reads it with the model's config: `engine.checkpoint_reading`.)
+    """
+    spec = ChildCall("helix_server.engine.tokenizer_spec", "read_tokenizer_spec", str(path), keep_out="transformers")
+    return Tokenizer(spec.result())
 
 
 def _text_size(obj: Any) -> int:
@@ -332,30 +321,8 @@ def _text_size(obj: Any) -> int:
     return 0
 
 
-def _eos_ids_from_json(path: Path) -> set[int]:
-    """The `eos_token_id` entry (an int or a list of ints) of a JSON config file, if present."""
-    if not path.is_file():
-        return set()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    value = data.get("eos_token_id") if isinstance(data, dict) else None
-    if value is None and isinstance(data, dict) and isinstance(data.get("text_config"), dict):
-        value = data["text_config"].get("eos_token_id")  # multimodal configs nest the LM's config
-    if isinstance(value, bool):
-        return set()
-    if isinstance(value, int):
-        return {value}
-    if isinstance(value, list):
-        return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
-    return set()
-
-
 def _detect_kind(backend: Any) -> str:
     """How the tokenizer's token strings map to bytes, read from its decoder (and model) settings."""
-    if backend is None:
-        return OTHER
     types: set[str] = set()
     decoder = getattr(backend, "decoder", None)
     if decoder is not None:

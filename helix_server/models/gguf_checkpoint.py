@@ -1,8 +1,9 @@
 """Read a GGUF file (llama.cpp's format) for helix: its config, and its tensors under HF names.
 
 Tensors and metadata come from `gguf.GGUFReader` (ggml's own reader); the model config and (in
-`helix_server.engine.tokenizer`) the tokenizer and chat template come from transformers' GGUF
-integration. The config is `GGUFConfig`, the attributes that integration reads from the metadata,
+`helix_server.engine.tokenizer_spec`) the tokenizer and chat template come from transformers' GGUF
+integration, run in a child process unless this one has imported transformers already
+(`helix_server.platform.child_process`). The config is `GGUFConfig`, the attributes that integration reads from the metadata,
 not transformers' config class: importing `LlamaConfig` in transformers 5 imports its modeling
 stack (torch.distributed, sympy) and costs 60-80 MiB resident, a fifth of a GGUF server's overhead.
 Supported: `general.architecture` llama, mistral, qwen2, qwen3, with tensors in F32, F16, BF16
@@ -31,6 +32,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from helix_server.errors import UnsupportedModelError
 from helix_server.layers.quantized_linear import QUANTIZED_TYPES, SUPPORTED_TYPES, QuantizedWeight
+from helix_server.platform.child_process import call_keeping_out
 
 GGUF_SUFFIX = ".gguf"
 
@@ -164,6 +166,12 @@ def _transformers_config(path: Path) -> dict[str, Any]:
     return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
 
 
+def transformers_config_values(path: str) -> dict[str, Any]:
+    """`_transformers_config`, its values rebuilt apart from the parse (`_kept_apart`). Run through
+    `call_keeping_out`: in a child process unless this one has imported transformers already."""
+    return _kept_apart(_transformers_config, Path(path))
+
+
 class GGUFCheckpoint:
     """A GGUF file opened for loading: metadata checks, HF config, tensors under HF names."""
 
@@ -202,11 +210,14 @@ class GGUFCheckpoint:
         """Whether the file holds the tensor `gguf_name`."""
         return any(t.name == gguf_name for t in self._tensors)
 
-    def hf_config(self) -> GGUFConfig:
+    def hf_config(self, values: dict[str, Any] | None = None) -> GGUFConfig:
         """The model config from the GGUF metadata (via transformers' GGUF integration), with
         `architectures` set, `head_dim` taken from `attention.key_length` when present and the
-        bias switches from the tensors present."""
-        config = GGUFConfig(**_kept_apart(_transformers_config, self.path))
+        bias switches from the tensors present. `values`: transformers' config values for this
+        file when they were read already (`transformers_config_values`)."""
+        if values is None:
+            values = call_keeping_out("transformers", __name__, "transformers_config_values", str(self.path))
+        config = GGUFConfig(**values)
         config.architectures = [GGUF_ARCHITECTURES[self.architecture]]
         key_length = self._field(f"{self.architecture}.attention.key_length")
         if key_length is not None:

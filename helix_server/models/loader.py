@@ -48,13 +48,14 @@ def open_gguf(model_dir: str | Path) -> GGUFCheckpoint | None:
 
 def load_hf_config(model_dir: str | Path) -> Any:
     """The transformers config of a local model directory, or of a GGUF file (or a directory
-    holding one) from its metadata (no network, no remote code)."""
-    from transformers import AutoConfig
-
+    holding one) from its metadata (no network, no remote code). A GGUF file's is read without
+    importing transformers here (`GGUFCheckpoint.hf_config`)."""
     path = Path(model_dir)
     gguf = open_gguf(path)
     if gguf is not None:
         return gguf.hf_config()
+    from transformers import AutoConfig
+
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)

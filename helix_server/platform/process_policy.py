@@ -2,7 +2,7 @@
 
 - Before loading: on the CPU, glibc keeps freed buffers (`allocator.keep_freed_memory`), since a
   CPU forward frees and re-allocates the same large activations every step.
-- After loading (a server): what was loaded (the model, torch and transformers' modules) lives as
+- After loading (a server): what was loaded (the model, torch's modules) lives as
   long as the process, so it moves out of the cyclic garbage collector's sight (`gc.freeze`), or
   each full collection walks it all (measured: ~100 ms pauses in the step loop on a 2-core CPU);
   and what loading freed goes back to the OS (`allocator.release_freed_memory`), since the kept-

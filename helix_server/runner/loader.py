@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,11 +58,17 @@ class LoadedModel:
     draft_kv_caches: KVCaches | None = None
 
 
-def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+def load_model(
+    config: EngineConfig,
+    progress: Callable[[int, int], None] | None = None,
+    gguf_config: Callable[[], dict[str, Any] | None] | None = None,
+) -> LoadedModel:
     """Load the model named by `config` and allocate its KV pool.
 
     The entry points (the CLI, `LLM`) have chosen the model (`with_default_model`): a config that
-    names none is an error here, never a second choice of default.
+    names none is an error here, never a second choice of default. `gguf_config` returns the config
+    values transformers reads from a GGUF model's metadata when they are read elsewhere (the engine
+    reads them with the tokenizer, `engine.checkpoint_reading`); without it they are read here.
     """
     if not config.model.model:
         raise ValueError("the config names no model: entry points resolve it with `with_default_model`")
@@ -69,7 +76,10 @@ def load_model(config: EngineConfig, progress: Callable[[int, int], None] | None
     model_dir = Path(config.model.model)
     device = resolve_device(config.model.device)
     gguf = open_gguf(model_dir)  # parsed once, for its config and its weights
-    hf_config = gguf.hf_config() if gguf is not None else load_hf_config(model_dir)
+    if gguf is not None:
+        hf_config = gguf.hf_config(gguf_config() if gguf_config is not None else None)
+    else:
+        hf_config = load_hf_config(model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     max_model_len = _max_model_len(config.model.max_model_len, hf_config.max_position_embeddings)
     spec = config.speculative

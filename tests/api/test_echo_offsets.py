@@ -27,7 +27,7 @@ def test_sentencepiece_first_word_without_its_space(sentencepiece):
 
 def test_a_bos_the_text_does_not_show_takes_no_room(sentencepiece):
     text = "x = 1"
-    bos = sentencepiece.hf.bos_token_id
+    bos = sentencepiece.bos_token_id
     ids = [bos, *sentencepiece.encode(text, add_special_tokens=False)]
     offsets = echo_offsets(sentencepiece, ids, text)
     assert offsets[:2] == [0, 0]

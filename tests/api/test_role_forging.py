@@ -64,7 +64,10 @@ def test_benign_chat_prompts_tokenize_as_the_plain_rendered_template(server):
     rendered = tokenizer.render_chat_template(messages)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         tokens = client.post("/tokenize", json={"messages": messages}).json()["tokens"]
-    assert tokens == tokenizer.hf.encode(rendered, add_special_tokens=False)
+    from transformers import AutoTokenizer  # the reference
+
+    reference = AutoTokenizer.from_pretrained(tokenizer.name, local_files_only=True)
+    assert tokens == reference.encode(rendered, add_special_tokens=False)
 
 
 def test_trusted_deployments_may_allow_control_tokens_in_content(tiny_model_dir):

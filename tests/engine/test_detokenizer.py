@@ -112,7 +112,7 @@ def test_skipped_special_token_keeps_following_space(tok: Tokenizer) -> None:
     skipped, _ = stream(tok, [], ids, skip_special_tokens=True)
     assert "".join(skipped).endswith("hello world")
     kept, _ = stream(tok, [], ids, skip_special_tokens=False)
-    assert tok.hf.convert_ids_to_tokens(eos) in "".join(kept)
+    assert tok.id_to_token(eos) in "".join(kept)
 
 
 def test_invalid_bytes_are_emitted_not_held(byte_level: Tokenizer) -> None:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from helix_server import SamplingParams
-from helix_server.engine import async_engine as async_engine_module
+from helix_server.engine import core as engine_core_module
 from helix_server.engine.async_engine import AsyncEngine
 from helix_server.engine.core import EngineCore
 from helix_server.engine.llm import engine_config_from_settings
@@ -37,7 +37,7 @@ def test_jobs_run_in_order_on_one_thread_and_exceptions_reach_the_caller():
 def test_the_engine_steps_on_the_thread_that_loaded_its_model(tiny_model_dir, monkeypatch):
     loaded_on: list[int] = []
     stepped_on: set[int] = set()
-    load_model = async_engine_module.load_model
+    load_model = engine_core_module.load_model
     step = EngineCore.step
 
     def recording_load(*args, **kwargs):
@@ -48,7 +48,7 @@ def test_the_engine_steps_on_the_thread_that_loaded_its_model(tiny_model_dir, mo
         stepped_on.add(threading.get_ident())
         return step(self)
 
-    monkeypatch.setattr(async_engine_module, "load_model", recording_load)
+    monkeypatch.setattr(engine_core_module, "load_model", recording_load)
     monkeypatch.setattr(EngineCore, "step", recording_step)
     config = engine_config_from_settings(str(tiny_model_dir), dtype="float32", num_kv_blocks=64)
     engine = AsyncEngine.from_config(config)

@@ -83,7 +83,7 @@ class ChatService(GenerationService):
         )
         server = self.state.config.server
         self.tools = ToolCalling.from_request(
-            body, server.tool_call_parser, server.enable_auto_tool_choice, self.tokenizer.hf.chat_template
+            body, server.tool_call_parser, server.enable_auto_tool_choice, self.tokenizer.chat_template
         )
         if self.tools is not None:
             self.tools.configure(params, self.tokenizer)

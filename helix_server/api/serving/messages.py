@@ -51,7 +51,7 @@ async def render(
     server = state.config.server
     tokenizer = state.engine.tokenizer
     tools = ToolCalling.from_request(
-        chat, server.tool_call_parser, server.enable_auto_tool_choice, tokenizer.hf.chat_template
+        chat, server.tool_call_parser, server.enable_auto_tool_choice, tokenizer.chat_template
     )
     # Prefill: a last assistant message is continued, not answered (the reply holds only the new text).
     prefill = body.messages[-1].role == "assistant"

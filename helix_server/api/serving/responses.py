@@ -86,7 +86,7 @@ class ResponsesService(GenerationService):
             body.parallel_tool_calls,
             server.tool_call_parser,
             server.enable_auto_tool_choice,
-            self.tokenizer.hf.chat_template,
+            self.tokenizer.chat_template,
         )
         if self.tools is not None:
             self.tools.configure(params, self.tokenizer)

@@ -69,7 +69,7 @@ class ToolCalling:
     def configure(self, params: SamplingParams, tokenizer: Tokenizer) -> None:
         """Adapt the request's sampling: keep the parser's markers in the text when they are
         special tokens, and constrain the output for `required` / named tool choice."""
-        special = {str(token) for token in getattr(tokenizer.hf, "all_special_tokens", ())}
+        special = {str(token) for token in tokenizer.all_special_tokens}
         if any(marker in special for marker in self.parser.markers):
             params.skip_special_tokens = False
         if self.choice != "auto":

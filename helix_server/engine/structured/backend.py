@@ -135,22 +135,19 @@ class StructuredOutputBackend:
 
 
 def _first_eos(tokenizer: Any) -> int | None:
-    hf_eos = getattr(getattr(tokenizer, "hf", None), "eos_token_id", None)
-    if hf_eos is not None:
-        return int(hf_eos)
+    own = getattr(tokenizer, "eos_token_id", None)  # the tokenizer's own EOS token
+    if own is not None:
+        return int(own)
     ids = sorted(getattr(tokenizer, "eos_token_ids", ()))
     return ids[0] if ids else None
 
 
 def _ll_tokenizer(tokenizer: Any, eos_token_id: int | None) -> LLTokenizer:
-    """From the fast HF tokenizer when there is one (exact), else from helix's token bytes."""
-    hf = getattr(tokenizer, "hf", None)
+    """From the tokenizer's Rust backend when it has one (exact), else from helix's token bytes."""
     eos = sorted(getattr(tokenizer, "eos_token_ids", ())) or eos_token_id
-    backend = getattr(hf, "backend_tokenizer", None)
+    backend = getattr(tokenizer, "backend", None)
     if backend is not None:
-        import llguidance.hf
-
-        return llguidance.hf.from_tokenizer(hf, n_vocab=tokenizer.vocab_size, eos_token=eos)
+        return LLTokenizer(backend.to_str(), n_vocab=tokenizer.vocab_size, eos_token=eos)
     return LLTokenizer(TokenizerWrapper(_BytesVocabulary(tokenizer, eos_token_id)), eos_token=eos)
 
 
