@@ -29,12 +29,28 @@ from helix_server.config import HelixConfig
 from helix_server.engine.async_engine import AsyncEngine
 
 
+class MsgspecLitestar(Litestar):
+    """Litestar with only its msgspec plugin: helix's request and response types are msgspec Structs.
+
+    Litestar adds its pydantic and attrs plugins whenever those packages are installed (the openai
+    and anthropic SDKs install pydantic), and importing them keeps ~8 MiB resident in a server that
+    never uses them. (`_get_default_plugins` is Litestar's own hook for this choice; tests/api/
+    test_server_imports.py fails if a Litestar release stops calling it.)
+    """
+
+    @staticmethod
+    def _get_default_plugins(plugins: list) -> list:
+        from litestar.plugins.core import MsgspecDIPlugin
+
+        return [*plugins, MsgspecDIPlugin()]
+
+
 def create_app(
     engine: AsyncEngine,
     config: HelixConfig,
     *,
     stuck_after_s: float = 30.0,
-) -> Litestar:
+) -> MsgspecLitestar:
     """The HTTP app serving `engine` (not yet started: the app starts it when it starts)."""
     state = ServerState(
         engine=engine,
@@ -53,7 +69,7 @@ def create_app(
     )
     docs, doc_routers = openapi_config()
     origins = list(config.server.allowed_origins)
-    return Litestar(
+    return MsgspecLitestar(
         route_handlers=[
             ModelsController,
             CompletionsController,

@@ -175,6 +175,7 @@ def uvicorn_config(app, server_config: ServerConfig) -> uvicorn.Config:
         host=server_config.host,
         port=server_config.port,
         http=TimedH11Protocol.factory(timeouts),
+        ws="none",  # no WebSocket routes: importing a WebSocket stack would only cost memory
         timeout_keep_alive=server_config.keep_alive_timeout,
         log_config=None,
         log_level=server_config.log_level.lower(),

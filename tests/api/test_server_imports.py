@@ -1,7 +1,8 @@
-"""A server on a GGUF model never imports transformers: it would stay resident (~25 MiB) for the
-process's life. transformers reads the config and tokenizer in a child process (`ChildCall`), and
-chat templates render in helix (`engine.chat_template`). Checked in a fresh interpreter, through
-chat requests with tools and a JSON schema, a tokenize request and the OpenAPI document."""
+"""A server on a GGUF model never imports transformers nor pydantic: they would stay resident
+(~35 MiB) for the process's life. transformers reads the config and tokenizer in child processes
+(`ChildCall`), chat templates render in helix (`engine.chat_template`), and the app keeps Litestar
+from loading its pydantic plugin (`MsgspecLitestar`). Checked in a fresh interpreter, through chat
+requests with tools and a JSON schema, a tokenize request and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ with TestClient(app) as client:
         statuses.append(client.post("/v1/chat/completions", json={"model": "tiny", **body}).status_code)
     statuses.append(client.post("/tokenize", json={"messages": messages}).status_code)
     statuses.append(client.get("/docs/openapi.json").status_code)
-kept_out = sorted({name.split(".")[0] for name in sys.modules} & {"transformers", "huggingface_hub"})
+kept_out = sorted({name.split(".")[0] for name in sys.modules} & {"transformers", "pydantic", "huggingface_hub"})
 print(json.dumps({"statuses": statuses, "imported": kept_out}))
 """
 
 
-def test_a_gguf_server_does_not_import_transformers(tmp_path, tokenizer_dir):
+def test_a_gguf_server_imports_neither_transformers_nor_pydantic(tmp_path, tokenizer_dir):
     hf = tiny_hf_model("llama", eos_token_id=EOS_ID, bos_token_id=None, pad_token_id=EOS_ID)
     path = write_gguf(hf, tokenizer_dir, tmp_path / "tiny.gguf", Q.Q8_0)
     result = subprocess.run(
