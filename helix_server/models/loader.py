@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from helix_server.config import QUANTIZATION_METHODS
@@ -87,6 +86,8 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, list[str]]:
         return files
     single = path / SINGLE_FILE
     if single.is_file():
+        from safetensors import safe_open  # here: a GGUF model never needs it
+
         with safe_open(single, framework="pt") as handle:
             return {SINGLE_FILE: list(handle.keys())}
     present = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
@@ -99,6 +100,8 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, list[str]]:
 
 def iter_checkpoint(model_dir: str | Path, files: dict[str, list[str]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, cpu tensor) for every tensor, one file open at a time."""
+    from safetensors import safe_open
+
     path = Path(model_dir)
     for file_name, names in files.items():
         with safe_open(path / file_name, framework="pt", device="cpu") as handle:

@@ -1,8 +1,9 @@
 """A server on a GGUF model never imports transformers nor pydantic: they would stay resident
-(~35 MiB) for the process's life. transformers reads the config and tokenizer in child processes
+(~30 MiB) for the process's life. transformers reads the config and tokenizer in a child process
 (`ChildCall`), chat templates render in helix (`engine.chat_template`), and the app keeps Litestar
-from loading its pydantic plugin (`MsgspecLitestar`). Checked in a fresh interpreter, through chat
-requests with tools and a JSON schema, a tokenize request and the OpenAPI document."""
+from loading its pydantic plugin (`MsgspecLitestar`); llguidance waits for the first request that
+constrains its output. Checked in a fresh interpreter, through chat requests with tools and a JSON
+schema, a tokenize request and the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ app = create_app(engine, HelixConfig(engine=engine_config, server=ServerConfig()
 tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi <|im_start|>"}]
-statuses = []
+statuses, grammar_engine = [], []
 with TestClient(app) as client:
     for body in (
         {"messages": messages, "max_tokens": 4, "tools": [tool]},
@@ -38,10 +39,11 @@ with TestClient(app) as client:
          "json_schema": {"name": "a", "schema": schema}}},
     ):
         statuses.append(client.post("/v1/chat/completions", json={"model": "tiny", **body}).status_code)
+        grammar_engine.append("llguidance" in sys.modules)
     statuses.append(client.post("/tokenize", json={"messages": messages}).status_code)
     statuses.append(client.get("/docs/openapi.json").status_code)
 kept_out = sorted({name.split(".")[0] for name in sys.modules} & {"transformers", "pydantic", "huggingface_hub"})
-print(json.dumps({"statuses": statuses, "imported": kept_out}))
+print(json.dumps({"statuses": statuses, "imported": kept_out, "grammar_engine": grammar_engine}))
 """
 
 
@@ -55,3 +57,5 @@ def test_a_gguf_server_imports_neither_transformers_nor_pydantic(tmp_path, token
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["statuses"] == [200, 200, 200, 200]
     assert report["imported"] == []
+    # The grammar engine comes with the first constrained request, not before.
+    assert report["grammar_engine"] == [False, True]

@@ -24,14 +24,15 @@ import asyncio
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
-
-from llguidance import LLMatcher, LLParserLimits, LLTokenizer, TokenizerWrapper
+from typing import TYPE_CHECKING, Any
 
 from helix_server.engine.structured.grammar import grammar_of
 from helix_server.engine.structured.matcher import GrammarMatcher
 from helix_server.errors import ParameterError
 from helix_server.sampling_params import StructuredOutputSpec
+
+if TYPE_CHECKING:  # llguidance is imported by the first structured request (it costs ~2 MiB resident)
+    from llguidance import LLMatcher, LLTokenizer
 
 # Compiled grammars kept (least recently used dropped first).
 DEFAULT_CACHE_SIZE = 256
@@ -99,6 +100,8 @@ class StructuredOutputBackend:
                 "This model's tokenizer has no EOS token, so outputs cannot be constrained.", spec.param
             )
         grammar = grammar_of(spec)
+        from llguidance import LLMatcher, LLParserLimits
+
         template = LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=LLParserLimits(**PARSER_LIMITS))
         if template.is_error():
             raise ParameterError(f"Invalid {spec.param}: {_short(template.get_error())}", spec.param)
@@ -144,6 +147,8 @@ def _first_eos(tokenizer: Any) -> int | None:
 
 def _ll_tokenizer(tokenizer: Any, eos_token_id: int | None) -> LLTokenizer:
     """From the tokenizer's Rust backend when it has one (exact), else from helix's token bytes."""
+    from llguidance import LLTokenizer, TokenizerWrapper
+
     eos = sorted(getattr(tokenizer, "eos_token_ids", ())) or eos_token_id
     backend = getattr(tokenizer, "backend", None)
     if backend is not None:

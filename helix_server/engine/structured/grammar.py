@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 
-from llguidance import LLMatcher
-
 from helix_server.errors import ParameterError
 from helix_server.sampling_params import StructuredOutputSpec
 
@@ -24,6 +22,8 @@ JSON_OBJECT_SCHEMA = {"type": "object"}
 def grammar_of(spec: StructuredOutputSpec) -> str:
     """The llguidance grammar of `spec`; `ParameterError` naming `spec.param` when it is malformed
     or too large (compile errors surface later, in `StructuredOutputBackend.compile`)."""
+    from llguidance import LLMatcher  # here, not at import: a server imports it on its first constraint
+
     if len(spec.value) > MAX_CONSTRAINT_CHARS:
         raise ParameterError(
             f"The {spec.kind} constraint is {len(spec.value)} characters long; at most "
@@ -74,6 +74,8 @@ def _json_grammar(spec: StructuredOutputSpec) -> str:
         if not isinstance(schema, dict):
             raise ParameterError("The JSON schema must be an object.", spec.param)
     options = _whitespace_options(spec)
+    from llguidance import LLMatcher
+
     return LLMatcher.grammar_from_json_schema(schema, overrides=options)
 
 

@@ -8,9 +8,12 @@ an error state (`error`), and its bitmask then allows only EOS so the sequence e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from llguidance import LLMatcher
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class GrammarMatcher:
