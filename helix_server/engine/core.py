@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from helix_server.config import EngineConfig
 from helix_server.engine.admission import QueuedRequests
+from helix_server.engine.checkpoint_reading import start_reading_checkpoint
 from helix_server.engine.input_processor import (
     EngineCoreRequest,
     InputProcessor,
@@ -32,9 +33,8 @@ from helix_server.engine.request_state import RequestState, SequenceState
 from helix_server.engine.stats import EngineCounters, EngineStats
 from helix_server.engine.structured import StructuredOutputBackend
 from helix_server.engine.structured.manager import StructuredOutputManager
-from helix_server.engine.checkpoint_reading import start_reading_checkpoint
 from helix_server.engine.tokenizer import Tokenizer
-from helix_server.runner.loader import LoadedModel, load_model
+from helix_server.runner.loader import load_model
 from helix_server.runner.model_runner import ModelRunner
 from helix_server.sampling_params import SamplingParams
 from helix_server.scheduler import Request, RequestStatus, Scheduler
@@ -50,13 +50,11 @@ class EngineCore:
     calls them directly; `AsyncEngine` from its background thread).
     """
 
-    def __init__(
-        self, config: EngineConfig, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
-    ) -> None:
+    def __init__(self, config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> None:
         # The tokenizer (and a GGUF file's config) is read in a child process while the weights load.
         reading = start_reading_checkpoint(config)
         try:
-            loaded = loaded or load_model(config, progress=progress, gguf_config=lambda: reading.result().gguf_config)
+            loaded = load_model(config, progress=progress, gguf_config=lambda: reading.result().gguf_config)
         except BaseException:
             reading.cancel()
             raise

@@ -3,9 +3,9 @@
 Tensors and metadata come from `gguf.GGUFReader` (ggml's own reader); the model config and (in
 `helix_server.engine.tokenizer_spec`) the tokenizer and chat template come from transformers' GGUF
 integration, run in a child process unless this one has imported transformers already
-(`helix_server.platform.child_process`). The config is `GGUFConfig`, the attributes that integration reads from the metadata,
-not transformers' config class: importing `LlamaConfig` in transformers 5 imports its modeling
-stack (torch.distributed, sympy) and costs 60-80 MiB resident, a fifth of a GGUF server's overhead.
+(`helix_server.platform.child_process`). The config is `GGUFConfig`, the attributes that
+integration reads from the metadata, not transformers' config class: importing `LlamaConfig` in
+transformers 5 imports its modeling stack (torch.distributed, sympy) and costs 60-80 MiB resident.
 Supported: `general.architecture` llama, mistral, qwen2, qwen3, with tensors in F32, F16, BF16
 (loaded as ordinary weights) or in a block type of `helix_server.layers.quantized_linear.QUANTIZED_TYPES`
 (kept packed). Anything else is refused by name with the supported list.
