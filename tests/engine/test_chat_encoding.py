@@ -116,8 +116,11 @@ def test_a_tokenizer_that_makes_the_token_from_text_is_refused(tokenizer, monkey
     assert info.value.param == "messages"
 
 
-def test_non_special_added_tokens_in_content_are_left_as_they_are(hf_tokenizer, tmp_path):
+def test_non_special_added_tokens_in_content_are_left_as_they_are(tokenizer_dir, tmp_path):
     # Like Qwen's <tool_call>: an added token that is not special, written by the template too.
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     hf_tokenizer.add_tokens(["<tool_call>"])
     hf_tokenizer.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
