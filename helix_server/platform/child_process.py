@@ -44,7 +44,8 @@ result_out.close()
 
 class ChildCall:
     """`module.function(*args)`, started now in a child interpreter (or, when `keep_out` is already
-    imported here, run here at `result()`), its result collected by `result()`.
+    imported here or no process can be started, run here at `result()`), its result collected by
+    `result()`.
 
     The function's exceptions are raised again by `result()` with their own type. The arguments and
     the result must pickle.
@@ -52,14 +53,18 @@ class ChildCall:
 
     def __init__(self, module: str, function: str, *args: Any, keep_out: str) -> None:
         self.module, self.function, self.args = module, function, args
-        self.in_child = keep_out not in sys.modules
         self._process: subprocess.Popen | None = None
         self._outcome: tuple[bool, Any] | None = None  # (returned, value or exception), once known
-        if self.in_child:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-            )
-            payload = pickle.dumps((list(sys.path), module, function, args))
+        if keep_out not in sys.modules and sys.executable:
+            payload = pickle.dumps((list(sys.path), module, function, args))  # before a child exists
+            try:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
+            except OSError:  # no process can be started here: the call runs in this one
+                self._process = None
+        self.in_child = self._process is not None
+        if self._process is not None:
             stdin, self._process.stdin = self._process.stdin, None  # written once: `communicate` reads only
             stdin.write(payload)
             stdin.close()

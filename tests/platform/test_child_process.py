@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -58,3 +59,13 @@ def test_every_result_call_gives_the_same_outcome(keep_out):
     for _ in range(2):
         with pytest.raises(json.JSONDecodeError):
             failing.result(timeout=60)
+
+
+def test_runs_here_when_no_process_can_be_started(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    call = ChildCall("os", "getpid", keep_out=ABSENT)
+    assert not call.in_child
+    assert call.result() == os.getpid()
