@@ -35,6 +35,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_tokenizer(tokenizer_dir):
+    """transformers' own loading of `tokenizer_dir`: the reference helix's tokenizer is checked against."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
 def make_model_dir(tmp_path_factory, tokenizer_dir):
     """`make_model_dir(arch="llama", **config_overrides) -> Path`, cached per arguments."""
     cache: dict[tuple, Path] = {}

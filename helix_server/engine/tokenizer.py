@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer as RustTokenizer
+
 from helix_server.engine.chat_encoding import ControlTokens, unmark
 from helix_server.engine.chat_template import render_chat, select_template
 from helix_server.engine.tokenizer_spec import TokenizerSpec
@@ -74,8 +76,6 @@ class Tokenizer:
     """
 
     def __init__(self, spec: TokenizerSpec) -> None:
-        from tokenizers import Tokenizer as RustTokenizer
-
         self.name = spec.name
         self.backend = RustTokenizer.from_str(spec.backend_json)
         self.eos_token_ids: set[int] = set(spec.eos_token_ids)
@@ -123,8 +123,6 @@ class Tokenizer:
         """Token ids of `text` with every special token in it split into ordinary tokens."""
         with self._plain_backend_lock:  # built once, set up before any thread encodes with it
             if self._plain_backend is None:
-                from tokenizers import Tokenizer as RustTokenizer
-
                 plain = RustTokenizer.from_str(self.backend.to_str())
                 plain.encode_special_tokens = True
                 self._plain_backend = plain

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from helix_server.errors import UnsupportedModelError
+from helix_server.models.gguf_checkpoint import find_gguf_file
 
 
 class AddedToken(msgspec.Struct, frozen=True):
@@ -53,9 +54,7 @@ def read_tokenizer_spec(path: str) -> TokenizerSpec:
     Raises FileNotFoundError when there is nothing to load and UnsupportedModelError for a tokenizer
     without a fast (Rust) version.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from helix_server.models.gguf_checkpoint import find_gguf_file
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # in the reading process only
 
     model_dir = Path(path)
     gguf_file = find_gguf_file(model_dir)

@@ -33,6 +33,14 @@ def tokenizer(live_server):
     return live_server.engine.tokenizer
 
 
+@pytest.fixture(scope="module")
+def hf_reference(tokenizer):
+    """The same tokenizer loaded by transformers, the reference for token strings."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer.name, local_files_only=True)
+
+
 def _post(client: httpx.Client, path: str, body: dict) -> dict:
     response = client.post(path, json=body)
     assert response.status_code == 200, response.text
@@ -355,12 +363,9 @@ def test_continue_final_message_with_add_generation_prompt_is_a_400(client, path
 # ------------------------------------------------------------------ /tokenize
 
 
-def test_tokenize_return_token_strs(client, tokenizer):
+def test_tokenize_return_token_strs(client, tokenizer, hf_reference):
     response = _post(client, "/tokenize", {"prompt": "def f(x):", "return_token_strs": True})
-    from transformers import AutoTokenizer  # the reference
-
-    reference = AutoTokenizer.from_pretrained(tokenizer.name, local_files_only=True)
-    assert response["token_strs"] == reference.convert_ids_to_tokens(response["tokens"])
+    assert response["token_strs"] == hf_reference.convert_ids_to_tokens(response["tokens"])
     assert "".join(tokenizer.token_text(t) for t in response["tokens"]) == "def f(x):"
     chat = _post(client, "/tokenize", {"messages": CONVERSATION, "return_token_strs": True})
     assert len(chat["token_strs"]) == chat["count"] and chat["token_strs"][0] == "<|im_start|>"
@@ -485,14 +490,11 @@ def test_echo_offsets_skip_a_bos_the_tokenizer_added_to_a_text_prompt(bos_server
                 assert text[offset : offset + len(token)] == token, (offset, token, text)
 
 
-def test_token_strs_of_a_long_prompt(client, tokenizer):
+def test_token_strs_of_a_long_prompt(client, hf_reference):
     prompt = "def f(x):\n    return x + 1\n" * 2000  # past the inline limit: looked up in a thread
     response = _post(client, "/tokenize", {"prompt": prompt, "return_token_strs": True})
     assert response["count"] > 16384
-    from transformers import AutoTokenizer  # the reference
-
-    reference = AutoTokenizer.from_pretrained(tokenizer.name, local_files_only=True)
-    assert response["token_strs"] == reference.convert_ids_to_tokens(response["tokens"])
+    assert response["token_strs"] == hf_reference.convert_ids_to_tokens(response["tokens"])
 
 
 def test_echo_offsets_stay_right_after_a_character_split_across_tokens(client, tokenizer):

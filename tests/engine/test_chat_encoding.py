@@ -39,14 +39,6 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(tokenizer_dir):
-    """The same tokenizer in transformers, the reference."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-
-
 def _specials(ids: list[int]) -> list[int]:
     return [i for i in ids if i in (IM_START, IM_END, EOS)]
 
@@ -70,8 +62,8 @@ def test_control_tokens_in_content_are_plain_text(tokenizer, messages):
 
 
 @pytest.mark.parametrize("messages", BENIGN + FORGED)
-def test_same_ids_as_transformers_sanitize_control_tokens(tokenizer, hf_tokenizer, messages):
-    apply = hf_tokenizer.apply_chat_template
+def test_same_ids_as_transformers_sanitize_control_tokens(tokenizer, reference_tokenizer, messages):
+    apply = reference_tokenizer.apply_chat_template
     if "sanitize_control_tokens" not in inspect.signature(apply).parameters:
         pytest.skip("this transformers has no sanitize_control_tokens to compare with")
     expected = apply(messages, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True)
@@ -120,9 +112,9 @@ def test_non_special_added_tokens_in_content_are_left_as_they_are(tokenizer_dir,
     # Like Qwen's <tool_call>: an added token that is not special, written by the template too.
     from transformers import AutoTokenizer
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    hf_tokenizer.add_tokens(["<tool_call>"])
-    hf_tokenizer.save_pretrained(tmp_path)
+    extended = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    extended.add_tokens(["<tool_call>"])
+    extended.save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     messages = [{"role": "user", "content": "call <tool_call> now"}]
     text, ids = tokenizer.encode_chat(messages)

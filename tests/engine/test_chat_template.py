@@ -87,29 +87,22 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
 def spec(tokenizer_dir):
     return read_tokenizer_spec(str(tokenizer_dir))
 
 
-def _reference(hf_tokenizer, template, messages, **kwargs) -> str:
+def _reference(reference_tokenizer, template, messages, **kwargs) -> str:
     options = {"tokenize": False, "chat_template": template}
-    if "sanitize_control_tokens" in inspect.signature(hf_tokenizer.apply_chat_template).parameters:
+    if "sanitize_control_tokens" in inspect.signature(reference_tokenizer.apply_chat_template).parameters:
         options["sanitize_control_tokens"] = False
-    saved = hf_tokenizer.chat_template
-    hf_tokenizer.chat_template = template  # a dict of named templates is chosen from here
+    saved = reference_tokenizer.chat_template
+    reference_tokenizer.chat_template = template  # a dict of named templates is chosen from here
     try:
         if isinstance(template, dict):
             del options["chat_template"]
-        return hf_tokenizer.apply_chat_template(messages, **options, **kwargs)
+        return reference_tokenizer.apply_chat_template(messages, **options, **kwargs)
     finally:
-        hf_tokenizer.chat_template = saved
+        reference_tokenizer.chat_template = saved
 
 
 def _helix(spec, template) -> Tokenizer:
@@ -125,26 +118,26 @@ CASES = [
 @pytest.mark.parametrize("template,kwargs", CASES, ids=lambda value: str(value)[:12])
 @pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_same_text_as_transformers(hf_tokenizer, spec, template, kwargs, conversation, add_generation_prompt):
+def test_same_text_as_transformers(reference_tokenizer, spec, template, kwargs, conversation, add_generation_prompt):
     messages = CONVERSATIONS[conversation]
-    expected = _reference(hf_tokenizer, template, messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    expected = _reference(reference_tokenizer, template, messages, add_generation_prompt=add_generation_prompt, **kwargs)
     got = _helix(spec, template).render_chat_template(messages, add_generation_prompt, **kwargs)
     assert got == expected
 
 
-def test_the_named_template_follows_the_tools(hf_tokenizer, spec):
+def test_the_named_template_follows_the_tools(reference_tokenizer, spec):
     messages = CONVERSATIONS[0]
     for kwargs in ({}, {"tools": TOOLS}):
-        expected = _reference(hf_tokenizer, NAMED, messages, add_generation_prompt=True, **kwargs)
+        expected = _reference(reference_tokenizer, NAMED, messages, add_generation_prompt=True, **kwargs)
         assert _helix(spec, NAMED).render_chat_template(messages, True, **kwargs) == expected
     assert "[INST]" in _helix(spec, NAMED).render_chat_template(messages, True)
 
 
 @pytest.mark.parametrize("content", ["The answer is", "The answer is  ", [{"type": "text", "text": "Part"}]])
 @pytest.mark.parametrize("template", [CHATML_TOOLS, HEADERS])
-def test_continue_final_message_like_transformers(hf_tokenizer, spec, template, content):
+def test_continue_final_message_like_transformers(reference_tokenizer, spec, template, content):
     messages = [{"role": "user", "content": "Go on"}, {"role": "assistant", "content": content}]
-    expected = _reference(hf_tokenizer, template, messages, continue_final_message=True)
+    expected = _reference(reference_tokenizer, template, messages, continue_final_message=True)
     got = _helix(spec, template).render_chat_template(messages, False, continue_final_message=True)
     assert got == expected
     assert got.rstrip().endswith("is") or got.endswith("Part")
