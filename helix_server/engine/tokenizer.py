@@ -10,7 +10,8 @@ function of the ids.
 Chat prompts are encoded so that user text cannot make control tokens (`encode_chat`, see
 `chat_encoding`). The `*_async` methods are for the event loop: large inputs (past `INLINE_CHARS`
 characters) are tokenized, rendered or decoded in the tokenizer's own worker thread, through the
-Rust calls that release the GIL, so a megabyte prompt does not stall every other request.
+Rust calls that release the GIL, and long texts are encoded in pieces (`piecewise_encoding`), so a
+megabyte prompt does not stall every other request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from helix_server.engine.chat_encoding import ControlTokens, unmark
 from helix_server.engine.chat_template import render_chat, select_template
+from helix_server.engine.piecewise_encoding import encode_in_pieces
 from helix_server.engine.tokenizer_spec import TokenizerSpec
 from helix_server.errors import ParameterError
 from helix_server.platform.child_process import ChildCall
@@ -116,8 +118,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds the model's BOS/EOS the way it was trained."""
-        # encode_batch, not encode: it releases the GIL while it works (encode holds it).
-        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return encode_in_pieces(self.backend, text, add_special_tokens)
 
     def encode_as_text(self, text: str) -> list[int]:
         """Token ids of `text` with every special token in it split into ordinary tokens."""
@@ -126,7 +127,7 @@ class Tokenizer:
                 plain = RustTokenizer.from_str(self.backend.to_str())
                 plain.encode_special_tokens = True
                 self._plain_backend = plain
-        return self._plain_backend.encode_batch([text], add_special_tokens=False)[0].ids
+        return encode_in_pieces(self._plain_backend, text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (no tokenization-space clean-up). Unknown ids contribute nothing."""
