@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.api.conftest import engine_idle, start_live_server, wait_until
 from tests.web.conftest import DESKTOP, PHONE
@@ -34,6 +35,25 @@ def last_reply(page):
     return page.locator(".msg.assistant").last
 
 
+def wait_for_panel(page, metric: str, condition: str, arg: object = None) -> None:
+    """Wait until the engine panel's `metric` satisfies the JS `condition` (on its text `t` and `arg`).
+
+    The panel refreshes every 2 s; the wait allows 30 s, for a loaded CI machine. A timeout says
+    what the panel showed and how many refreshes it had made.
+    """
+    script = f"arg => {{ const t = document.querySelector('[data-metric={metric}]').textContent; return {condition}; }}"
+    try:
+        page.wait_for_function(script, arg=arg, timeout=30_000)
+    except PlaywrightTimeoutError:
+        status = page.locator("#engine-updated")
+        shown = page.locator(f'[data-metric="{metric}"]').inner_text()
+        updates = status.get_attribute("data-updates")
+        raise AssertionError(
+            f"the panel's {metric} stayed {shown!r} (wanted {condition}, arg={arg!r}); "
+            f"status {status.inner_text()!r} after {updates} refreshes"
+        ) from None
+
+
 def wait_done(page, count: int) -> None:
     page.wait_for_function(
         "n => document.querySelectorAll('.msg.assistant[data-done]').length >= n", arg=count, timeout=60_000
@@ -58,7 +78,7 @@ def test_page_loads_without_console_errors_and_only_local_files(web_server, new_
     page.goto(web_server.url + "/")
     assert page.url == web_server.url + "/playground"
     page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
-    page.wait_for_function("document.querySelector('[data-metric=kv]').textContent.includes('/ 256')")
+    wait_for_panel(page, "kv", "t.includes('/ 256')")
     page.screenshot(path=str(tmp_path / "playground-empty.png"))
     assert not external, external
     assert not console.errors, console.errors
@@ -155,9 +175,7 @@ def test_stop_aborts_the_request_and_the_engine_frees_its_blocks(long_server, ne
         lambda: long_server.engine.stats().num_requests_running == 1, timeout=30, what="request running"
     )
     # The engine panel shows the running request and the blocks it holds.
-    page.wait_for_function(
-        "document.querySelector('[data-metric=running]').textContent === '1'", timeout=10_000
-    )
+    wait_for_panel(page, "running", "t === '1'")
     kv = page.locator('[data-metric="kv"]').inner_text()
     assert not kv.startswith("0 /"), kv
     page.wait_for_function(
@@ -172,10 +190,8 @@ def test_stop_aborts_the_request_and_the_engine_frees_its_blocks(long_server, ne
     tokens = int(reply.locator('[data-stat="tokens"]').inner_text().split()[0])
     assert 5 < tokens < LONG_REPLY, tokens
     assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
-    page.wait_for_function(
-        "document.querySelector('[data-metric=running]').textContent === '0'", timeout=10_000
-    )
-    page.wait_for_function("document.querySelector('[data-metric=kv]').textContent.startsWith('0 /')")
+    wait_for_panel(page, "running", "t === '0'")
+    wait_for_panel(page, "kv", "t.startsWith('0 /')")
     page.screenshot(path=str(tmp_path / "playground-stopped.png"))
     assert not console.errors, console.errors
 
@@ -188,11 +204,7 @@ def test_the_engine_panel_refreshes(web_server, new_page):
     before = int(status.get_attribute("data-updates"))
     generated = int(page.locator('[data-metric="generated"]').inner_text())
     httpx.post(web_server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 5}, timeout=30)
-    page.wait_for_function(
-        "n => Number(document.querySelector('[data-metric=generated]').textContent) >= n",
-        arg=generated + 5,
-        timeout=10_000,
-    )
+    wait_for_panel(page, "generated", "Number(t) >= arg", arg=generated + 5)
     assert int(status.get_attribute("data-updates")) > before
 
 
@@ -250,9 +262,18 @@ def test_structured_output_and_tool_calls_from_the_settings(web_server, new_page
     page.select_option("select[name=format]", "text")
     page.click("#clear")  # the tiny model's context is 256 tokens: room for the tools only
     # A small tool: the template's tool listing and the call's markup take most of those tokens.
-    tool = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
-        "required": ["a"], "additionalProperties": False}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a"],
+                "additionalProperties": False,
+            },
+        },
+    }
     page.fill("textarea[name=tools]", json.dumps([tool]))
     page.select_option("select[name=tool_choice]", "required")
     page.fill("textarea[name=extra]", '{"parallel_tool_calls": false}')
@@ -262,6 +283,6 @@ def test_structured_output_and_tool_calls_from_the_settings(web_server, new_page
     reply = last_reply(page)
     assert reply.locator("[data-stat=state]").inner_text() == "tool calls"
     text = reply.locator("pre.tool-call").first.inner_text()
-    assert text.startswith("f(") and 0 <= json.loads(text[len("f("):-1])["a"] <= 9
+    assert text.startswith("f(") and 0 <= json.loads(text[len("f(") : -1])["a"] <= 9
     page.screenshot(path=str(tmp_path / "playground-tools.png"))
     assert not console.errors, console.errors
